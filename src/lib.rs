@@ -1,0 +1,2 @@
+//! candle-qat facade.
+pub use qat_core::*;
