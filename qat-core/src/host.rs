@@ -21,37 +21,6 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option
     }
 }
 
-/// Applies `f(offset, input_chunk, output_chunk)` over aligned chunks, in parallel when the
-/// slices are large.
-pub(crate) fn par_zip<F>(inp: &[f32], out: &mut [f32], f: F)
-where
-    F: Fn(usize, &[f32], &mut [f32]) + Sync,
-{
-    if inp.len() < 2 * CHUNK {
-        f(0, inp, out);
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(inp.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(i, (o, x))| f(i * CHUNK, x, o));
-    }
-}
-
-/// Like [`par_zip`] with a second input read in step.
-pub(crate) fn par_zip2<F>(a: &[f32], b: &[f32], out: &mut [f32], f: F)
-where
-    F: Fn(usize, &[f32], &[f32], &mut [f32]) + Sync,
-{
-    if a.len() < 2 * CHUNK {
-        f(0, a, b, out);
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .enumerate()
-            .for_each(|(i, (o, (x, y)))| f(i * CHUNK, x, y, o));
-    }
-}
-
 /// Maps chunks of `inp` to partial results and combines them, in parallel when large.
 pub(crate) fn par_reduce<T, M, R>(inp: &[f32], map: M, reduce: R) -> T
 where

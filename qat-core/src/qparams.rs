@@ -107,7 +107,10 @@ pub enum QScheme {
 impl QScheme {
     /// Whether qparams are per channel.
     pub fn is_per_channel(&self) -> bool {
-        matches!(self, QScheme::PerChannelAffine | QScheme::PerChannelSymmetric)
+        matches!(
+            self,
+            QScheme::PerChannelAffine | QScheme::PerChannelSymmetric
+        )
     }
 
     /// Whether the zero point is fixed (symmetric quantization).
@@ -212,20 +215,28 @@ impl QuantRange {
         }
     }
 
-    /// A plain range with no dtype default behind it (used for fake-quant ops given explicit
-    /// bounds). Checks quant_min < quant_max and that 0 lies inside.
+    /// Explicit bounds, as a bare fake-quant op takes them (PyTorch's
+    /// `fake_quantize_per_tensor_affine` only asks `quant_min < quant_max`). Bounds are
+    /// limited to +-2^20 so that codes stay exact in f32.
     pub fn explicit(quant_min: i32, quant_max: i32) -> Result<Self> {
+        const LIMIT: i32 = 1 << 20;
+        if quant_min >= quant_max {
+            return Err(Error::config(
+                format!("quant_min {quant_min} is not below quant_max {quant_max}"),
+                "give quant_min < quant_max",
+            ));
+        }
+        if quant_min < -LIMIT || quant_max > LIMIT {
+            return Err(Error::config(
+                format!("the range {quant_min}..={quant_max} exceeds +-2^20"),
+                "fake quantization supports ranges of up to 21 bits",
+            ));
+        }
         let dtype = if quant_min < 0 {
             QDType::QINT8
         } else {
             QDType::QUINT8
         };
-        if quant_min >= quant_max || quant_min > 0 || quant_max < 0 {
-            return Err(Error::config(
-                format!("the range {quant_min}..={quant_max} is empty or does not contain 0"),
-                "give quant_min < quant_max with quant_min <= 0 <= quant_max",
-            ));
-        }
         Ok(QuantRange {
             dtype,
             quant_min,
@@ -361,7 +372,11 @@ pub(crate) fn qparams_from_min_max(
     let min_neg = if min_val < 0.0 { min_val } else { 0.0 };
     let max_pos = if max_val > 0.0 { max_val } else { 0.0 };
     if symmetric {
-        let max_abs = if -min_neg > max_pos { -min_neg } else { max_pos };
+        let max_abs = if -min_neg > max_pos {
+            -min_neg
+        } else {
+            max_pos
+        };
         let half_range = ((qmax - qmin) as f64 / 2.0) as f32;
         let scale = (max_abs / half_range).max(eps);
         let zero_point = if range.dtype.is_signed() {
@@ -421,7 +436,12 @@ pub fn calculate_qparams(
         .iter()
         .zip(max_val)
         .enumerate()
-        .find(|(_, (mn, mx))| !(mn <= mx))
+        .find(|(_, (mn, mx))| {
+            matches!(
+                mn.partial_cmp(mx),
+                None | Some(std::cmp::Ordering::Greater)
+            )
+        })
     {
         return Err(Error::qparams(
             format!("min {mn} > max {mx} at channel {i}"),
@@ -454,8 +474,14 @@ mod tests {
 
     #[test]
     fn dtype_ranges() {
-        assert_eq!(QDType::new(4, true).map(|d| (d.min(), d.max())).ok(), Some((-8, 7)));
-        assert_eq!(QDType::new(2, false).map(|d| (d.min(), d.max())).ok(), Some((0, 3)));
+        assert_eq!(
+            QDType::new(4, true).map(|d| (d.min(), d.max())).ok(),
+            Some((-8, 7))
+        );
+        assert_eq!(
+            QDType::new(2, false).map(|d| (d.min(), d.max())).ok(),
+            Some((0, 3))
+        );
         assert!(matches!(QDType::new(1, true), Err(Error::Config { .. })));
         assert!(matches!(QDType::new(9, false), Err(Error::Config { .. })));
     }
@@ -487,8 +513,15 @@ mod tests {
     #[test]
     fn eps_floor_and_unobserved() {
         let r = QuantRange::new(QDType::QUINT8, None, false).unwrap();
-        let qp = calculate_qparams(&[0.0], &[0.0], QScheme::PerTensorAffine, &r, 1e-3, None).unwrap();
-        assert_eq!(qp, QParams::PerTensor { scale: 1e-3, zero_point: 0 });
+        let qp =
+            calculate_qparams(&[0.0], &[0.0], QScheme::PerTensorAffine, &r, 1e-3, None).unwrap();
+        assert_eq!(
+            qp,
+            QParams::PerTensor {
+                scale: 1e-3,
+                zero_point: 0
+            }
+        );
         let qp = calculate_qparams(
             &[f32::INFINITY],
             &[f32::NEG_INFINITY],
@@ -498,17 +531,29 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(qp, QParams::PerTensor { scale: 1.0, zero_point: 0 });
+        assert_eq!(
+            qp,
+            QParams::PerTensor {
+                scale: 1.0,
+                zero_point: 0
+            }
+        );
     }
 
     #[test]
     fn validate_rejects_bad_qparams() {
         let r = QuantRange::new(QDType::QUINT8, None, false).unwrap();
         for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
-            let qp = QParams::PerTensor { scale: bad, zero_point: 0 };
+            let qp = QParams::PerTensor {
+                scale: bad,
+                zero_point: 0,
+            };
             assert!(matches!(qp.validate(&r), Err(Error::QParams { .. })));
         }
-        let qp = QParams::PerTensor { scale: 1.0, zero_point: 256 };
+        let qp = QParams::PerTensor {
+            scale: 1.0,
+            zero_point: 256,
+        };
         assert!(qp.validate(&r).is_err());
     }
 }

@@ -14,7 +14,7 @@ const LANES: usize = 16;
 fn slice_min_max(x: &[f32]) -> (f32, f32, bool) {
     let mut mn = [f32::INFINITY; LANES];
     let mut mx = [f32::NEG_INFINITY; LANES];
-    // v - v is 0 for finite v and NaN for NaN or +-inf: the sum stays 0 only if all are finite.
+    // v * 0 is 0 for finite v and NaN for NaN or +-inf: the sum stays 0 only if all are finite.
     let mut bad = [0.0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -23,16 +23,20 @@ fn slice_min_max(x: &[f32]) -> (f32, f32, bool) {
             let v = c[i];
             mn[i] = if v < mn[i] { v } else { mn[i] };
             mx[i] = if v > mx[i] { v } else { mx[i] };
-            bad[i] += v - v;
+            bad[i] += v * 0.0;
         }
     }
     for (i, &v) in rest.iter().enumerate() {
         mn[i] = if v < mn[i] { v } else { mn[i] };
         mx[i] = if v > mx[i] { v } else { mx[i] };
-        bad[i] += v - v;
+        bad[i] += v * 0.0;
     }
-    let lo = mn.iter().fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
-    let hi = mx.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let lo = mn
+        .iter()
+        .fold(f32::INFINITY, |a, &b| if b < a { b } else { a });
+    let hi = mx
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     (lo, hi, bad.iter().all(|&b| b == 0.0))
 }
 
@@ -74,7 +78,7 @@ pub(crate) fn tensor_min_max(x: &Tensor, observer: &'static str) -> Result<(f32,
         }
         None => {
             let flat = x.to_dtype(DType::F32)?.flatten_all()?;
-            let finite = (&flat - &flat)?.sum_all()?.to_scalar::<f32>()? == 0.0;
+            let finite = flat.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()? == 0.0;
             let mn = flat.min(0)?.to_scalar::<f32>()?;
             let mx = flat.max(0)?.to_scalar::<f32>()?;
             (mn, mx, finite)
@@ -118,7 +122,7 @@ pub(crate) fn channel_min_max(
                     let v = row[j];
                     mn[j] = if v < mn[j] { v } else { mn[j] };
                     mx[j] = if v > mx[j] { v } else { mx[j] };
-                    bad[j] += v - v;
+                    bad[j] += v * 0.0;
                 }
             }
             finite = bad.iter().all(|&b| b == 0.0);
@@ -153,7 +157,7 @@ pub(crate) fn channel_min_max(
                 .transpose(0, axis)?
                 .contiguous()?
                 .flatten_from(1)?;
-            let finite = (&y - &y)?.sum_all()?.to_scalar::<f32>()? == 0.0;
+            let finite = y.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()? == 0.0;
             (y.min(1)?.to_vec1()?, y.max(1)?.to_vec1()?, finite)
         }
     };
@@ -170,7 +174,9 @@ mod tests {
 
     #[test]
     fn whole_tensor() {
-        let v: Vec<f32> = (0..100_000).map(|i| ((i * 7919) % 1000) as f32 - 300.0).collect();
+        let v: Vec<f32> = (0..100_000)
+            .map(|i| ((i * 7919) % 1000) as f32 - 300.0)
+            .collect();
         let t = Tensor::from_vec(v, (100, 1000), &Device::Cpu).unwrap();
         assert_eq!(tensor_min_max(&t, "t").unwrap(), (-300.0, 699.0));
         let t2 = t.t().unwrap();

@@ -229,7 +229,10 @@ mod tests {
         assert_eq!(o.min_max(), None);
         assert_eq!(
             o.calculate_qparams().unwrap(),
-            QParams::PerTensor { scale: 1.0, zero_point: 0 }
+            QParams::PerTensor {
+                scale: 1.0,
+                zero_point: 0
+            }
         );
     }
 
@@ -262,6 +265,9 @@ mod tests {
     fn quint8_symmetric_reduce_range_is_rejected() {
         let cfg = ObserverConfig::new(QDType::QUINT8, QScheme::PerTensorSymmetric)
             .with_reduce_range(true);
-        assert!(matches!(MinMaxObserver::new(cfg), Err(Error::Config { .. })));
+        assert!(matches!(
+            MinMaxObserver::new(cfg),
+            Err(Error::Config { .. })
+        ));
     }
 }

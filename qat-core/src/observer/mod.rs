@@ -7,9 +7,11 @@
 
 mod aminmax;
 mod fixed;
+mod histogram;
 mod minmax;
 
 pub use fixed::FixedQParamsObserver;
+pub use histogram::HistogramObserver;
 pub use minmax::MinMaxObserver;
 
 pub(crate) use aminmax::{channel_min_max, tensor_min_max};

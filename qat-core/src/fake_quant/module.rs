@@ -1,0 +1,388 @@
+//! `FakeQuantize`: an observer plus a fake-quant op, with PyTorch's toggles. The learnable
+//! (LSQ) flavour keeps scale and zero point as candle `Var`s.
+
+use candle_core::{Device, Tensor, Var};
+
+use super::{fake_quantize, fake_quantize_learnable};
+use crate::error::{Error, Result};
+use crate::observer::{Observer, ObserverState};
+use crate::qconfig::FakeQuantizeSpec;
+use crate::qparams::{QParams, QuantRange};
+
+#[derive(Clone, Debug)]
+struct Learnable {
+    scale: Var,
+    zero_point: Var,
+    use_grad_scaling: bool,
+    learning_enabled: bool,
+}
+
+/// Observes what goes through it and fake-quantizes it: PyTorch's `FakeQuantize` (and, when
+/// the spec is learnable, `_LearnableFakeQuantize`).
+///
+/// In training, PyTorch's order is kept: the observer first sees the batch and the qparams
+/// buffers are updated, then the same batch is quantized with the new qparams.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qat_core::qconfig::{Backend, QConfig};
+/// let mut fq = QConfig::default_qat(Backend::X86).activation.build()?;
+/// let x = Tensor::new(&[0.0f32, 0.5, 1.27], &Device::Cpu)?;
+/// let y = fq.forward(&x)?;
+/// assert_eq!(fq.zero_point(), vec![0]);
+/// assert_eq!(fq.scale(), vec![1.27f32 / 127.0]);
+/// assert_eq!(y.to_vec1::<f32>()?[2], 1.27);
+/// fq.disable_observer(); // freeze qparams, keep fake-quantizing
+/// # Ok::<(), qat_core::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct FakeQuantize {
+    spec: FakeQuantizeSpec,
+    observer: Box<dyn Observer>,
+    range: QuantRange,
+    scale: Vec<f32>,
+    zero_point: Vec<i32>,
+    observer_enabled: bool,
+    fake_quant_enabled: bool,
+    learnable: Option<Learnable>,
+}
+
+/// The saved state of a [`FakeQuantize`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct FakeQuantizeState {
+    /// Current scales.
+    pub scale: Vec<f32>,
+    /// Current zero points (f32 so that learnable zero points keep their fraction).
+    pub zero_point: Vec<f32>,
+    /// Whether the observer updates the qparams.
+    pub observer_enabled: bool,
+    /// Whether the op fake-quantizes (else identity).
+    pub fake_quant_enabled: bool,
+    /// Whether LSQ parameters receive gradients (learnable only).
+    pub learning_enabled: bool,
+    /// The observer's statistics.
+    pub observer: ObserverState,
+}
+
+impl FakeQuantize {
+    /// A fresh fake-quant from its spec (scale 1.0, zero point 0 until the first observation).
+    /// A per-channel learnable spec needs the channel count: use
+    /// [`FakeQuantize::with_channels`].
+    pub fn new(spec: &FakeQuantizeSpec) -> Result<Self> {
+        if spec.learnable.is_some() && spec.observer.config.qscheme.is_per_channel() {
+            return Err(Error::config(
+                "a per-channel learnable fake-quant needs to know its channel count",
+                "build it with FakeQuantize::with_channels(spec, channels)",
+            ));
+        }
+        Self::with_channels(spec, 1)
+    }
+
+    /// A fresh fake-quant whose learnable scale and zero point have `channels` entries.
+    pub fn with_channels(spec: &FakeQuantizeSpec, channels: usize) -> Result<Self> {
+        let observer = spec.observer.build()?;
+        let range = observer.quant_range();
+        let channels = if spec.observer.config.qscheme.is_per_channel() {
+            channels
+        } else {
+            1
+        };
+        let learnable = match spec.learnable {
+            None => None,
+            Some(l) => Some(Learnable {
+                scale: Var::from_vec(vec![l.init_scale; channels], channels, &Device::Cpu)?,
+                zero_point: Var::from_vec(
+                    vec![l.init_zero_point; channels],
+                    channels,
+                    &Device::Cpu,
+                )?,
+                use_grad_scaling: l.use_grad_scaling,
+                learning_enabled: false,
+            }),
+        };
+        Ok(FakeQuantize {
+            spec: *spec,
+            observer,
+            range,
+            scale: vec![1.0],
+            zero_point: vec![0],
+            observer_enabled: true,
+            fake_quant_enabled: true,
+            learnable,
+        })
+    }
+
+    /// The spec this fake-quant was built from.
+    pub fn spec(&self) -> &FakeQuantizeSpec {
+        &self.spec
+    }
+
+    /// Observes (if enabled), then fake-quantizes (if enabled) `x`.
+    pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        if x.elem_count() == 0 {
+            return Ok(x.clone());
+        }
+        if self.learnable.is_some() {
+            return self.forward_learnable(x);
+        }
+        if self.observer_enabled {
+            self.observer.observe(x)?;
+            let qp = self.observer.calculate_qparams()?;
+            self.scale = qp.scales().to_vec();
+            self.zero_point = qp.zero_points().to_vec();
+        }
+        if !self.fake_quant_enabled {
+            return Ok(x.clone());
+        }
+        fake_quantize(x, &self.qparams_for(x)?, &self.range)
+    }
+
+    fn forward_learnable(&mut self, x: &Tensor) -> Result<Tensor> {
+        let eps = self.spec.observer.config.eps;
+        let symmetric = self.spec.observer.config.qscheme.is_symmetric();
+        let axis = self.observer.ch_axis();
+        let quant_max = self.range.quant_max();
+        let Some(l) = self.learnable.as_mut() else {
+            return Err(Error::config(
+                "not a learnable fake-quant",
+                "report this as a bug",
+            ));
+        };
+        if self.observer_enabled {
+            self.observer.observe(x)?;
+            let qp = self.observer.calculate_qparams()?;
+            let n = l.scale.elem_count();
+            if qp.scales().len() == n {
+                let zp: Vec<f32> = qp.zero_points().iter().map(|&z| z as f32).collect();
+                l.scale
+                    .set(&Tensor::from_vec(qp.scales().to_vec(), n, &Device::Cpu)?)?;
+                l.zero_point.set(&Tensor::from_vec(zp, n, &Device::Cpu)?)?;
+            }
+        } else {
+            l.scale.set(&l.scale.as_tensor().clamp(eps, f32::MAX)?)?;
+        }
+        if !self.fake_quant_enabled {
+            return Ok(x.clone());
+        }
+        if symmetric {
+            l.zero_point.set(&l.zero_point.as_tensor().zeros_like()?)?;
+        }
+        let grad_factor = if l.use_grad_scaling {
+            (1.0 / ((x.elem_count() as f64) * quant_max as f64).sqrt()) as f32
+        } else {
+            1.0
+        };
+        let (s, z) = if l.learning_enabled {
+            (
+                l.scale.as_tensor().clone(),
+                l.zero_point.as_tensor().clone(),
+            )
+        } else {
+            (
+                l.scale.as_tensor().detach(),
+                l.zero_point.as_tensor().detach(),
+            )
+        };
+        let (s, z) = (s.to_device(x.device())?, z.to_device(x.device())?);
+        fake_quantize_learnable(x, &s, &z, axis, &self.range, grad_factor)
+    }
+
+    fn qparams_for(&self, x: &Tensor) -> Result<QParams> {
+        match self.observer.ch_axis() {
+            None => Ok(QParams::PerTensor {
+                scale: self.scale[0],
+                zero_point: self.zero_point[0],
+            }),
+            Some(axis) => {
+                let channels = x.dims().get(axis).copied().unwrap_or(0);
+                if self.scale.len() != channels {
+                    return Err(Error::qparams(
+                        format!(
+                            "{} holds {} per-channel scales but the input has {channels} \
+                             channels along axis {axis}",
+                            self.observer.name(),
+                            self.scale.len()
+                        ),
+                        "let the observer see a batch first (enable_observer), or load qparams \
+                         saved for this shape",
+                    ));
+                }
+                Ok(QParams::PerChannel {
+                    scale: self.scale.clone(),
+                    zero_point: self.zero_point.clone(),
+                    axis,
+                })
+            }
+        }
+    }
+
+    /// Current scales (one per tensor or per channel).
+    pub fn scale(&self) -> Vec<f32> {
+        match &self.learnable {
+            Some(l) => l.scale.as_tensor().to_vec1().unwrap_or_default(),
+            None => self.scale.clone(),
+        }
+    }
+
+    /// Current zero points (a learnable one rounded as the forward uses it).
+    pub fn zero_point(&self) -> Vec<i32> {
+        match &self.learnable {
+            Some(l) => {
+                let (lo, hi) = (self.range.quant_min() as f32, self.range.quant_max() as f32);
+                l.zero_point
+                    .as_tensor()
+                    .to_vec1::<f32>()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|z| z.round_ties_even().clamp(lo, hi) as i32)
+                    .collect()
+            }
+            None => self.zero_point.clone(),
+        }
+    }
+
+    /// Current qparams.
+    pub fn qparams(&self) -> QParams {
+        let (scale, zero_point) = (self.scale(), self.zero_point());
+        match self.observer.ch_axis() {
+            Some(axis) => QParams::PerChannel {
+                scale,
+                zero_point,
+                axis,
+            },
+            None => QParams::PerTensor {
+                scale: scale.first().copied().unwrap_or(1.0),
+                zero_point: zero_point.first().copied().unwrap_or(0),
+            },
+        }
+    }
+
+    /// The effective code range.
+    pub fn quant_range(&self) -> QuantRange {
+        self.range
+    }
+
+    /// The observer.
+    pub fn observer(&self) -> &dyn Observer {
+        self.observer.as_ref()
+    }
+
+    /// Turns qparam updates on.
+    pub fn enable_observer(&mut self) {
+        self.observer_enabled = true;
+    }
+    /// Freezes the qparams.
+    pub fn disable_observer(&mut self) {
+        self.observer_enabled = false;
+    }
+    /// Turns fake quantization on.
+    pub fn enable_fake_quant(&mut self) {
+        self.fake_quant_enabled = true;
+    }
+    /// Makes the module an identity (the observer may still run).
+    pub fn disable_fake_quant(&mut self) {
+        self.fake_quant_enabled = false;
+    }
+    /// Whether the observer runs.
+    pub fn observer_enabled(&self) -> bool {
+        self.observer_enabled
+    }
+    /// Whether fake quantization runs.
+    pub fn fake_quant_enabled(&self) -> bool {
+        self.fake_quant_enabled
+    }
+
+    /// LSQ: learn scale and zero point by gradient (observer off, fake quant on), as
+    /// PyTorch's `enable_param_learning`. No effect on a non-learnable fake-quant.
+    pub fn enable_param_learning(&mut self) {
+        if let Some(l) = self.learnable.as_mut() {
+            l.learning_enabled = true;
+            self.observer_enabled = false;
+            self.fake_quant_enabled = true;
+        }
+    }
+
+    /// LSQ: qparams from the observer, fake quant on, no learning (PyTorch's
+    /// `enable_static_estimate`).
+    pub fn enable_static_estimate(&mut self) {
+        if let Some(l) = self.learnable.as_mut() {
+            l.learning_enabled = false;
+            self.observer_enabled = true;
+            self.fake_quant_enabled = true;
+        }
+    }
+
+    /// The learnable scale and zero point, to hand to an optimizer (empty if not LSQ).
+    pub fn learnable_vars(&self) -> Vec<Var> {
+        self.learnable
+            .iter()
+            .flat_map(|l| [l.scale.clone(), l.zero_point.clone()])
+            .collect()
+    }
+
+    /// A copy of everything needed to resume.
+    pub fn state(&self) -> FakeQuantizeState {
+        FakeQuantizeState {
+            scale: self.scale(),
+            zero_point: match &self.learnable {
+                Some(l) => l.zero_point.as_tensor().to_vec1().unwrap_or_default(),
+                None => self.zero_point.iter().map(|&z| z as f32).collect(),
+            },
+            observer_enabled: self.observer_enabled,
+            fake_quant_enabled: self.fake_quant_enabled,
+            learning_enabled: self.learnable.as_ref().is_some_and(|l| l.learning_enabled),
+            observer: self.observer.state(),
+        }
+    }
+
+    /// Restores a saved state.
+    pub fn load_state(&mut self, state: &FakeQuantizeState) -> Result<()> {
+        if state.scale.len() != state.zero_point.len() || state.scale.is_empty() {
+            return Err(Error::state(
+                format!(
+                    "{} scales and {} zero points",
+                    state.scale.len(),
+                    state.zero_point.len()
+                ),
+                "load a state saved from a fake-quant of the same configuration",
+            ));
+        }
+        for &s in &state.scale {
+            crate::qparams::check_scale(s)?;
+        }
+        self.observer.load_state(&state.observer)?;
+        match self.learnable.as_mut() {
+            Some(l) => {
+                let n = l.scale.elem_count();
+                if state.scale.len() != n {
+                    return Err(Error::state(
+                        format!(
+                            "{} scales for a learnable fake-quant of {n}",
+                            state.scale.len()
+                        ),
+                        "load a state saved from a fake-quant with the same channel count",
+                    ));
+                }
+                l.scale
+                    .set(&Tensor::from_vec(state.scale.clone(), n, &Device::Cpu)?)?;
+                l.zero_point.set(&Tensor::from_vec(
+                    state.zero_point.clone(),
+                    n,
+                    &Device::Cpu,
+                )?)?;
+                l.learning_enabled = state.learning_enabled;
+            }
+            None => {
+                let zp: Vec<i32> = state.zero_point.iter().map(|&z| z as i32).collect();
+                for &z in &zp {
+                    self.range.check_zero_point(z)?;
+                }
+                self.scale = state.scale.clone();
+                self.zero_point = zp;
+            }
+        }
+        self.observer_enabled = state.observer_enabled;
+        self.fake_quant_enabled = state.fake_quant_enabled;
+        Ok(())
+    }
+}
