@@ -5,10 +5,14 @@
 
 #[path = "golden_support/case.rs"]
 mod case;
+#[path = "golden_support/conv_bn_qat.rs"]
+mod conv_bn_qat;
 #[path = "golden_support/fake_quant.rs"]
 mod fake_quant;
 #[path = "golden_support/fake_quantize_module.rs"]
 mod fake_quantize_module;
+#[path = "golden_support/fusion.rs"]
+mod fusion;
 #[path = "golden_support/learnable.rs"]
 mod learnable;
 #[path = "golden_support/observer.rs"]
@@ -17,14 +21,7 @@ mod observer;
 use case::{Case, Outcome};
 
 /// Kinds whose issue has not landed yet: reported as `pending`, never silently skipped.
-const PENDING: &[&str] = &[
-    "fuse_conv_bn_eval",
-    "fuse_linear_bn_eval",
-    "conv_bn_qat",
-    "quantized_linear",
-    "quantized_conv2d",
-    "model_e2e",
-];
+const PENDING: &[&str] = &["quantized_linear", "quantized_conv2d", "model_e2e"];
 
 fn run(case: &Case) -> Outcome {
     match case.kind.as_str() {
@@ -33,6 +30,9 @@ fn run(case: &Case) -> Outcome {
         "fake_quant_per_channel" => fake_quant::run_per_channel(case).into(),
         "learnable_fake_quant" => learnable::run(case).into(),
         "fake_quantize_module" => fake_quantize_module::run(case).into(),
+        "fuse_conv_bn_eval" => fusion::run(case, true).into(),
+        "fuse_linear_bn_eval" => fusion::run(case, false).into(),
+        "conv_bn_qat" => conv_bn_qat::run(case).into(),
         k if PENDING.contains(&k) => Outcome::Pending,
         k => Outcome::Fail(format!("unknown kind `{k}`")),
     }

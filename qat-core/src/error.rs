@@ -49,6 +49,28 @@ pub enum Error {
         /// What to do about it.
         fix: String,
     },
+    /// Passes run in an order that cannot work (fuse after prepare, prepare twice, ...).
+    #[error("wrong pass order: {what}; {fix}")]
+    Pass {
+        /// What is wrong.
+        what: String,
+        /// What to do about it.
+        fix: String,
+    },
+    /// A fused group whose members the forward did not apply one after another.
+    #[error(
+        "fused group {group}: `{member}` was not applied to the output of `{previous}`; \
+         the fused module already computes the whole group, so the forward must call the \
+         members in their order on each other's outputs (or declare another group)"
+    )]
+    FusionOrder {
+        /// The group, as its member paths.
+        group: String,
+        /// The member that got another tensor.
+        member: String,
+        /// The member whose output it should have got.
+        previous: String,
+    },
     /// An error that happened inside a named module of a model.
     #[error("in module `{path}`: {source}")]
     InModule {
@@ -85,6 +107,13 @@ impl Error {
         }
     }
 
+    pub(crate) fn pass(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::Pass {
+            what: what.into(),
+            fix: fix.into(),
+        }
+    }
+
     pub(crate) fn state(what: impl Into<String>, fix: impl Into<String>) -> Self {
         Error::State {
             what: what.into(),
@@ -103,6 +132,15 @@ impl Error {
         Error::InModule {
             path: path.into(),
             source: Box::new(self),
+        }
+    }
+}
+
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(c) => c,
+            e => candle_core::Error::wrap(e),
         }
     }
 }

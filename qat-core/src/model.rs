@@ -1,0 +1,239 @@
+//! The model side of the pipeline: module paths, the [`QuantModule`] interface every
+//! quantizable layer implements, and the [`Quantizable`] trait that
+//! `#[derive(Quantizable)]` writes for a user's model struct.
+
+use crate::error::Result;
+use crate::fake_quant::FakeQuantize;
+use crate::qconfig::QConfig;
+
+/// A dotted module path as PyTorch writes it (`blocks.0.conv1`), built while walking a model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModulePath {
+    segments: Vec<String>,
+}
+
+impl ModulePath {
+    /// The root (empty) path.
+    pub fn root() -> Self {
+        Self::default()
+    }
+
+    /// Runs `f` with `name` appended to the path.
+    pub fn scoped<R>(&mut self, name: impl ToString, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.segments.push(name.to_string());
+        let r = f(self);
+        self.segments.pop();
+        r
+    }
+
+    /// The path joined by dots (empty at the root).
+    pub fn dotted(&self) -> String {
+        self.segments.join(".")
+    }
+
+    /// `child` under this path.
+    pub fn join(&self, child: &str) -> String {
+        if self.segments.is_empty() {
+            child.to_string()
+        } else {
+            format!("{}.{child}", self.dotted())
+        }
+    }
+
+    /// The path segments.
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+}
+
+impl std::fmt::Display for ModulePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.segments.is_empty() {
+            f.write_str("<root>")
+        } else {
+            f.write_str(&self.dotted())
+        }
+    }
+}
+
+/// Where a layer is in the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// As built.
+    Float,
+    /// Fused (or absorbed into a fused group as an identity placeholder).
+    Fused,
+    /// Fake-quantized for training.
+    Prepared,
+    /// Converted to integer kernels.
+    Converted,
+}
+
+/// What the passes need from every quantizable layer.
+pub trait QuantModule {
+    /// What the layer is now, as PyTorch would name the module (`Conv2d`, `ConvBnReLU2d`,
+    /// `Identity` for an absorbed placeholder, ...).
+    fn kind(&self) -> String;
+    /// The Rust type's name, used for qconfig mapping by type (`Conv2d`, `Linear`, ...).
+    fn type_name(&self) -> &'static str;
+    /// Pipeline stage.
+    fn stage(&self) -> Stage;
+    /// Model-wide train/eval.
+    fn set_training(&mut self, training: bool);
+    /// Attaches fake-quants for `qconfig` (`None`: stay float).
+    fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()>;
+    /// The qconfig the layer was prepared with.
+    fn qconfig(&self) -> Option<&QConfig>;
+    /// Calls `f(role, fake_quant)` for each fake-quant the layer owns (`weight`,
+    /// `activation`).
+    fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize));
+    /// Reads each fake-quant the layer owns.
+    fn fake_quants(&self) -> Vec<(String, FakeQuantize)>;
+    /// Freezes (`true`) or unfreezes the statistics of a live BatchNorm inside the layer.
+    fn set_bn_frozen(&mut self, _frozen: bool) {}
+}
+
+/// A read-only walk over a model.
+pub trait ModuleVisitor {
+    /// Called for every leaf layer.
+    fn layer(&mut self, path: &ModulePath, module: &dyn QuantModule) -> Result<()>;
+    /// Called before a nested model's fields are walked.
+    fn enter(&mut self, _path: &ModulePath, _type_name: &'static str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A mutating walk over a model.
+pub trait ModuleVisitorMut {
+    /// Called for every leaf layer.
+    fn layer(&mut self, path: &ModulePath, module: &mut dyn QuantModule) -> Result<()>;
+    /// Called before a nested model's fields are walked.
+    fn enter(&mut self, _path: &ModulePath, _type_name: &'static str) -> Result<()> {
+        Ok(())
+    }
+    /// Called after a nested model's fields were walked.
+    fn leave(&mut self, _path: &ModulePath) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// How fusion treats BatchNorm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FuseMode {
+    /// Fold BN into the weights with its running statistics (inference, PTQ).
+    Eval,
+    /// Keep BN live inside the fused module (quantization-aware training).
+    Qat,
+}
+
+/// A model (or part of one) the passes can walk. Written by `#[derive(Quantizable)]`;
+/// implemented by every layer of [`crate::nn`] and by `Vec`, `Option`, arrays and `Box` of
+/// quantizable things.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not quantizable",
+    label = "this field holds no candle-qat layers the passes can walk",
+    note = "fields of a #[derive(Quantizable)] struct must be candle-qat layers, structs that \
+            derive Quantizable, or Vec/Option/array/Box of those",
+    note = "mark fields that hold no layers (dropout rates, plain candle modules, ...) with \
+            #[qat(skip)]"
+)]
+pub trait Quantizable {
+    /// Walks the model read-only, with module paths.
+    fn visit(&self, path: &mut ModulePath, v: &mut dyn ModuleVisitor) -> Result<()>;
+    /// Walks the model mutably, with module paths.
+    fn visit_mut(&mut self, path: &mut ModulePath, v: &mut dyn ModuleVisitorMut) -> Result<()>;
+    /// Fuses this model's declared groups, then its children's.
+    fn fuse(&mut self, _path: &mut ModulePath, _mode: FuseMode) -> Result<()> {
+        Ok(())
+    }
+    /// The fusion groups this model declares (field names), for summaries.
+    fn fusion_groups(&self) -> Vec<Vec<&'static str>> {
+        Vec::new()
+    }
+}
+
+impl<T: Quantizable> Quantizable for Vec<T> {
+    fn visit(&self, path: &mut ModulePath, v: &mut dyn ModuleVisitor) -> Result<()> {
+        self.iter()
+            .enumerate()
+            .try_for_each(|(i, m)| path.scoped(i, |p| m.visit(p, v)))
+    }
+    fn visit_mut(&mut self, path: &mut ModulePath, v: &mut dyn ModuleVisitorMut) -> Result<()> {
+        self.iter_mut()
+            .enumerate()
+            .try_for_each(|(i, m)| path.scoped(i, |p| m.visit_mut(p, v)))
+    }
+    fn fuse(&mut self, path: &mut ModulePath, mode: FuseMode) -> Result<()> {
+        self.iter_mut()
+            .enumerate()
+            .try_for_each(|(i, m)| path.scoped(i, |p| m.fuse(p, mode)))
+    }
+}
+
+impl<T: Quantizable, const N: usize> Quantizable for [T; N] {
+    fn visit(&self, path: &mut ModulePath, v: &mut dyn ModuleVisitor) -> Result<()> {
+        self.iter()
+            .enumerate()
+            .try_for_each(|(i, m)| path.scoped(i, |p| m.visit(p, v)))
+    }
+    fn visit_mut(&mut self, path: &mut ModulePath, v: &mut dyn ModuleVisitorMut) -> Result<()> {
+        self.iter_mut()
+            .enumerate()
+            .try_for_each(|(i, m)| path.scoped(i, |p| m.visit_mut(p, v)))
+    }
+    fn fuse(&mut self, path: &mut ModulePath, mode: FuseMode) -> Result<()> {
+        self.iter_mut()
+            .enumerate()
+            .try_for_each(|(i, m)| path.scoped(i, |p| m.fuse(p, mode)))
+    }
+}
+
+impl<T: Quantizable> Quantizable for Option<T> {
+    fn visit(&self, path: &mut ModulePath, v: &mut dyn ModuleVisitor) -> Result<()> {
+        self.as_ref().map_or(Ok(()), |m| m.visit(path, v))
+    }
+    fn visit_mut(&mut self, path: &mut ModulePath, v: &mut dyn ModuleVisitorMut) -> Result<()> {
+        self.as_mut().map_or(Ok(()), |m| m.visit_mut(path, v))
+    }
+    fn fuse(&mut self, path: &mut ModulePath, mode: FuseMode) -> Result<()> {
+        self.as_mut().map_or(Ok(()), |m| m.fuse(path, mode))
+    }
+}
+
+impl<T: Quantizable> Quantizable for Box<T> {
+    fn visit(&self, path: &mut ModulePath, v: &mut dyn ModuleVisitor) -> Result<()> {
+        (**self).visit(path, v)
+    }
+    fn visit_mut(&mut self, path: &mut ModulePath, v: &mut dyn ModuleVisitorMut) -> Result<()> {
+        (**self).visit_mut(path, v)
+    }
+    fn fuse(&mut self, path: &mut ModulePath, mode: FuseMode) -> Result<()> {
+        (**self).fuse(path, mode)
+    }
+    fn fusion_groups(&self) -> Vec<Vec<&'static str>> {
+        (**self).fusion_groups()
+    }
+}
+
+/// Implements [`Quantizable`] for a leaf layer type that implements [`QuantModule`].
+macro_rules! leaf_quantizable {
+    ($($t:ty),* $(,)?) => {$(
+        impl $crate::model::Quantizable for $t {
+            fn visit(
+                &self,
+                path: &mut $crate::model::ModulePath,
+                v: &mut dyn $crate::model::ModuleVisitor,
+            ) -> $crate::error::Result<()> {
+                v.layer(path, self)
+            }
+            fn visit_mut(
+                &mut self,
+                path: &mut $crate::model::ModulePath,
+                v: &mut dyn $crate::model::ModuleVisitorMut,
+            ) -> $crate::error::Result<()> {
+                v.layer(path, self)
+            }
+        }
+    )*};
+}
+pub(crate) use leaf_quantizable;

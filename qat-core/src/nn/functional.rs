@@ -1,0 +1,69 @@
+//! FloatFunctional: tensor arithmetic with an output observer, PyTorch's
+//! `torch.ao.nn.quantized.FloatFunctional`. Give each call site its own instance: each one
+//! learns the range of what its call produces.
+
+use candle_core::Tensor;
+
+use super::common::Common;
+use super::simple::simple_module;
+use crate::error::{Error, Result};
+use crate::qconfig::QConfig;
+
+/// `add`, `add_relu`, `mul`, `cat` whose outputs are fake-quantized once prepared.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qat_core::nn::FloatFunctional;
+/// let skip = FloatFunctional::new();
+/// let a = Tensor::new(&[1.0f32, -3.0], &Device::Cpu)?;
+/// let y = skip.add_relu(&a, &a)?;
+/// assert_eq!(y.to_vec1::<f32>()?, vec![2.0, 0.0]);
+/// # Ok::<(), qat_core::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct FloatFunctional {
+    pub(crate) common: Common,
+}
+
+impl FloatFunctional {
+    /// A new instance (one per call site).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `a + b` (broadcasting).
+    pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.common.finish(a.broadcast_add(b)?)
+    }
+
+    /// `relu(a + b)`.
+    pub fn add_relu(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.common.finish(a.broadcast_add(b)?.relu()?)
+    }
+
+    /// `a * b` (broadcasting).
+    pub fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.common.finish(a.broadcast_mul(b)?)
+    }
+
+    /// Concatenation along `dim`.
+    pub fn cat(&self, xs: &[Tensor], dim: usize) -> Result<Tensor> {
+        if xs.is_empty() {
+            return Err(Error::tensor(
+                "FloatFunctional::cat of no tensors",
+                "pass at least one tensor",
+            ));
+        }
+        self.common.finish(Tensor::cat(xs, dim)?)
+    }
+
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        self.common.finish(x.clone())
+    }
+
+    fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
+        self.common.prepare(qconfig, observed)
+    }
+}
+
+simple_module!(FloatFunctional, observed: true);

@@ -1,0 +1,128 @@
+//! Linear with PyTorch's parameter names (`weight` of shape (out, in), `bias`).
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use super::weighted::Weighted;
+use crate::error::{Error, Result};
+use crate::fake_quant::FakeQuantize;
+use crate::model::{QuantModule, Stage};
+use crate::qconfig::QConfig;
+
+/// `y = x W^T + b` over the last dim of x. Fusable with BatchNorm1d and ReLU.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub(crate) w: Weighted,
+}
+
+impl Linear {
+    /// Loads or initialises (as candle-nn) a linear layer.
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out_features, in_features),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bias = if bias {
+            let bound = 1.0 / (in_features as f64).sqrt();
+            Some(vb.get_with_hints(
+                out_features,
+                "bias",
+                candle_nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            w: Weighted::new(weight, bias),
+        })
+    }
+
+    /// The (float) weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.w.weight
+    }
+
+    /// The (float) bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.w.bias.as_ref()
+    }
+
+    /// Running mean and variance of a BatchNorm fused in for QAT.
+    pub fn bn_running_stats(&self) -> Option<(Tensor, Tensor)> {
+        self.w.bn.as_ref().map(|b| {
+            (
+                b.running_mean.as_tensor().clone(),
+                b.running_var.as_tensor().clone(),
+            )
+        })
+    }
+
+    pub(crate) fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let in_features = w.dims()[1];
+        if x.rank() < 1 || x.dims()[x.rank() - 1] != in_features {
+            return Err(Error::tensor(
+                format!(
+                    "Linear over {in_features} features got an input of shape {:?}",
+                    x.dims()
+                ),
+                "feed tensors whose last dim is in_features (flatten conv outputs first)",
+            ));
+        }
+        let wt = w.t()?;
+        Ok(match x.rank() {
+            2 => x.matmul(&wt)?,
+            _ => x.broadcast_matmul(&wt)?,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        self.w.forward(x, |rank| rank - 1, Self::matmul)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.forward_t(x)?)
+    }
+}
+
+impl QuantModule for Linear {
+    fn kind(&self) -> String {
+        self.w.kind("Linear", "")
+    }
+    fn type_name(&self) -> &'static str {
+        "Linear"
+    }
+    fn stage(&self) -> Stage {
+        self.w.common.stage
+    }
+    fn set_training(&mut self, training: bool) {
+        self.w.common.training = training;
+    }
+    fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
+        self.w.prepare(qconfig)
+    }
+    fn qconfig(&self) -> Option<&QConfig> {
+        self.w.common.qconfig.as_ref()
+    }
+    fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
+        self.w.for_each_fake_quant(f)
+    }
+    fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
+        self.w.fake_quants()
+    }
+    fn set_bn_frozen(&mut self, frozen: bool) {
+        self.w.bn_frozen = frozen;
+    }
+}
+
+crate::model::leaf_quantizable!(Linear);

@@ -1,0 +1,23 @@
+//! Quantizable layers. Each is a candle `Module`, built from a `VarBuilder` with PyTorch's
+//! parameter names, and moves through the pipeline's stages (float, fused, prepared,
+//! converted) in place, so the model's forward code never changes.
+
+mod activation;
+mod batch_norm;
+pub(crate) mod common;
+mod conv;
+mod functional;
+mod linear;
+mod pool;
+mod simple;
+mod stubs;
+pub(crate) mod weighted;
+
+pub use activation::{Identity, ReLU, Sigmoid, Tanh};
+pub(crate) use batch_norm::BatchNormInner;
+pub use batch_norm::{BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig};
+pub use conv::{Conv1d, Conv2d, Conv3d, ConvConfig};
+pub use functional::FloatFunctional;
+pub use linear::Linear;
+pub use pool::{Flatten, MaxPool2d};
+pub use stubs::{DeQuantStub, QuantStub};

@@ -1,0 +1,76 @@
+//! Quantization-transparent layers: MaxPool2d and Flatten. They change no values' scale, so
+//! they carry no observer and, converted, pass integer codes through.
+
+use candle_core::Tensor;
+
+use super::common::Common;
+use super::simple::simple_module;
+use crate::error::{Error, Result};
+use crate::qconfig::QConfig;
+
+/// 2-D max pooling with a square window.
+#[derive(Clone, Debug)]
+pub struct MaxPool2d {
+    kernel_size: usize,
+    stride: usize,
+    pub(crate) common: Common,
+}
+
+impl MaxPool2d {
+    /// Pooling over `kernel_size` windows every `stride` (PyTorch's default stride is the
+    /// kernel size).
+    pub fn new(kernel_size: usize, stride: usize) -> Result<Self> {
+        if kernel_size == 0 || stride == 0 {
+            return Err(Error::config(
+                "MaxPool2d with a zero kernel size or stride",
+                "use kernel_size >= 1 and stride >= 1",
+            ));
+        }
+        Ok(MaxPool2d {
+            kernel_size,
+            stride,
+            common: Common::default(),
+        })
+    }
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.max_pool2d_with_stride(self.kernel_size, self.stride)?)
+    }
+    fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
+        self.common.prepare(qconfig, observed)
+    }
+}
+
+/// Flattens dims `start_dim..` into one (PyTorch's `torch.flatten(x, start_dim)`).
+#[derive(Clone, Debug)]
+pub struct Flatten {
+    start_dim: usize,
+    pub(crate) common: Common,
+}
+
+impl Default for Flatten {
+    fn default() -> Self {
+        Flatten {
+            start_dim: 1,
+            common: Common::default(),
+        }
+    }
+}
+
+impl Flatten {
+    /// Flattens from `start_dim` (1 keeps the batch dim).
+    pub fn new(start_dim: usize) -> Self {
+        Flatten {
+            start_dim,
+            common: Common::default(),
+        }
+    }
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.flatten_from(self.start_dim)?)
+    }
+    fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
+        self.common.prepare(qconfig, observed)
+    }
+}
+
+simple_module!(MaxPool2d, observed: false);
+simple_module!(Flatten, observed: false);

@@ -1,0 +1,54 @@
+//! The boilerplate of layers whose only state is [`Common`](super::common::Common).
+
+/// Implements `QuantModule` and `Quantizable` for `$t` (a struct with a `common: Common`
+/// field). `$observed`: whether prepare gives it an output fake-quant from the activation
+/// qconfig.
+macro_rules! simple_module {
+    ($t:ident, observed: $observed:expr) => {
+        impl $crate::model::QuantModule for $t {
+            fn kind(&self) -> String {
+                if self.common.absorbed.is_some() {
+                    "Identity".into()
+                } else {
+                    stringify!($t).into()
+                }
+            }
+            fn type_name(&self) -> &'static str {
+                stringify!($t)
+            }
+            fn stage(&self) -> $crate::model::Stage {
+                self.common.stage
+            }
+            fn set_training(&mut self, training: bool) {
+                self.common.training = training;
+            }
+            fn prepare_qat(
+                &mut self,
+                qconfig: Option<&$crate::qconfig::QConfig>,
+            ) -> $crate::error::Result<()> {
+                self.prepare_with(qconfig, $observed)
+            }
+            fn qconfig(&self) -> Option<&$crate::qconfig::QConfig> {
+                self.common.qconfig.as_ref()
+            }
+            fn for_each_fake_quant(
+                &mut self,
+                f: &mut dyn FnMut(&str, &mut $crate::fake_quant::FakeQuantize),
+            ) {
+                self.common.for_each_fake_quant(f)
+            }
+            fn fake_quants(&self) -> Vec<(String, $crate::fake_quant::FakeQuantize)> {
+                self.common.fake_quants()
+            }
+        }
+
+        impl candle_core::Module for $t {
+            fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+                Ok(self.forward_t(x)?)
+            }
+        }
+
+        $crate::model::leaf_quantizable!($t);
+    };
+}
+pub(crate) use simple_module;

@@ -1,0 +1,294 @@
+//! Model-wide passes over any [`Quantizable`] model: fuse, prepare_qat, train/eval, BN-stat
+//! freezing, observer and fake-quant toggles, and the module listing and summary.
+
+use crate::error::{Error, Result};
+use crate::fake_quant::FakeQuantize;
+use crate::model::{
+    FuseMode, ModulePath, ModuleVisitor, ModuleVisitorMut, QuantModule, Quantizable, Stage,
+};
+use crate::qconfig::QConfig;
+use crate::qconfig_mapping::QConfigMapping;
+use crate::qparams::QParams;
+
+/// Fuses every declared group with BN folded into the weights (inference, PTQ): PyTorch's
+/// `fuse_modules` on a model in eval mode.
+pub fn fuse_modules<M: Quantizable>(model: &mut M) -> Result<()> {
+    model.fuse(&mut ModulePath::root(), FuseMode::Eval)
+}
+
+/// Fuses every declared group for QAT, BN kept live: PyTorch's `fuse_modules_qat`.
+pub fn fuse_modules_qat<M: Quantizable>(model: &mut M) -> Result<()> {
+    model.fuse(&mut ModulePath::root(), FuseMode::Qat)
+}
+
+struct ForEach<F>(F);
+
+impl<F: FnMut(&ModulePath, &mut dyn QuantModule) -> Result<()>> ModuleVisitorMut for ForEach<F> {
+    fn layer(&mut self, path: &ModulePath, module: &mut dyn QuantModule) -> Result<()> {
+        (self.0)(path, module).map_err(|e| match e {
+            e @ Error::InModule { .. } => e,
+            e => e.in_module(path.dotted()),
+        })
+    }
+}
+
+/// Runs `f` on every layer of the model with its path.
+pub fn for_each_layer<M: Quantizable>(
+    model: &mut M,
+    f: impl FnMut(&ModulePath, &mut dyn QuantModule) -> Result<()>,
+) -> Result<()> {
+    model.visit_mut(&mut ModulePath::root(), &mut ForEach(f))
+}
+
+fn for_each_fq<M: Quantizable>(
+    model: &mut M,
+    mut f: impl FnMut(&str, &mut FakeQuantize),
+) -> Result<()> {
+    for_each_layer(model, |_, m| {
+        m.for_each_fake_quant(&mut |role, fq| f(role, fq));
+        Ok(())
+    })
+}
+
+struct Prepare<'a> {
+    mapping: &'a QConfigMapping,
+    stack: Vec<Option<QConfig>>,
+    seen_paths: Vec<String>,
+}
+
+impl Prepare<'_> {
+    fn parent(&self) -> Option<QConfig> {
+        self.stack
+            .last()
+            .copied()
+            .unwrap_or(self.mapping.global_qconfig().copied())
+    }
+}
+
+impl ModuleVisitorMut for Prepare<'_> {
+    fn enter(&mut self, path: &ModulePath, type_name: &'static str) -> Result<()> {
+        let parent = self.parent();
+        let qc = if path.segments().is_empty() {
+            self.mapping
+                .resolve("", type_name, self.mapping.global_qconfig())
+        } else {
+            self.seen_paths.push(path.dotted());
+            self.mapping
+                .resolve(&path.dotted(), type_name, parent.as_ref())
+        };
+        self.stack.push(qc);
+        Ok(())
+    }
+
+    fn leave(&mut self, _path: &ModulePath) -> Result<()> {
+        self.stack.pop();
+        Ok(())
+    }
+
+    fn layer(&mut self, path: &ModulePath, module: &mut dyn QuantModule) -> Result<()> {
+        let dotted = path.dotted();
+        let qc = self
+            .mapping
+            .resolve(&dotted, module.type_name(), self.parent().as_ref());
+        self.seen_paths.push(dotted.clone());
+        module
+            .prepare_qat(qc.as_ref())
+            .map_err(|e| e.in_module(dotted))
+    }
+}
+
+/// Gives every layer the fake-quants its qconfig asks for (weights of conv/linear, outputs of
+/// weighted layers, fused groups, QuantStub, FloatFunctional, BatchNorm; fixed qparams for
+/// sigmoid and tanh; none for DeQuantStub, a lone ReLU, max pool and flatten): PyTorch's
+/// `prepare_qat`. A path in the mapping that names no module is an error.
+pub fn prepare_qat<M: Quantizable>(model: &mut M, mapping: &QConfigMapping) -> Result<()> {
+    let mut v = Prepare {
+        mapping,
+        stack: Vec::new(),
+        seen_paths: Vec::new(),
+    };
+    model.visit_mut(&mut ModulePath::root(), &mut v)?;
+    for p in mapping.paths() {
+        if !v.seen_paths.iter().any(|s| s == p) {
+            return Err(Error::config(
+                format!(
+                    "the qconfig mapping names module path `{p}`, which the model does not have"
+                ),
+                "use a dotted path from named_modules() (e.g. `blocks.0.conv1`)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Training mode everywhere (BN uses batch statistics unless frozen): `model.train()`.
+pub fn train<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_layer(model, |_, m| {
+        m.set_training(true);
+        Ok(())
+    })
+}
+
+/// Eval mode everywhere (BN uses running statistics): `model.eval()`.
+pub fn eval<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_layer(model, |_, m| {
+        m.set_training(false);
+        Ok(())
+    })
+}
+
+/// Stops BN statistics updates in fused conv/linear+BN modules (they then normalise with
+/// running statistics, also in training); `train` does not undo it.
+pub fn freeze_bn_stats<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_layer(model, |_, m| {
+        m.set_bn_frozen(true);
+        Ok(())
+    })
+}
+
+/// Resumes BN statistics updates in fused modules.
+pub fn update_bn_stats<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_layer(model, |_, m| {
+        m.set_bn_frozen(false);
+        Ok(())
+    })
+}
+
+/// Turns every observer on.
+pub fn enable_observer<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_fq(model, |_, fq| fq.enable_observer())
+}
+
+/// Freezes every observer (qparams stop moving).
+pub fn disable_observer<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_fq(model, |_, fq| fq.disable_observer())
+}
+
+/// Turns fake quantization on everywhere.
+pub fn enable_fake_quant<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_fq(model, |_, fq| fq.enable_fake_quant())
+}
+
+/// Turns fake quantization off everywhere (the model computes in float).
+pub fn disable_fake_quant<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_fq(model, |_, fq| fq.disable_fake_quant())
+}
+
+/// One fake-quant of a module, as listed by [`named_modules`].
+#[derive(Clone, Debug)]
+pub struct FakeQuantInfo {
+    /// `weight` or `activation`.
+    pub role: String,
+    /// Current qparams.
+    pub qparams: QParams,
+    /// Effective code range.
+    pub quant_range: (i32, i32),
+    /// The observer's kind.
+    pub observer: &'static str,
+    /// Whether the observer runs.
+    pub observer_enabled: bool,
+    /// Whether fake quantization runs.
+    pub fake_quant_enabled: bool,
+}
+
+/// One layer of a model, as listed by [`named_modules`].
+#[derive(Clone, Debug)]
+pub struct ModuleInfo {
+    /// Dotted path (`blocks.0.conv1`).
+    pub path: String,
+    /// What the module is now (`ConvBnReLU2d`, `Identity`, ...).
+    pub kind: String,
+    /// The Rust type's name.
+    pub type_name: &'static str,
+    /// Pipeline stage.
+    pub stage: Stage,
+    /// The qconfig it was prepared with.
+    pub qconfig: Option<QConfig>,
+    /// Its fake-quants.
+    pub fake_quants: Vec<FakeQuantInfo>,
+}
+
+struct Collect(Vec<ModuleInfo>);
+
+impl ModuleVisitor for Collect {
+    fn layer(&mut self, path: &ModulePath, m: &dyn QuantModule) -> Result<()> {
+        let fake_quants = m
+            .fake_quants()
+            .into_iter()
+            .map(|(role, fq)| FakeQuantInfo {
+                role,
+                qparams: fq.qparams(),
+                quant_range: (fq.quant_range().quant_min(), fq.quant_range().quant_max()),
+                observer: fq.observer().name(),
+                observer_enabled: fq.observer_enabled(),
+                fake_quant_enabled: fq.fake_quant_enabled(),
+            })
+            .collect();
+        self.0.push(ModuleInfo {
+            path: path.dotted(),
+            kind: m.kind(),
+            type_name: m.type_name(),
+            stage: m.stage(),
+            qconfig: m.qconfig().copied(),
+            fake_quants,
+        });
+        Ok(())
+    }
+}
+
+/// Every layer with its path, kind, stage, qconfig and fake-quant state.
+pub fn named_modules<M: Quantizable>(model: &M) -> Result<Vec<ModuleInfo>> {
+    let mut c = Collect(Vec::new());
+    model.visit(&mut ModulePath::root(), &mut c)?;
+    Ok(c.0)
+}
+
+fn fmt_qparams(q: &QParams) -> String {
+    match q {
+        QParams::PerTensor { scale, zero_point } => format!("scale={scale:.6e} zp={zero_point}"),
+        QParams::PerChannel {
+            scale,
+            zero_point,
+            axis,
+        } => {
+            let (lo, hi) = scale
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &s| {
+                    (a.min(s), b.max(s))
+                });
+            let zps: std::collections::BTreeSet<_> = zero_point.iter().collect();
+            format!(
+                "per-channel axis={axis} ({} ch) scale={lo:.3e}..{hi:.3e} zp={zps:?}",
+                scale.len()
+            )
+        }
+    }
+}
+
+/// The module tree as text, one line per layer with its kind and stage, and one line per
+/// fake-quant with its current qparams.
+pub fn summary<M: Quantizable>(model: &M) -> Result<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for m in named_modules(model)? {
+        let _ = writeln!(out, "{:<28} {:<16} {:?}", m.path, m.kind, m.stage);
+        for f in &m.fake_quants {
+            let _ = writeln!(
+                out,
+                "    {:<10} {} [{}..{}] {}{} {}",
+                f.role,
+                f.observer,
+                f.quant_range.0,
+                f.quant_range.1,
+                if f.observer_enabled {
+                    "obs "
+                } else {
+                    "obs-off "
+                },
+                if f.fake_quant_enabled { "fq" } else { "fq-off" },
+                fmt_qparams(&f.qparams)
+            );
+        }
+    }
+    Ok(out)
+}
