@@ -54,12 +54,13 @@ const MAX_BINS: usize = 1 << 20;
 /// use qat_core::{QDType, QParams, QScheme};
 /// let cfg = ObserverConfig::new(QDType::QUINT8, QScheme::PerTensorAffine);
 /// let mut obs = HistogramObserver::new(cfg, 2048)?;
-/// let x: Vec<f32> = (0..1000).map(|i| (i as f32 / 100.0).sin()).collect();
+/// // 1001 evenly spaced values from -1 to 1.
+/// let x: Vec<f32> = (0..=1000).map(|i| i as f32 / 500.0 - 1.0).collect();
 /// obs.observe(&Tensor::new(x.as_slice(), &Device::Cpu)?)?;
 /// assert_eq!(obs.min_max(), Some((vec![-1.0], vec![1.0])));
-/// let QParams::PerTensor { scale, zero_point } = obs.calculate_qparams()? else { unreachable!() };
-/// assert!(scale > 0.0 && scale <= 2.0 / 255.0);
-/// assert!((120..=136).contains(&zero_point));
+/// // PyTorch 2.15 gives the same: scale 0.007839307, zero point 128.
+/// let qp = obs.calculate_qparams()?;
+/// assert_eq!(qp, QParams::PerTensor { scale: 0.007_839_307, zero_point: 128 });
 /// # Ok::<(), qat_core::Error>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -340,7 +341,7 @@ impl Observer for HistogramObserver {
             )));
         }
         let (new_min, new_max) = self.non_linear_param_search();
-        if !(new_min <= new_max) {
+        if new_min.is_nan() || new_max.is_nan() || new_min > new_max {
             return Err(Error::qparams(
                 format!("the searched range [{new_min}, {new_max}] is empty"),
                 "reset the observer or load a valid state",
@@ -544,10 +545,11 @@ fn upper_bound(sorted: &[f32], v: f32) -> usize {
     let (mut start, mut end) = (0usize, sorted.len());
     while start < end {
         let mid = start + (end - start) / 2;
-        if !(sorted[mid] > v) {
-            start = mid + 1;
-        } else {
+        // `!(mid > v)` in C++: NaN compares like "not greater".
+        if sorted[mid] > v {
             end = mid;
+        } else {
+            start = mid + 1;
         }
     }
     start
@@ -622,11 +624,11 @@ fn multi_row_sum<const L: usize>(data: &[f32], size: usize) -> [[f32; L]; SUM_IL
             i += 1;
         }
         for j in 1..SUM_LEVELS {
-            for k in 0..SUM_ILP {
-                for lane in 0..L {
-                    acc[j][k][lane] += acc[j - 1][k][lane];
-                    acc[j - 1][k][lane] = 0.0;
-                }
+            let (lower, upper) = acc.split_at_mut(j);
+            let from = lower[j - 1].iter_mut().flatten();
+            for (to, from) in upper[0].iter_mut().flatten().zip(from) {
+                *to += *from;
+                *from = 0.0;
             }
             let mask = level_mask << (j * level_power);
             if i & mask != 0 {
@@ -638,31 +640,31 @@ fn multi_row_sum<const L: usize>(data: &[f32], size: usize) -> [[f32; L]; SUM_IL
         add_row(&mut acc[0], i);
         i += 1;
     }
-    for j in 1..SUM_LEVELS {
-        for k in 0..SUM_ILP {
-            for lane in 0..L {
-                acc[0][k][lane] += acc[j][k][lane];
-            }
+    let (first, rest) = acc.split_at_mut(1);
+    for level in rest.iter() {
+        for (to, from) in first[0].iter_mut().flatten().zip(level.iter().flatten()) {
+            *to += *from;
         }
     }
-    acc[0]
+    first[0]
 }
 
 /// ATen's `row_sum` over `n` groups of `L` lanes.
 fn row_sum<const L: usize>(data: &[f32], n: usize) -> [f32; L] {
     let size_ilp = n / SUM_ILP;
     let mut partial = multi_row_sum::<L>(data, size_ilp);
-    for i in size_ilp * SUM_ILP..n {
-        for lane in 0..L {
-            partial[0][lane] += data[i * L + lane];
+    let (first, rest) = partial.split_at_mut(1);
+    for group in data[size_ilp * SUM_ILP * L..n * L].chunks_exact(L) {
+        for (to, from) in first[0].iter_mut().zip(group) {
+            *to += *from;
         }
     }
-    for k in 1..SUM_ILP {
-        for lane in 0..L {
-            partial[0][lane] += partial[k][lane];
+    for other in rest.iter() {
+        for (to, from) in first[0].iter_mut().zip(other) {
+            *to += *from;
         }
     }
-    partial[0]
+    first[0]
 }
 
 /// `torch.sum` of a contiguous f32 vector on the CPU (ATen's `cascade_sum`), bit for bit.
@@ -822,11 +824,20 @@ mod tests {
 
     #[test]
     fn torch_sum_orders_like_aten() {
-        // Values from torch: torch.tensor(x).sum() with x = [(i * 0.1) ** 3 for i in range(n)].
-        let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.1).powi(3)).collect();
-        let naive: f32 = x.iter().sum();
-        let s = torch_sum(&x);
-        assert!((s - naive).abs() <= 1e-3 * naive.abs());
+        // torch.tensor(x).sum() with x[i] = v * v * v, v = f32(i) * f32(0.1), in f32.
+        let cubes = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let v = i as f32 * 0.1f32;
+                    v * v * v
+                })
+                .collect()
+        };
+        let x = cubes(100);
+        assert_eq!(torch_sum(&x), 24_502.502);
+        assert_ne!(x.iter().fold(0.0f32, |a, &b| a + b), 24_502.502);
+        assert_eq!(torch_sum(&cubes(2048)), 4393752576.0);
+        assert_eq!(torch_sum(&cubes(37)), 443.556_03);
         assert_eq!(torch_sum(&[1.0, 2.0, 3.0]), 6.0);
         assert_eq!(torch_sum(&[]), 0.0);
     }
