@@ -1,0 +1,13 @@
+use candle_qat::nn::{BatchNorm2d, Conv2d, ReLU};
+use candle_qat::Quantizable;
+
+#[derive(Quantizable)]
+#[qat(auto_fuse = true)]
+struct Net {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    #[qat(skip = true)]
+    relu1: ReLU,
+}
+
+fn main() {}

@@ -1,0 +1,12 @@
+use candle_qat::nn::{BatchNorm2d, Conv2d, ReLU};
+use candle_qat::Quantizable;
+
+#[derive(Quantizable)]
+#[qat(fuse)]
+struct Net {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    relu1: ReLU,
+}
+
+fn main() {}
