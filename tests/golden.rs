@@ -15,13 +15,15 @@ mod fake_quantize_module;
 mod fusion;
 #[path = "golden_support/learnable.rs"]
 mod learnable;
+#[path = "golden_support/model_e2e.rs"]
+mod model_e2e;
 #[path = "golden_support/observer.rs"]
 mod observer;
 
 use case::{Case, Outcome};
 
 /// Kinds whose issue has not landed yet: reported as `pending`, never silently skipped.
-const PENDING: &[&str] = &["quantized_linear", "quantized_conv2d", "model_e2e"];
+const PENDING: &[&str] = &["quantized_linear", "quantized_conv2d"];
 
 fn run(case: &Case) -> Outcome {
     match case.kind.as_str() {
@@ -33,6 +35,7 @@ fn run(case: &Case) -> Outcome {
         "fuse_conv_bn_eval" => fusion::run(case, true).into(),
         "fuse_linear_bn_eval" => fusion::run(case, false).into(),
         "conv_bn_qat" => conv_bn_qat::run(case).into(),
+        "model_e2e" => model_e2e::run(case),
         k if PENDING.contains(&k) => Outcome::Pending,
         k => Outcome::Fail(format!("unknown kind `{k}`")),
     }

@@ -194,11 +194,22 @@ macro_rules! weighted_bn {
             }
         }
 
+    };
+}
+
+weighted_bn!(Conv1d, BatchNorm1d, Fold::Conv);
+weighted_bn!(Conv2d, BatchNorm2d, Fold::Conv);
+weighted_bn!(Conv3d, BatchNorm3d, Fold::Conv);
+weighted_bn!(Linear, BatchNorm1d, Fold::Linear);
+
+/// (Conv, BatchNorm, ReLU): PyTorch's table has no (Linear, BatchNorm1d, ReLU).
+macro_rules! conv_bn_relu {
+    ($head:ty, $bn:ty) => {
         impl Fusable for (&mut $head, &mut $bn, &mut ReLU) {
             fn fuse(self, group: &FuseGroup) -> Result<()> {
                 let (h, bn, relu) = self;
                 check_float(relu.common.stage, "the ReLU").map_err(|e| group.error(e))?;
-                absorb_bn(&mut h.w, &mut bn.0, $fold, group).map_err(|e| group.error(e))?;
+                absorb_bn(&mut h.w, &mut bn.0, Fold::Conv, group).map_err(|e| group.error(e))?;
                 h.w.relu = true;
                 link(
                     &mut h.w.common,
@@ -211,10 +222,9 @@ macro_rules! weighted_bn {
     };
 }
 
-weighted_bn!(Conv1d, BatchNorm1d, Fold::Conv);
-weighted_bn!(Conv2d, BatchNorm2d, Fold::Conv);
-weighted_bn!(Conv3d, BatchNorm3d, Fold::Conv);
-weighted_bn!(Linear, BatchNorm1d, Fold::Linear);
+conv_bn_relu!(Conv1d, BatchNorm1d);
+conv_bn_relu!(Conv2d, BatchNorm2d);
+conv_bn_relu!(Conv3d, BatchNorm3d);
 
 macro_rules! weighted_relu {
     ($($head:ty),*) => {$(

@@ -5,11 +5,14 @@ pub mod fuse;
 pub mod model;
 pub mod nn;
 mod host;
+pub(crate) mod kernels;
 pub mod observer;
 pub mod passes;
+pub mod provenance;
 pub mod qconfig;
 pub mod qconfig_mapping;
 pub mod qparams;
+pub mod quantized;
 
 pub use error::{Error, Result};
 pub use qparams::{calculate_qparams, QDType, QParams, QScheme, QuantRange};

@@ -89,6 +89,9 @@ pub trait QuantModule {
     fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize));
     /// Reads each fake-quant the layer owns.
     fn fake_quants(&self) -> Vec<(String, FakeQuantize)>;
+    /// Switches a prepared layer to integer arithmetic with the qparams its fake-quants hold
+    /// and the input qparams noted by the last prepared forward; float layers stay float.
+    fn convert(&mut self) -> Result<()>;
     /// Freezes (`true`) or unfreezes the statistics of a live BatchNorm inside the layer.
     fn set_bn_frozen(&mut self, _frozen: bool) {}
 }

@@ -121,6 +121,40 @@ pub fn prepare_qat<M: Quantizable>(model: &mut M, mapping: &QConfigMapping) -> R
     Ok(())
 }
 
+/// Converts a prepared model to integer arithmetic in place: int8 weights (BN folded),
+/// u8 activations between layers, each clamped to the range its fake-quant trained with, so
+/// the converted model agrees with the fake-quant model code for code. Run the prepared model
+/// forward at least once first (it notes which fake-quant feeds each layer). Layers with a
+/// `None` qconfig stay float. The model is left in eval mode.
+pub fn convert<M: Quantizable>(model: &mut M) -> Result<()> {
+    let mut prepared = 0;
+    let mut converted = 0;
+    for_each_layer(model, |_, m| {
+        match m.stage() {
+            Stage::Prepared => prepared += 1,
+            Stage::Converted => converted += 1,
+            _ => {}
+        }
+        Ok(())
+    })?;
+    if converted > 0 {
+        return Err(Error::pass(
+            "the model is already converted",
+            "convert a prepared model once (reload the QAT checkpoint to convert again)",
+        ));
+    }
+    if prepared == 0 {
+        return Err(Error::pass(
+            "convert found no prepared layer",
+            "run prepare_qat (and at least one forward) before convert",
+        ));
+    }
+    for_each_layer(model, |_, m| {
+        m.set_training(false);
+        m.convert()
+    })
+}
+
 /// Training mode everywhere (BN uses batch statistics unless frozen): `model.train()`.
 pub fn train<M: Quantizable>(model: &mut M) -> Result<()> {
     for_each_layer(model, |_, m| {

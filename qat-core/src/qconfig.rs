@@ -291,12 +291,25 @@ pub struct QConfig {
     pub activation: FakeQuantizeSpec,
     /// Fake-quant of the module's weight.
     pub weight: FakeQuantizeSpec,
+    /// The integer engine whose arithmetic `convert` reproduces: fbgemm and x86 add a float
+    /// bias before requantizing, qnnpack quantizes the bias to int32 first.
+    pub backend: Backend,
 }
 
 impl QConfig {
-    /// A QConfig from its two specs.
+    /// A QConfig from its two specs (x86 integer arithmetic).
     pub fn new(activation: FakeQuantizeSpec, weight: FakeQuantizeSpec) -> Self {
-        QConfig { activation, weight }
+        QConfig {
+            activation,
+            weight,
+            backend: Backend::X86,
+        }
+    }
+
+    /// The same qconfig for another integer engine.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// PyTorch's `get_default_qat_qconfig(backend, version=0)`: FakeQuantize with
@@ -331,7 +344,11 @@ impl QConfig {
             },
             learnable: None,
         };
-        QConfig { activation, weight }
+        QConfig {
+            activation,
+            weight,
+            backend,
+        }
     }
 }
 

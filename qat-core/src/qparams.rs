@@ -197,6 +197,15 @@ impl QuantRange {
         } else {
             (0, 127)
         };
+        if quant_min >= quant_max {
+            return Err(Error::config(
+                format!(
+                    "reduce_range halves {qmin}..={qmax} to quant_min {quant_min}, quant_max \
+                     {quant_max}: quant_min is no longer below quant_max"
+                ),
+                "use a wider range, or turn reduce_range off",
+            ));
+        }
         Ok(QuantRange {
             dtype,
             quant_min,
@@ -342,10 +351,10 @@ impl QParams {
 
 /// Checks that a scale is finite and strictly positive.
 pub(crate) fn check_scale(scale: f32) -> Result<()> {
-    if !(scale.is_finite() && scale > 0.0) {
+    if !(scale.is_finite() && scale > 0.0 && (1.0 / scale).is_finite()) {
         return Err(Error::qparams(
-            format!("scale {scale} is not a finite positive number"),
-            "use a scale > 0 (observers floor it at eps)",
+            format!("scale {scale} is not a finite positive number (with a finite reciprocal)"),
+            "use a scale > 0 and above ~3e-39 (observers floor it at eps)",
         ));
     }
     Ok(())

@@ -315,13 +315,14 @@ fn composite(
     let q = composite_code(&xf.detach(), &inv, &lo, &hi)?;
     let below = q.broadcast_lt(&lo)?.to_dtype(DType::F32)?;
     let above = q.broadcast_gt(&hi)?.to_dtype(DType::F32)?;
-    let inside = ((below.ones_like()? - &below)? - &above)?;
+    let inside = q.broadcast_ge(&lo)?.mul(&q.broadcast_le(&hi)?)?;
+    let zeros = xf.zeros_like()?;
     let xfq_b = q
         .broadcast_maximum(&lo)?
         .broadcast_minimum(&hi)?
         .broadcast_mul(&st)?;
     // d y / d scale per element, and d y / d zero point.
-    let ds = ((inside.mul(&(xfq_b - &xf.detach())?.broadcast_mul(&inv)?)?
+    let ds = ((inside.where_cond(&(xfq_b - &xf.detach())?.broadcast_mul(&inv)?, &zeros)?
         + below.broadcast_mul(&lo)?)?
         + above.broadcast_mul(&hi)?)?;
     let dz = (below + &above)?.broadcast_mul(&st.neg()?)?;
@@ -331,7 +332,7 @@ fn composite(
     let shape: Vec<usize> = lo.dims().to_vec();
     let scale_g = scale_g.reshape(shape.as_slice())?;
     let zp_g = zp_g.reshape(shape.as_slice())?;
-    let through = ((xf.mul(&inside)? + ds.detach().broadcast_mul(&scale_g)?)?
+    let through = ((inside.where_cond(&xf, &zeros)? + ds.detach().broadcast_mul(&scale_g)?)?
         + dz.detach().broadcast_mul(&zp_g)?)?;
     let y = (y + (&through - through.detach())?)?;
     Ok(y.to_dtype(dtype)?)

@@ -8,6 +8,7 @@ mod op;
 
 pub use learnable::fake_quantize_learnable;
 pub use module::{FakeQuantize, FakeQuantizeState};
+pub use op::fake_quantize_backward;
 pub use op::{
     fake_quantize, fake_quantize_composite, fake_quantize_per_channel, fake_quantize_per_tensor,
 };

@@ -100,12 +100,14 @@ impl FakeQuantize {
                 learning_enabled: false,
             }),
         };
+        // PyTorch starts the buffers at (1.0, 0); a fixed-qparams observer knows its own.
+        let initial = observer.calculate_qparams()?;
         Ok(FakeQuantize {
             spec: *spec,
-            observer,
             range,
-            scale: vec![1.0],
-            zero_point: vec![0],
+            scale: initial.scales().to_vec(),
+            zero_point: initial.zero_points().to_vec(),
+            observer,
             observer_enabled: true,
             fake_quant_enabled: true,
             learnable,
@@ -350,7 +352,34 @@ impl FakeQuantize {
         for &s in &state.scale {
             crate::qparams::check_scale(s)?;
         }
-        self.observer.load_state(&state.observer)?;
+        // Validate everything before changing anything.
+        match &self.learnable {
+            Some(l) if state.scale.len() != l.scale.elem_count() => {
+                return Err(Error::state(
+                    format!(
+                        "{} scales for a learnable fake-quant of {}",
+                        state.scale.len(),
+                        l.scale.elem_count()
+                    ),
+                    "load a state saved from a fake-quant with the same channel count",
+                ))
+            }
+            Some(_) => {}
+            None => {
+                for &z in &state.zero_point {
+                    if !(z.is_finite() && z.fract() == 0.0) {
+                        return Err(Error::state(
+                            format!("zero point {z} is not an integer"),
+                            "load a state saved from a non-learnable fake-quant",
+                        ));
+                    }
+                    self.range.check_zero_point(z as i32)?;
+                }
+            }
+        }
+        let mut observer = self.observer.box_clone();
+        observer.load_state(&state.observer)?;
+        self.observer = observer;
         match self.learnable.as_mut() {
             Some(l) => {
                 let n = l.scale.elem_count();

@@ -284,6 +284,48 @@ pub fn fake_quantize(x: &Tensor, qparams: &QParams, range: &QuantRange) -> Resul
     }
 }
 
+/// The straight-through backward of [`fake_quantize`] on its own: `grad_y * [qmin <= q <=
+/// qmax]`, the kernel autograd runs (one fused pass on CPU). Exposed for benchmarks and
+/// tests; training code gets it through `backward()`.
+#[doc(hidden)]
+pub fn fake_quantize_backward(
+    x: &Tensor,
+    grad_y: &Tensor,
+    qparams: &QParams,
+    range: &QuantRange,
+) -> Result<Tensor> {
+    check_float_input(x, "fake_quantize_backward")?;
+    if grad_y.dims() != x.dims() {
+        return Err(Error::tensor(
+            format!(
+                "fake_quantize_backward: grad_y has shape {:?}, x has {:?}",
+                grad_y.dims(),
+                x.dims()
+            ),
+            "pass the gradient of the fake-quant output, which has the input's shape",
+        ));
+    }
+    let grids = Grids::build(qparams, range, x.dims())?;
+    if x.elem_count() == 0 {
+        return Ok(grad_y.to_dtype(x.dtype())?);
+    }
+    let dy = grad_y.to_dtype(x.dtype())?.contiguous()?;
+    if x.device().is_cpu() {
+        return Ok(x
+            .contiguous()?
+            .apply_op2_no_bwd(&dy, &FakeQuantGrad(grids))?);
+    }
+    let xf = x.to_dtype(DType::F32)?;
+    let [_, inv, lo, hi] = grid_tensors(&xf, qparams, range)?;
+    let q = composite_code(&xf, &inv, &lo, &hi)?;
+    let in_range = q.broadcast_ge(&lo)?.mul(&q.broadcast_le(&hi)?)?;
+    // `where` as the CPU kernel selects: outside the range the gradient is 0 whatever dy is.
+    let dy = dy.to_dtype(DType::F32)?;
+    Ok(in_range
+        .where_cond(&dy, &dy.zeros_like()?)?
+        .to_dtype(x.dtype())?)
+}
+
 /// `fake_quantize` for one scale and zero point (PyTorch's
 /// `torch.fake_quantize_per_tensor_affine`).
 pub fn fake_quantize_per_tensor(
@@ -351,7 +393,7 @@ pub(crate) fn grid_tensors(
         .zip(qparams.zero_points())
         .map(|(&s, &z)| Grid::new(s, z, qmin, qmax))
         .collect();
-    let mut shape = vec![1usize; x.rank().max(1)];
+    let mut shape = vec![1usize; x.rank()];
     if let QParams::PerChannel { axis, .. } = qparams {
         shape[*axis] = grids.len();
     }
@@ -384,16 +426,14 @@ fn composite(x: &Tensor, qparams: &QParams, range: &QuantRange) -> Result<Tensor
     let xf = x.to_dtype(DType::F32)?;
     let [scale, inv, lo, hi] = grid_tensors(&xf, qparams, range)?;
     let q = composite_code(&xf.detach(), &inv, &lo, &hi)?;
-    let mask = q
-        .broadcast_ge(&lo)?
-        .to_dtype(DType::F32)?
-        .mul(&q.broadcast_le(&hi)?.to_dtype(DType::F32)?)?;
+    let in_range = q.broadcast_ge(&lo)?.mul(&q.broadcast_le(&hi)?)?;
     let y = q
         .broadcast_maximum(&lo)?
         .broadcast_minimum(&hi)?
         .broadcast_mul(&scale)?;
-    // Value: y exactly (a - a is 0). Gradient: the mask.
-    let through = xf.mul(&mask)?;
+    // Value: y exactly (a - a is 0). Gradient: the mask. `where` rather than a product, so
+    // that an infinite input (outside the range) contributes 0, not inf * 0.
+    let through = in_range.where_cond(&xf, &xf.zeros_like()?)?;
     let y = (y + (&through - through.detach())?)?;
     Ok(y.to_dtype(dtype)?)
 }

@@ -1,7 +1,5 @@
 //! ReLU, Sigmoid, Tanh and Identity.
 
-use std::sync::Mutex;
-
 use candle_core::Tensor;
 
 use super::common::Common;
@@ -46,13 +44,27 @@ activation!(
 
 impl ReLU {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(io), None) = (&self.common.io, &self.common.absorbed) {
+            // Codes: relu is max(q, zero point).
+            self.common.check_input(x, "ReLU")?;
+            let zp = io.inputs.first().map_or(0, |q| q.zero_point);
+            return Ok(x.maximum(zp as f64)?);
+        }
         match &self.common.absorbed {
             Some(p) => self.common.placeholder_forward(p, x),
-            None => Ok(x.relu()?),
+            None => {
+                let y = x.relu()?;
+                self.common.pass_through(x, &y)?;
+                Ok(y)
+            }
         }
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
+    }
+    fn convert_with(&mut self) -> Result<()> {
+        let absorbed = self.common.absorbed.is_some();
+        self.common.convert_io("ReLU", !absorbed).map(|_| ())
     }
 }
 
@@ -63,14 +75,23 @@ fn prepare_fixed(
 ) -> Result<()> {
     common.prepare(qconfig, false)?;
     if qconfig.is_some() {
-        common.act_fq = Some(Mutex::new(spec.build()?));
+        common.act_fq = Some(crate::provenance::ActFq::new(spec.build()?));
     }
     Ok(())
 }
 
 impl Sigmoid {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if self.common.io.is_some() {
+            return self.common.converted_float_op(&[x], "Sigmoid", |v| {
+                Ok(candle_nn::ops::sigmoid(&v[0])?)
+            });
+        }
+        self.common.note_inputs(&[x])?;
         self.common.finish(candle_nn::ops::sigmoid(x)?)
+    }
+    fn convert_with(&mut self) -> Result<()> {
+        self.common.convert_io("Sigmoid", true).map(|_| ())
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, _observed: bool) -> Result<()> {
         prepare_fixed(&mut self.common, qconfig, FakeQuantizeSpec::fixed_sigmoid())
@@ -79,7 +100,14 @@ impl Sigmoid {
 
 impl Tanh {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if self.common.io.is_some() {
+            return self.common.converted_float_op(&[x], "Tanh", |v| Ok(v[0].tanh()?));
+        }
+        self.common.note_inputs(&[x])?;
         self.common.finish(x.tanh()?)
+    }
+    fn convert_with(&mut self) -> Result<()> {
+        self.common.convert_io("Tanh", true).map(|_| ())
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, _observed: bool) -> Result<()> {
         prepare_fixed(&mut self.common, qconfig, FakeQuantizeSpec::fixed_tanh())
@@ -90,11 +118,17 @@ impl Identity {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         match &self.common.absorbed {
             Some(p) => self.common.placeholder_forward(p, x),
-            None => Ok(x.clone()),
+            None => {
+                self.common.note_inputs(&[x])?;
+                Ok(x.clone())
+            }
         }
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
+    }
+    fn convert_with(&mut self) -> Result<()> {
+        self.common.convert_io("Identity", false).map(|_| ())
     }
 }
 

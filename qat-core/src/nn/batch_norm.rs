@@ -82,6 +82,9 @@ impl BnCore {
                 "feed (N, C, ...) tensors with C equal to num_features",
             ));
         }
+        if crate::kernels::batch_norm::supported(x, &self.weight, &self.bias) {
+            return self.forward_fused(x, training);
+        }
         let shape = self.channel_shape(rank);
         let w = self.weight.reshape(shape.as_slice())?;
         let b = self.bias.reshape(shape.as_slice())?;
@@ -114,6 +117,51 @@ impl BnCore {
         let inv_std = (var + self.config.eps)?.sqrt()?.recip()?;
         let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
         Ok(y.broadcast_mul(&w)?.broadcast_add(&b)?)
+    }
+
+    /// [`BnCore::forward`] on CPU f32 tensors: statistics in one pass per moment, the
+    /// normalisation in one, and a fused backward (see `kernels::batch_norm`).
+    fn forward_fused(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+        use crate::kernels::batch_norm as k;
+        let x = x.contiguous()?;
+        let eps = self.config.eps;
+        let (mean, invstd) = if training {
+            let n = x.elem_count() / self.num_features();
+            if n < 2 {
+                return Err(Error::tensor(
+                    format!("BatchNorm in training got {n} value per channel"),
+                    "train with more than one value per channel (batch size > 1 or spatial dims)",
+                ));
+            }
+            let (mean, var) = k::batch_stats(&x)?;
+            let dev = x.device();
+            self.update_running(
+                &Tensor::new(mean.as_slice(), dev)?,
+                &Tensor::new(var.as_slice(), dev)?,
+                n,
+            )?;
+            let invstd = k::inv_std(&var, eps);
+            (mean, invstd)
+        } else {
+            let host = |v: &Var| -> Result<Vec<f32>> {
+                Ok(v.as_tensor()
+                    .detach()
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?)
+            };
+            (
+                host(&self.running_mean)?,
+                k::inv_std(&host(&self.running_var)?, eps),
+            )
+        };
+        Ok(k::batch_norm(
+            &x,
+            &self.weight,
+            &self.bias,
+            mean,
+            invstd,
+            training,
+        )?)
     }
 
     fn update_running(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
@@ -221,6 +269,15 @@ macro_rules! batch_norm {
                         "report this as a bug",
                     ));
                 };
+                if inner.common.io.is_some() {
+                    let relu = inner.relu;
+                    return inner.common.converted_float_op(&[x], stringify!($name), |v| {
+                        let y = core.forward(&v[0], false)?;
+                        Ok(if relu { y.relu()? } else { y })
+                    });
+                }
+                inner.common.check_input(x, stringify!($name))?;
+                inner.common.note_inputs(&[x])?;
                 let mut y = core.forward(x, inner.common.training && !inner.frozen)?;
                 if inner.relu {
                     y = y.relu()?;
@@ -260,6 +317,10 @@ macro_rules! batch_norm {
             }
             fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
                 self.0.common.fake_quants()
+            }
+            fn convert(&mut self) -> Result<()> {
+                let absorbed = self.0.common.absorbed.is_some();
+                self.0.common.convert_io(stringify!($name), !absorbed).map(|_| ())
             }
         }
 

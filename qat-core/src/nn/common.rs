@@ -8,6 +8,7 @@ use candle_core::{Tensor, TensorId};
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
 use crate::model::Stage;
+use crate::provenance::{self, ActFq, IoQParams, Source};
 use crate::qconfig::QConfig;
 
 /// Locks a layer's mutex; a poisoned lock (a panic elsewhere mid-update) is an error.
@@ -75,11 +76,23 @@ pub(crate) struct Common {
     pub stage: Stage,
     pub training: bool,
     pub qconfig: Option<QConfig>,
-    pub act_fq: Option<Mutex<FakeQuantize>>,
+    /// The output fake-quant (prepared layers that have one).
+    pub act_fq: Option<Source>,
+    /// Where each input came from, noted by the last prepared forward.
+    pub inputs: Mutex<Vec<Option<Source>>>,
     /// Set when this layer was absorbed into a group and now forwards its input unchanged.
     pub absorbed: Option<Placeholder>,
     /// Set when this layer heads a fused group.
     pub trace: Option<Arc<GroupTrace>>,
+    /// Input and output qparams once converted.
+    pub io: Option<ConvertedIo>,
+}
+
+/// What a converted layer knows of its inputs and output.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ConvertedIo {
+    pub inputs: Vec<IoQParams>,
+    pub output: Option<IoQParams>,
 }
 
 impl Clone for Common {
@@ -91,9 +104,12 @@ impl Clone for Common {
             act_fq: self
                 .act_fq
                 .as_ref()
-                .and_then(|m| m.lock().ok().map(|g| Mutex::new(g.clone()))),
+                .and_then(|a| a.fq.lock().ok().map(|g| ActFq::new(g.clone()))),
+            // A clone has its own fake-quants: its notes start over with its next forward.
+            inputs: Mutex::new(Vec::new()),
             absorbed: self.absorbed.clone(),
             trace: self.trace.clone(),
+            io: self.io.clone(),
         }
     }
 }
@@ -105,8 +121,10 @@ impl Default for Common {
             training: true,
             qconfig: None,
             act_fq: None,
+            inputs: Mutex::new(Vec::new()),
             absorbed: None,
             trace: None,
+            io: None,
         }
     }
 }
@@ -114,16 +132,164 @@ impl Default for Common {
 impl Common {
     /// The identity forward of an absorbed layer.
     pub fn placeholder_forward(&self, p: &Placeholder, x: &Tensor) -> Result<Tensor> {
-        if self.training {
+        if self.training && self.stage != Stage::Converted {
             p.trace.check(p.pos, x)?;
         }
         Ok(x.clone())
     }
 
-    /// Runs the output fake-quant (if prepared) and records the group head's output.
+    /// Notes where this layer's inputs came from (prepared layers only).
+    pub fn note_inputs(&self, xs: &[&Tensor]) -> Result<Option<Source>> {
+        if self.stage != Stage::Prepared {
+            return Ok(None);
+        }
+        let found: Vec<Option<Source>> = xs.iter().map(|x| provenance::lookup(x)).collect();
+        let first = found.first().cloned().flatten();
+        let mut inputs = lock(&self.inputs)?;
+        if inputs.len() != found.len() {
+            *inputs = vec![None; found.len()];
+        }
+        for (slot, f) in inputs.iter_mut().zip(found) {
+            if f.is_some() {
+                *slot = f;
+            }
+        }
+        Ok(first)
+    }
+
+    /// A quantization-transparent op: `y` keeps the qparams of `x`.
+    pub fn pass_through(&self, x: &Tensor, y: &Tensor) -> Result<()> {
+        if let Some(src) = self.note_inputs(&[x])? {
+            provenance::record(y, &src);
+        }
+        Ok(())
+    }
+
+    /// The noted sources of the inputs, for convert.
+    pub fn input_qparams(&self, what: &str) -> Result<Vec<IoQParams>> {
+        let inputs = lock(&self.inputs)?;
+        if inputs.is_empty() || inputs.iter().any(|i| i.is_none()) {
+            return Err(Error::pass(
+                format!(
+                    "{what} has no record of which fake-quant produced its input, so its input \
+                     qparams are unknown"
+                ),
+                "run the prepared model forward once before convert, and make sure the layer's \
+                 input comes from a QuantStub, a quantized layer or FloatFunctional, or through \
+                 candle-qat's MaxPool2d/Flatten (insert a QuantStub before it otherwise)",
+            ));
+        }
+        inputs
+            .iter()
+            .flatten()
+            .map(|s| s.io_qparams())
+            .collect()
+    }
+
+    /// Converts the bookkeeping of a prepared layer: input qparams (`inputs` of them, from the
+    /// noted sources) and output qparams (from its output fake-quant). Returns false for a
+    /// layer that stays float (no qconfig).
+    pub fn convert_io(&mut self, what: &str, inputs: bool) -> Result<bool> {
+        match self.stage {
+            Stage::Converted => {
+                return Err(Error::pass(
+                    format!("{what} is already converted"),
+                    "convert a prepared model once",
+                ))
+            }
+            Stage::Float | Stage::Fused => {
+                if self.absorbed.is_some() {
+                    self.stage = Stage::Converted;
+                }
+                return Ok(false);
+            }
+            Stage::Prepared => {}
+        }
+        let input_qparams = if inputs {
+            self.input_qparams(what)?
+        } else {
+            Vec::new()
+        };
+        let output = match &self.act_fq {
+            Some(a) => Some(a.io_qparams()?),
+            None => None,
+        };
+        self.io = Some(ConvertedIo {
+            inputs: input_qparams,
+            output,
+        });
+        self.stage = Stage::Converted;
+        Ok(true)
+    }
+
+    /// Checks that a converted layer got codes, or a float layer got floats.
+    pub fn check_input(&self, x: &Tensor, what: &str) -> Result<()> {
+        let converted = self.io.is_some();
+        match (converted, x.dtype()) {
+            (true, candle_core::DType::U8) | (false, candle_core::DType::F32)
+            | (false, candle_core::DType::F16) | (false, candle_core::DType::BF16)
+            | (false, candle_core::DType::F64) => Ok(()),
+            (true, dt) => Err(Error::tensor(
+                format!("{what} is converted and takes u8 codes, but got a {dt:?} tensor"),
+                "feed converted layers the output of a converted layer; put a QuantStub where \
+                 float inputs enter the quantized region",
+            )),
+            (false, dt) => Err(Error::tensor(
+                format!("{what} computes in float but got a {dt:?} tensor (quantized codes?)"),
+                "a float layer between converted layers cannot take codes: insert a \
+                 DeQuantStub before it and a QuantStub after it, or quantize it too",
+            )),
+        }
+    }
+
+    /// A float op of a converted layer: dequantizes the input codes, applies `f`, quantizes
+    /// the result with the output qparams (clamped to the trained range). The fake-quant
+    /// model computes `f` on exactly these dequantized values, so both agree code for code.
+    pub fn converted_float_op(
+        &self,
+        xs: &[&Tensor],
+        what: &str,
+        f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let io = self.io()?;
+        if io.inputs.len() != xs.len() {
+            return Err(Error::tensor(
+                format!(
+                    "{what} was converted for {} inputs but got {}",
+                    io.inputs.len(),
+                    xs.len()
+                ),
+                "call each FloatFunctional instance in one way only (one per call site)",
+            ));
+        }
+        let mut floats = Vec::with_capacity(xs.len());
+        for (x, q) in xs.iter().zip(&io.inputs) {
+            self.check_input(x, what)?;
+            floats.push(crate::quantized::dequantize(x, q.scale, q.zero_point)?);
+        }
+        let y = f(&floats)?;
+        match &io.output {
+            Some(o) => crate::quantized::quantize(&y, o.scale, o.zero_point, o.quant_min, o.quant_max),
+            None => Ok(y),
+        }
+    }
+
+    /// The converted io (only after convert).
+    pub fn io(&self) -> Result<&ConvertedIo> {
+        self.io
+            .as_ref()
+            .ok_or_else(|| Error::state("layer has no converted qparams", "report this as a bug"))
+    }
+
+    /// Runs the output fake-quant (if prepared), notes the producer, and records the group
+    /// head's output.
     pub fn finish(&self, y: Tensor) -> Result<Tensor> {
         let y = match &self.act_fq {
-            Some(fq) => lock(fq)?.forward(&y)?,
+            Some(a) => {
+                let y = lock(&a.fq)?.forward(&y)?;
+                provenance::record(&y, a);
+                y
+            }
             None => y,
         };
         if let (true, Some(trace)) = (self.training, &self.trace) {
@@ -151,7 +317,7 @@ impl Common {
         }
         self.qconfig = qconfig.copied();
         if let (Some(qc), true, None) = (qconfig, with_output, &self.absorbed) {
-            self.act_fq = Some(Mutex::new(qc.activation.build()?));
+            self.act_fq = Some(ActFq::new(qc.activation.build()?));
         }
         if qconfig.is_some() {
             self.stage = Stage::Prepared;
@@ -162,14 +328,14 @@ impl Common {
     pub fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
         self.act_fq
             .iter()
-            .filter_map(|m| m.lock().ok().map(|g| ("activation".to_string(), g.clone())))
+            .filter_map(|a| a.fq.lock().ok().map(|g| ("activation".to_string(), g.clone())))
             .collect()
     }
 
     pub fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
-        if let Some(m) = self.act_fq.as_mut() {
-            if let Ok(fq) = m.get_mut() {
-                f("activation", fq);
+        if let Some(a) = self.act_fq.as_ref() {
+            if let Ok(mut fq) = a.fq.lock() {
+                f("activation", &mut fq);
             }
         }
     }

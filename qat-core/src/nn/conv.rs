@@ -180,7 +180,19 @@ macro_rules! conv {
                         concat!("feed ", stringify!($name), " a (N, C, spatial...) tensor"),
                     ));
                 }
+                // CPU f32: the fused im2col + GEMM kernels with their own backward.
+                let fused = crate::kernels::conv::supported(x, w);
                 Ok(match $rank {
+                    1 if fused => crate::kernels::conv::conv1d(
+                        x, w, c.padding, c.stride, c.dilation, c.groups,
+                    )?,
+                    2 if fused => crate::kernels::conv::conv2d(
+                        x,
+                        w,
+                        crate::kernels::conv::Conv2dParams::square(
+                            c.padding, c.stride, c.dilation, c.groups,
+                        ),
+                    )?,
                     1 => x.conv1d(w, c.padding, c.stride, c.dilation, c.groups)?,
                     2 => x.conv2d(w, c.padding, c.stride, c.dilation, c.groups)?,
                     _ => conv3d(x, w, c)?,
@@ -188,7 +200,8 @@ macro_rules! conv {
             }
 
             fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-                self.w.forward(x, |_| 1, |x, w| self.conv(x, w))
+                let int_op = ($rank == 2).then_some(super::weighted::IntOp::Conv2d(&self.config));
+                self.w.forward(x, |_| 1, |x, w| self.conv(x, w), int_op)
             }
         }
 
@@ -225,6 +238,10 @@ macro_rules! conv {
             }
             fn set_bn_frozen(&mut self, frozen: bool) {
                 self.w.bn_frozen = frozen;
+            }
+            fn convert(&mut self) -> Result<()> {
+                let kind = self.kind();
+                self.w.convert(&kind, $rank == 2)
             }
         }
 

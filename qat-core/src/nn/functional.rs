@@ -33,16 +33,34 @@ impl FloatFunctional {
 
     /// `a + b` (broadcasting).
     pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.common.io.is_some() {
+            return self.common.converted_float_op(&[a, b], "FloatFunctional::add", |v| {
+                Ok(v[0].broadcast_add(&v[1])?)
+            });
+        }
+        self.common.note_inputs(&[a, b])?;
         self.common.finish(a.broadcast_add(b)?)
     }
 
     /// `relu(a + b)`.
     pub fn add_relu(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.common.io.is_some() {
+            return self.common.converted_float_op(&[a, b], "FloatFunctional::add_relu", |v| {
+                Ok(v[0].broadcast_add(&v[1])?.relu()?)
+            });
+        }
+        self.common.note_inputs(&[a, b])?;
         self.common.finish(a.broadcast_add(b)?.relu()?)
     }
 
     /// `a * b` (broadcasting).
     pub fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.common.io.is_some() {
+            return self.common.converted_float_op(&[a, b], "FloatFunctional::mul", |v| {
+                Ok(v[0].broadcast_mul(&v[1])?)
+            });
+        }
+        self.common.note_inputs(&[a, b])?;
         self.common.finish(a.broadcast_mul(b)?)
     }
 
@@ -54,11 +72,26 @@ impl FloatFunctional {
                 "pass at least one tensor",
             ));
         }
+        let refs: Vec<&Tensor> = xs.iter().collect();
+        if self.common.io.is_some() {
+            return self
+                .common
+                .converted_float_op(&refs, "FloatFunctional::cat", |v| Ok(Tensor::cat(v, dim)?));
+        }
+        self.common.note_inputs(&refs)?;
         self.common.finish(Tensor::cat(xs, dim)?)
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if self.common.io.is_some() {
+            return self.common.converted_float_op(&[x], "FloatFunctional", |v| Ok(v[0].clone()));
+        }
+        self.common.note_inputs(&[x])?;
         self.common.finish(x.clone())
+    }
+
+    fn convert_with(&mut self) -> Result<()> {
+        self.common.convert_io("FloatFunctional", true).map(|_| ())
     }
 
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {

@@ -85,7 +85,7 @@ impl Linear {
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        self.w.forward(x, |rank| rank - 1, Self::matmul)
+        self.w.forward(x, |rank| rank - 1, Self::matmul, Some(super::weighted::IntOp::Linear))
     }
 }
 
@@ -122,6 +122,10 @@ impl QuantModule for Linear {
     }
     fn set_bn_frozen(&mut self, frozen: bool) {
         self.w.bn_frozen = frozen;
+    }
+    fn convert(&mut self) -> Result<()> {
+        let kind = self.kind();
+        self.w.convert(&kind, true)
     }
 }
 

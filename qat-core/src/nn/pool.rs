@@ -33,10 +33,19 @@ impl MaxPool2d {
         })
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.max_pool2d_with_stride(self.kernel_size, self.stride)?)
+        if self.common.io.is_some() {
+            self.common.check_input(x, "MaxPool2d")?;
+            return Ok(x.max_pool2d_with_stride(self.kernel_size, self.stride)?);
+        }
+        let y = x.max_pool2d_with_stride(self.kernel_size, self.stride)?;
+        self.common.pass_through(x, &y)?;
+        Ok(y)
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
+    }
+    fn convert_with(&mut self) -> Result<()> {
+        self.common.convert_io("MaxPool2d", false).map(|_| ())
     }
 }
 
@@ -65,10 +74,19 @@ impl Flatten {
         }
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.flatten_from(self.start_dim)?)
+        if self.common.io.is_some() {
+            self.common.check_input(x, "Flatten")?;
+            return Ok(x.flatten_from(self.start_dim)?);
+        }
+        let y = x.flatten_from(self.start_dim)?;
+        self.common.pass_through(x, &y)?;
+        Ok(y)
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
+    }
+    fn convert_with(&mut self) -> Result<()> {
+        self.common.convert_io("Flatten", false).map(|_| ())
     }
 }
 

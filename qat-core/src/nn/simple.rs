@@ -40,6 +40,9 @@ macro_rules! simple_module {
             fn fake_quants(&self) -> Vec<(String, $crate::fake_quant::FakeQuantize)> {
                 self.common.fake_quants()
             }
+            fn convert(&mut self) -> $crate::error::Result<()> {
+                self.convert_with()
+            }
         }
 
         impl candle_core::Module for $t {

@@ -27,10 +27,26 @@ impl QuantStub {
         Self::default()
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(io) = &self.common.io {
+            let what = "QuantStub";
+            if x.dtype() == candle_core::DType::U8 {
+                return Err(crate::error::Error::tensor(
+                    format!("{what} takes float inputs but got u8 codes"),
+                    "feed the float input of the quantized region to the QuantStub",
+                ));
+            }
+            let o = io.output.ok_or_else(|| {
+                crate::error::Error::state("QuantStub without output qparams", "report this as a bug")
+            })?;
+            return crate::quantized::quantize(x, o.scale, o.zero_point, o.quant_min, o.quant_max);
+        }
         self.common.finish(x.clone())
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
+    }
+    fn convert_with(&mut self) -> Result<()> {
+        self.common.convert_io("QuantStub", false).map(|_| ())
     }
 }
 
@@ -40,10 +56,17 @@ impl DeQuantStub {
         Self::default()
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if self.common.io.is_some() {
+            return self.common.converted_float_op(&[x], "DeQuantStub", |v| Ok(v[0].clone()));
+        }
+        self.common.note_inputs(&[x])?;
         Ok(x.clone())
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
+    }
+    fn convert_with(&mut self) -> Result<()> {
+        self.common.convert_io("DeQuantStub", true).map(|_| ())
     }
 }
 

@@ -8,9 +8,58 @@ use candle_core::Tensor;
 
 use super::batch_norm::BnCore;
 use super::common::{lock, Common};
-use crate::error::Result;
+use super::conv::ConvConfig;
+use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
-use crate::qconfig::QConfig;
+use crate::model::Stage;
+use crate::provenance::IoQParams;
+use crate::qconfig::{Backend, QConfig};
+use crate::qparams::QParams;
+use crate::quantized::{QuantizedWeight, Requant};
+
+/// The integer op behind a weighted layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum IntOp<'a> {
+    Linear,
+    Conv2d(&'a ConvConfig),
+}
+
+/// A weighted layer after convert: int8 weights, bias, input and output qparams.
+#[derive(Clone, Debug)]
+pub(crate) struct IntWeighted {
+    pub weight: QuantizedWeight,
+    pub bias: IntBias,
+    pub input: IoQParams,
+    pub requant: Requant,
+}
+
+/// The bias as an integer engine adds it: `(acc + int_bias) * (x_scale * w_scale) +
+/// float_bias`. fbgemm/x86 keep the whole bias in float; qnnpack rounds it to int32 in units
+/// of `x_scale * w_scale` (PyTorch's qnnpack kernels do).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct IntBias {
+    pub int: Vec<i32>,
+    pub float: Vec<f32>,
+}
+
+impl IntBias {
+    pub fn new(bias: &[f32], x_scale: f32, w: &QuantizedWeight, backend: Backend) -> Self {
+        match backend {
+            Backend::Qnnpack => IntBias {
+                int: bias
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &b)| (b / (x_scale * w.scale(c))).round_ties_even() as i32)
+                    .collect(),
+                float: vec![0.0; bias.len()],
+            },
+            Backend::Fbgemm | Backend::X86 => IntBias {
+                int: vec![0; bias.len()],
+                float: bias.to_vec(),
+            },
+        }
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct Weighted {
@@ -21,6 +70,7 @@ pub(crate) struct Weighted {
     pub relu: bool,
     pub weight_fq: Option<Mutex<FakeQuantize>>,
     pub common: Common,
+    pub int: Option<IntWeighted>,
 }
 
 impl Clone for Weighted {
@@ -36,6 +86,7 @@ impl Clone for Weighted {
                 .as_ref()
                 .and_then(|m| m.lock().ok().map(|g| Mutex::new(g.clone()))),
             common: self.common.clone(),
+            int: self.int.clone(),
         }
     }
 }
@@ -57,6 +108,7 @@ impl Weighted {
             relu: false,
             weight_fq: None,
             common: Common::default(),
+            int: None,
         }
     }
 
@@ -64,16 +116,65 @@ impl Weighted {
         self.weight.dims()[0]
     }
 
+    /// The weight the weight fake-quant sees: `weight * bn.weight / sqrt(running_var + eps)`
+    /// when a BatchNorm is fused in, else the weight.
+    fn scaled_weight(&self) -> Result<(Tensor, Option<Tensor>)> {
+        match &self.bn {
+            Some(bn) => {
+                let sf = bn.scale_factor()?;
+                let mut shape = vec![1; self.weight.rank()];
+                shape[0] = self.out_channels();
+                Ok((self.weight.broadcast_mul(&sf.reshape(shape)?)?, Some(sf)))
+            }
+            None => Ok((self.weight.clone(), None)),
+        }
+    }
+
+    /// The bias of the equivalent folded layer, as the integer model adds it.
+    fn folded_bias(&self) -> Result<Vec<f32>> {
+        let o = self.out_channels();
+        let b = match &self.bias {
+            Some(b) => b.detach(),
+            None => Tensor::zeros(o, self.weight.dtype(), self.weight.device())?,
+        };
+        let b = match &self.bn {
+            Some(bn) => {
+                let rm = bn.running_mean.as_tensor().detach();
+                let rv = bn.running_var.as_tensor().detach();
+                let rsqrt = (rv + bn.config.eps)?.sqrt()?.recip()?;
+                (((b - rm)? * rsqrt)? * bn.weight.detach())?.add(&bn.bias.detach())?
+            }
+            None => b,
+        };
+        Ok(b.to_vec1::<f32>()?)
+    }
+
+    /// The weight fake-quant's qparams when they are symmetric (zero point 0): the integer
+    /// kernels take symmetric weights, as PyTorch's presets make them.
+    fn symmetric_weight_scales(fq: &FakeQuantize) -> Option<Vec<f32>> {
+        let qp = fq.qparams();
+        qp.zero_points().iter().all(|&z| z == 0).then(|| match qp {
+            QParams::PerTensor { scale, .. } => vec![scale],
+            QParams::PerChannel { scale, .. } => scale,
+        })
+    }
+
     /// Runs the layer; `op(x, w)` is the bare convolution or matmul (no bias) and `dim` the
-    /// channel dim of its output.
+    /// channel dim of its output. `int_op` names the integer op, used in eval mode to compute
+    /// exactly what the converted model will (see below).
     pub fn forward(
         &self,
         x: &Tensor,
         dim: impl Fn(usize) -> usize,
         op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        int_op: Option<IntOp>,
     ) -> Result<Tensor> {
+        if let Some(int) = &self.int {
+            return self.forward_int(int, x, int_op);
+        }
+        self.common.check_input(x, "a float layer")?;
+        let source = self.common.note_inputs(&[x])?;
         let o = self.out_channels();
-        let wshape = along(0, self.weight.rank(), o);
         let add_bias = |y: Tensor| -> Result<Tensor> {
             match &self.bias {
                 Some(b) => Ok(y.broadcast_add(&b.reshape(along(dim(y.rank()), y.rank(), o))?)?),
@@ -81,24 +182,143 @@ impl Weighted {
             }
         };
         let bn_training = self.common.training && !self.bn_frozen;
-        let y = match (&self.bn, &self.weight_fq) {
+        let (y, w_fq) = match (&self.bn, &self.weight_fq) {
             (Some(bn), Some(wfq)) => {
-                let sf = bn.scale_factor()?;
-                let w = self.weight.broadcast_mul(&sf.reshape(wshape.as_slice())?)?;
+                let (w, sf) = self.scaled_weight()?;
                 let w = lock(wfq)?.forward(&w)?;
                 let y = op(x, &w)?;
+                let sf = sf.ok_or_else(|| Error::state("no BN scale factor", "report this as a bug"))?;
                 let y = y.broadcast_div(&sf.reshape(along(dim(y.rank()), y.rank(), o))?)?;
-                bn.forward(&add_bias(y)?, bn_training)?
+                (bn.forward(&add_bias(y)?, bn_training)?, Some(w))
             }
-            (Some(bn), None) => bn.forward(&add_bias(op(x, &self.weight)?)?, bn_training)?,
+            (Some(bn), None) => (bn.forward(&add_bias(op(x, &self.weight)?)?, bn_training)?, None),
             (None, Some(wfq)) => {
                 let w = lock(wfq)?.forward(&self.weight)?;
-                add_bias(op(x, &w)?)?
+                (add_bias(op(x, &w)?)?, Some(w))
             }
-            (None, None) => add_bias(op(x, &self.weight)?)?,
+            (None, None) => (add_bias(op(x, &self.weight)?)?, None),
+        };
+        // Frozen (eval mode, weight and output observers off), a prepared layer whose input
+        // came from a fake-quant computes its value with the converted model's integer
+        // arithmetic (exact accumulation, one f32 rescale, the engine's bias), keeping the
+        // float path's gradient: the converted model then agrees with the fake-quant model
+        // code for code. With observers on, qparams move every batch and the float path
+        // (PyTorch's) is used.
+        let frozen = !self.common.training
+            && self.weight_fq.as_ref().map(|m| lock(m).map(|f| !f.observer_enabled())).transpose()?
+                == Some(true)
+            && self.common.act_fq.as_ref().map(|a| lock(&a.fq).map(|f| !f.observer_enabled())).transpose()?
+                == Some(true);
+        let y = match (frozen, source, int_op, &self.weight_fq, w_fq) {
+            (true, Some(src), Some(iop), Some(wfq), Some(_)) => {
+                let scales = Self::symmetric_weight_scales(&*lock(wfq)?);
+                match scales {
+                    Some(scales) => {
+                        let (w_s, _) = self.scaled_weight()?;
+                        let range = lock(wfq)?.quant_range();
+                        let qw = QuantizedWeight::quantize(
+                            &w_s.detach(),
+                            &scales,
+                            range.quant_min(),
+                            range.quant_max(),
+                        )?;
+                        let input = src.io_qparams()?;
+                        let xq = crate::quantized::quantize(
+                            &x.detach(),
+                            input.scale,
+                            input.zero_point,
+                            input.quant_min,
+                            input.quant_max,
+                        )?;
+                        let backend = self.common.qconfig.map_or(Backend::X86, |q| q.backend);
+                        let bias = IntBias::new(&self.folded_bias()?, input.scale, &qw, backend);
+                        let exact = match iop {
+                            IntOp::Linear => super::int_sim::linear_prerequant(
+                                &xq, input.scale, input.zero_point, &qw, &bias,
+                            )?,
+                            IntOp::Conv2d(c) => super::int_sim::conv2d_prerequant(
+                                &xq, input.scale, input.zero_point, &qw, &bias, c,
+                            )?,
+                        };
+                        (exact + (&y - y.detach())?)?
+                    }
+                    None => y,
+                }
+            }
+            _ => y,
         };
         let y = if self.relu { y.relu()? } else { y };
         self.common.finish(y)
+    }
+
+    fn forward_int(&self, int: &IntWeighted, x: &Tensor, int_op: Option<IntOp>) -> Result<Tensor> {
+        self.common.check_input(x, "a converted layer")?;
+        let q = &int.input;
+        match int_op {
+            Some(IntOp::Linear) => crate::quantized::quantized_linear(
+                x, q.scale, q.zero_point, &int.weight, Some(&int.bias.float), &int.requant,
+            ),
+            Some(IntOp::Conv2d(c)) => crate::quantized::quantized_conv2d(
+                x, q.scale, q.zero_point, &int.weight, Some(&int.bias.float), c, &int.requant,
+            ),
+            None => Err(Error::state("converted layer without an integer op", "report this as a bug")),
+        }
+    }
+
+    /// Converts a prepared layer: the weight (BN folded as the QAT forward scales it) goes
+    /// once more through its fake-quant, as PyTorch's convert does (an enabled observer
+    /// updates), and is quantized with the resulting qparams; the output keeps the range its
+    /// fake-quant trained with.
+    pub fn convert(&mut self, what: &str, supported: bool) -> Result<()> {
+        match self.common.stage {
+            Stage::Converted => {
+                return Err(Error::pass(
+                    format!("{what} is already converted"),
+                    "convert a prepared model once",
+                ))
+            }
+            Stage::Float | Stage::Fused => return Ok(()),
+            Stage::Prepared => {}
+        }
+        if !supported {
+            return Err(Error::config(
+                format!("{what} has no int8 kernel"),
+                "keep it float with a `None` qconfig for its path or type (only Conv2d and \
+                 Linear layers convert to int8)",
+            ));
+        }
+        let (Some(wfq), Some(_)) = (&self.weight_fq, &self.common.act_fq) else {
+            return Err(Error::state("prepared layer without fake-quants", "report this as a bug"));
+        };
+        let (w_s, _) = self.scaled_weight()?;
+        let mut fq = lock(wfq)?;
+        fq.forward(&w_s.detach())?;
+        let scales = Self::symmetric_weight_scales(&fq).ok_or_else(|| {
+            Error::config(
+                format!("{what} has affine (zero point != 0) weight qparams"),
+                "use symmetric weight quantization (PyTorch's presets do); int8 kernels take \
+                 symmetric weights",
+            )
+        })?;
+        let range = fq.quant_range();
+        drop(fq);
+        let weight = QuantizedWeight::quantize(&w_s.detach(), &scales, range.quant_min(), range.quant_max())?;
+        let input = self.common.input_qparams(what)?[0];
+        let backend = self.common.qconfig.map_or(Backend::X86, |q| q.backend);
+        let bias = IntBias::new(&self.folded_bias()?, input.scale, &weight, backend);
+        let out = self
+            .common
+            .act_fq
+            .as_ref()
+            .map(|a| a.io_qparams())
+            .transpose()?
+            .ok_or_else(|| Error::state("no output fake-quant", "report this as a bug"))?;
+        let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
+            .with_relu(self.relu);
+        self.common.io = Some(super::common::ConvertedIo { inputs: vec![input], output: Some(out) });
+        self.int = Some(IntWeighted { weight, bias, input, requant });
+        self.common.stage = Stage::Converted;
+        Ok(())
     }
 
     pub fn prepare(&mut self, qconfig: Option<&QConfig>) -> Result<()> {

@@ -1,0 +1,207 @@
+//! Int8 inference kernels beside candle's f32 ops on the same shapes, in the same run.
+//!
+//! Benchmarks are named `<layer>/t<threads>/<variant>`:
+//! - `conv`: Conv2d(32, 64, 3, padding=1) with bias on a 64x32x14x14 input;
+//! - `linear`: Linear(3136, 128) with bias at batch 64.
+//!
+//! Variants:
+//! - `int8`: `quantized_conv2d` / `quantized_linear`, u8 codes in 0..=127 (the x86/fbgemm
+//!   presets), so the saturating `vpmaddubsw` kernel runs where AVX2 is present;
+//! - `int8_full`: the same with codes in 0..=255 (qnnpack's range), so the exact widening
+//!   kernel runs;
+//! - `int8_portable`: the portable kernel's i32 sums alone (`gemm_u8_i8` with
+//!   `Kernel::Portable`, linear only), for reference;
+//! - `f32`: candle's `conv2d` / `matmul` plus the bias, as candle-nn's layers compute them.
+//!
+//! Each measurement batch runs inside a rayon pool of 1 or 2 threads
+//! (`ThreadPoolBuilder::install`); candle's own CPU kernels use that pool too. Compare
+//! variants of one run (ratios): absolute times depend on the machine's load.
+//!
+//! Run with `cargo bench --bench int8_kernels`; add a filter such as `conv/t1` to run a
+//! part.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use candle_qat::nn::ConvConfig;
+use candle_qat::quantized::{
+    gemm_u8_i8, quantize, quantized_conv2d, quantized_linear, Kernel, QuantizedWeight, Requant,
+};
+use criterion::{criterion_group, criterion_main, Criterion};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const THREADS: [usize; 2] = [1, 2];
+
+/// Deterministic data in [lo, hi) (a 64-bit LCG, top 24 bits).
+fn data(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+/// A layer's operands in f32 and int8.
+struct Layer {
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor,
+    bias_v: Vec<f32>,
+    /// Input codes in 0..=127 and in 0..=255, with their (scale, zero point).
+    x_q: Tensor,
+    x_qp: (f32, i32),
+    x_q_full: Tensor,
+    x_qp_full: (f32, i32),
+    w_q: QuantizedWeight,
+    out: Requant,
+    out_full: Requant,
+}
+
+impl Layer {
+    fn new(x_shape: &[usize], w_shape: &[usize]) -> Res<Self> {
+        let dev = Device::Cpu;
+        let nx: usize = x_shape.iter().product();
+        let nw: usize = w_shape.iter().product();
+        let o = w_shape[0];
+        let fan_in = (nw / o) as f32;
+        let bound = 1.0 / fan_in.sqrt();
+        let x = Tensor::from_vec(data(nx, 1, -1.0, 3.0), x_shape, &dev)?;
+        let w = Tensor::from_vec(data(nw, 2, -bound, bound), w_shape, &dev)?;
+        let bias_v = data(o, 3, -bound, bound);
+        let bias = Tensor::from_vec(bias_v.clone(), o, &dev)?;
+        // Activation qparams as a MinMax observer gives them for [-1, 3].
+        let x_qp = (4.0 / 127.0, 32);
+        let x_qp_full = (4.0 / 255.0, 64);
+        let x_q = quantize(&x, x_qp.0, x_qp.1, 0, 127)?;
+        let x_q_full = quantize(&x, x_qp_full.0, x_qp_full.1, 0, 255)?;
+        // Per-channel symmetric weights.
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let scales: Vec<f32> = wv
+            .chunks(nw / o)
+            .map(|r| r.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-8) / 127.5)
+            .collect();
+        let w_q = QuantizedWeight::quantize(&w, &scales, -128, 127)?;
+        Ok(Layer {
+            x,
+            w,
+            bias,
+            bias_v,
+            x_q,
+            x_qp,
+            x_q_full,
+            x_qp_full,
+            w_q,
+            out: Requant::new(0.05, 64, 0, 127)?,
+            out_full: Requant::new(0.025, 128, 0, 255)?,
+        })
+    }
+}
+
+fn conv_f32(l: &Layer) -> Res<Tensor> {
+    let y = l.x.conv2d(&l.w, 1, 1, 1, 1)?;
+    Ok(y.broadcast_add(&l.bias.reshape((1, (), 1, 1))?)?)
+}
+
+fn linear_f32(l: &Layer) -> Res<Tensor> {
+    Ok(l.x.matmul(&l.w.t()?)?.broadcast_add(&l.bias)?)
+}
+
+fn benches(c: &mut Criterion) {
+    let conv = Layer::new(&[64, 32, 14, 14], &[64, 32, 3, 3]).expect("conv operands");
+    let linear = Layer::new(&[64, 3136], &[128, 3136]).expect("linear operands");
+    let cfg = ConvConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let x_codes = linear
+        .x_q
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<u8>())
+        .expect("codes");
+    for threads in THREADS {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("rayon pool");
+        let mut g = c.benchmark_group(format!("conv/t{threads}"));
+        g.sample_size(30)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(4));
+        let l = &conv;
+        g.bench_function("int8", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let (s, z) = l.x_qp;
+                    quantized_conv2d(&l.x_q, s, z, &l.w_q, Some(&l.bias_v), &cfg, &l.out)
+                        .expect("int8 conv")
+                })
+            })
+        });
+        g.bench_function("int8_full", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let (s, z) = l.x_qp_full;
+                    quantized_conv2d(
+                        &l.x_q_full,
+                        s,
+                        z,
+                        &l.w_q,
+                        Some(&l.bias_v),
+                        &cfg,
+                        &l.out_full,
+                    )
+                    .expect("int8 conv")
+                })
+            })
+        });
+        g.bench_function("f32", |b| {
+            b.iter(|| pool.install(|| conv_f32(l).expect("f32 conv")))
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group(format!("linear/t{threads}"));
+        g.sample_size(50)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3));
+        let l = &linear;
+        g.bench_function("int8", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let (s, z) = l.x_qp;
+                    quantized_linear(&l.x_q, s, z, &l.w_q, Some(&l.bias_v), &l.out)
+                        .expect("int8 linear")
+                })
+            })
+        });
+        g.bench_function("int8_full", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let (s, z) = l.x_qp_full;
+                    quantized_linear(&l.x_q_full, s, z, &l.w_q, Some(&l.bias_v), &l.out_full)
+                        .expect("int8 linear")
+                })
+            })
+        });
+        g.bench_function("int8_portable", |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    gemm_u8_i8(black_box(&x_codes), l.x_qp.1, &l.w_q, Kernel::Portable)
+                        .expect("portable gemm")
+                })
+            })
+        });
+        g.bench_function("f32", |b| {
+            b.iter(|| pool.install(|| linear_f32(l).expect("f32 linear")))
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(int8, benches);
+criterion_main!(int8);

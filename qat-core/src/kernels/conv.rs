@@ -1,0 +1,635 @@
+//! Conv2d (and Conv1d as a conv2d of height 1) on CPU f32 tensors as one candle `CustomOp2` on
+//! (input, weight) with its own backward:
+//!
+//! - forward: per image and group, im2col then `y = W (O/g, C/g*KH*KW) @ col`;
+//! - input gradient: `dcol = W^T @ dy`, then col2im (skipped when the input needs no
+//!   gradient, e.g. the network's input);
+//! - weight gradient: `dW += dy @ col^T`, accumulated per task and summed.
+//!
+//! Work is split over images (one rayon task per chunk, single-threaded GEMMs) when the
+//! batch covers the threads, else each image's GEMMs run multi-threaded. 1x1 convolutions of
+//! stride 1 and no padding skip im2col (the input is its own column matrix).
+
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::im2col::Window;
+use super::matmul::{parallelism, sgemm, View};
+use super::num_threads;
+use crate::host::with_cpu_f32 as cpu_f32;
+
+/// Multiply-adds below which a convolution runs on the calling thread.
+const PAR_MIN_MACS: usize = 1 << 16;
+/// Multiply-adds of one image's GEMM above which it is worth splitting across threads.
+const GEMM_PAR_MIN_MACS: usize = 1 << 20;
+
+/// Convolution options per spatial dim (height, width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Conv2dParams {
+    pub pad: [usize; 2],
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+}
+
+impl Conv2dParams {
+    /// The same padding, stride and dilation along both dims.
+    pub fn square(padding: usize, stride: usize, dilation: usize, groups: usize) -> Self {
+        Conv2dParams {
+            pad: [padding; 2],
+            stride: [stride; 2],
+            dilation: [dilation; 2],
+            groups,
+        }
+    }
+}
+
+/// Shapes of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    n: usize,
+    /// Input channels (all groups).
+    c: usize,
+    /// Output channels (all groups).
+    o: usize,
+    groups: usize,
+    /// Per group: input channels, kernel, output map.
+    win: Window,
+}
+
+impl Geom {
+    fn new(x: &[usize], w: &[usize], p: &Conv2dParams) -> candle_core::Result<Geom> {
+        let (&[n, c, h, wd], &[o, cg, kh, kw]) = (x, w) else {
+            candle_core::bail!("conv2d: input {x:?} and weight {w:?} must be 4-D");
+        };
+        let g = p.groups;
+        if g == 0 || c % g != 0 || o % g != 0 || c / g != cg {
+            candle_core::bail!("conv2d: input {x:?} and weight {w:?} do not match with {g} groups");
+        }
+        if p.stride.contains(&0) || p.dilation.contains(&0) || kh == 0 || kw == 0 {
+            candle_core::bail!("conv2d: stride, dilation and kernel size must be >= 1");
+        }
+        let out = |len: usize, k: usize, d: usize| -> candle_core::Result<usize> {
+            let (pad, s, dil) = (p.pad[d], p.stride[d], p.dilation[d]);
+            let span = dil * (k - 1) + 1;
+            if len + 2 * pad < span {
+                candle_core::bail!(
+                    "conv2d: kernel {k} (dilation {dil}) does not fit input {len} with padding {pad}"
+                );
+            }
+            Ok((len + 2 * pad - span) / s + 1)
+        };
+        let win = Window {
+            c: cg,
+            h,
+            w: wd,
+            kh,
+            kw,
+            oh: out(h, kh, 0)?,
+            ow: out(wd, kw, 1)?,
+            pad: p.pad,
+            stride: p.stride,
+            dilation: p.dilation,
+        };
+        Ok(Geom {
+            n,
+            c,
+            o,
+            groups: g,
+            win,
+        })
+    }
+
+    fn og(&self) -> usize {
+        self.o / self.groups
+    }
+    fn hw(&self) -> usize {
+        self.win.h * self.win.w
+    }
+    /// Weight elements of one group.
+    fn wg(&self) -> usize {
+        self.og() * self.win.rows()
+    }
+    /// No im2col needed: the image is its own column matrix.
+    fn pointwise(&self) -> bool {
+        let w = &self.win;
+        w.kh == 1 && w.kw == 1 && w.stride == [1, 1] && w.pad == [0, 0]
+    }
+    fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.o, self.win.oh, self.win.ow]
+    }
+    fn macs_per_image(&self) -> usize {
+        self.o * self.win.rows() * self.win.cols()
+    }
+
+    /// How to spread the work: `(tasks over images, threads of each GEMM)`.
+    fn plan(&self) -> (usize, usize) {
+        let threads = num_threads();
+        let per_image = self.macs_per_image();
+        if threads == 1 || self.n * per_image < PAR_MIN_MACS {
+            (1, 1)
+        } else if self.n >= threads || per_image < GEMM_PAR_MIN_MACS {
+            (self.n.min(threads), 1)
+        } else {
+            (1, threads)
+        }
+    }
+}
+
+thread_local! {
+    /// Column buffers reused across calls on each thread.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's two scratch buffers, each at least `len` long. The buffers are
+/// taken out of the thread-local while `f` runs, so a nested call gets fresh ones.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    let (mut a, mut b) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    for v in [&mut a, &mut b] {
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+    }
+    let r = f(&mut a[..len], &mut b[..len]);
+    SCRATCH.with(|s| *s.borrow_mut() = (a, b));
+    r
+}
+
+/// Splits `0..n` into `tasks` contiguous ranges of near-equal length.
+fn ranges(n: usize, tasks: usize) -> Vec<(usize, usize)> {
+    let tasks = tasks.clamp(1, n.max(1));
+    (0..tasks)
+        .map(|t| (t * n / tasks, (t + 1) * n / tasks))
+        .collect()
+}
+
+/// The forward: `y (N, O, OH, OW)`.
+fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
+    let win = g.win;
+    let (og, rows, cols, hw) = (g.og(), win.rows(), win.cols(), g.hw());
+    let per_image = g.o * cols;
+    let total = g.n * per_image;
+    let (tasks, gemm_threads) = g.plan();
+    let pointwise = g.pointwise();
+    let mut y: Vec<f32> = Vec::with_capacity(total);
+    let image = |n: usize, yn: &mut [MaybeUninit<f32>], col: &mut [f32]| {
+        for gi in 0..g.groups {
+            let xg = &x[(n * g.c + gi * win.c) * hw..][..win.c * hw];
+            let b = if pointwise {
+                xg
+            } else {
+                win.im2col(xg, col);
+                &col[..]
+            };
+            // SAFETY: `yn` holds this image's `O x cols` outputs, group `gi` its rows
+            // `gi*og..(gi+1)*og`; the weight and column views lie inside `w` and `b`.
+            unsafe {
+                sgemm(
+                    og,
+                    cols,
+                    rows,
+                    yn[gi * og * cols..].as_mut_ptr() as *mut f32,
+                    cols,
+                    false,
+                    View::rows(&w[gi * g.wg()..], rows),
+                    View::rows(b, cols),
+                    parallelism(gemm_threads),
+                )
+            }
+        }
+    };
+    let spare = &mut y.spare_capacity_mut()[..total];
+    let scratch = if pointwise { 0 } else { rows * cols };
+    if tasks > 1 {
+        spare
+            .par_chunks_mut(per_image)
+            .enumerate()
+            .for_each(|(n, yn)| with_scratch(scratch, |col, _| image(n, yn, col)));
+    } else {
+        with_scratch(scratch, |col, _| {
+            for (n, yn) in spare.chunks_mut(per_image).enumerate() {
+                image(n, yn, col)
+            }
+        });
+    }
+    // SAFETY: every image's GEMMs wrote all of its `O x cols` outputs (read_dst = false).
+    unsafe { y.set_len(total) };
+    y
+}
+
+/// The backward: `(dx, dw)`, each only when asked for.
+fn backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    g: &Geom,
+    need_dx: bool,
+    need_dw: bool,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let win = g.win;
+    let (og, rows, cols, hw) = (g.og(), win.rows(), win.cols(), g.hw());
+    let (tasks, gemm_threads) = g.plan();
+    let par = parallelism(gemm_threads);
+    let pointwise = g.pointwise();
+    let x_image = g.c * hw;
+    let w_len = g.o * rows;
+    let parts = ranges(g.n, tasks);
+    let mut dx: Vec<f32> = Vec::with_capacity(if need_dx { g.n * x_image } else { 0 });
+    // Each task's slice of dx (images n0..n1).
+    let mut slices: Vec<Option<&mut [MaybeUninit<f32>]>> = Vec::with_capacity(parts.len());
+    if need_dx {
+        let mut rest = &mut dx.spare_capacity_mut()[..g.n * x_image];
+        for &(a, b) in &parts {
+            let (head, tail) = rest.split_at_mut((b - a) * x_image);
+            slices.push(Some(head));
+            rest = tail;
+        }
+    } else {
+        slices.resize_with(parts.len(), || None);
+    }
+    let task = |(n0, n1): (usize, usize), mut dx_part: Option<&mut [MaybeUninit<f32>]>| {
+        let mut dw_part = if need_dw {
+            vec![0f32; w_len]
+        } else {
+            Vec::new()
+        };
+        let scratch = if pointwise { 0 } else { rows * cols };
+        with_scratch(scratch, |col, dcol| {
+            for n in n0..n1 {
+                for gi in 0..g.groups {
+                    let xg = &x[(n * g.c + gi * win.c) * hw..][..win.c * hw];
+                    let dyg = &dy[(n * g.o + gi * og) * cols..][..og * cols];
+                    let wg = &w[gi * g.wg()..][..g.wg()];
+                    if need_dw {
+                        let b = if pointwise {
+                            xg
+                        } else {
+                            win.im2col(xg, col);
+                            &col[..]
+                        };
+                        // dW_g (og x rows) += dy_g (og x cols) @ col^T (cols x rows).
+                        // SAFETY: dw_part holds all groups' weights; views lie inside slices.
+                        unsafe {
+                            sgemm(
+                                og,
+                                rows,
+                                cols,
+                                dw_part[gi * g.wg()..].as_mut_ptr(),
+                                rows,
+                                true,
+                                View::rows(dyg, cols),
+                                View::transposed(b, cols),
+                                par,
+                            )
+                        }
+                    }
+                    if let Some(dxp) = dx_part.as_deref_mut() {
+                        let dxg = &mut dxp[(n - n0) * x_image + gi * win.c * hw..][..win.c * hw];
+                        if pointwise {
+                            // dx_g (c x hw) = W_g^T (c x og) @ dy_g (og x hw), written whole.
+                            // SAFETY: dxg is this group's `c x hw` gradient block.
+                            unsafe {
+                                sgemm(
+                                    rows,
+                                    cols,
+                                    og,
+                                    dxg.as_mut_ptr() as *mut f32,
+                                    cols,
+                                    false,
+                                    View::transposed(wg, rows),
+                                    View::rows(dyg, cols),
+                                    par,
+                                )
+                            }
+                        } else {
+                            // SAFETY: dcol holds `rows x cols`.
+                            unsafe {
+                                sgemm(
+                                    rows,
+                                    cols,
+                                    og,
+                                    dcol.as_mut_ptr(),
+                                    cols,
+                                    false,
+                                    View::transposed(wg, rows),
+                                    View::rows(dyg, cols),
+                                    par,
+                                )
+                            }
+                            dxg.fill(MaybeUninit::new(0.0));
+                            // SAFETY: just initialised; MaybeUninit<f32> has f32's layout.
+                            let dxg =
+                                unsafe { &mut *(dxg as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                            win.col2im(dcol, dxg);
+                        }
+                    }
+                }
+            }
+        });
+        dw_part
+    };
+    let jobs = parts.into_iter().zip(slices);
+    let dw_parts: Vec<Vec<f32>> = if tasks > 1 {
+        jobs.collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(r, s)| task(r, s))
+            .collect()
+    } else {
+        jobs.map(|(r, s)| task(r, s)).collect()
+    };
+    let dx = need_dx.then(|| {
+        // SAFETY: the tasks covered every image and wrote each one's whole gradient.
+        unsafe { dx.set_len(g.n * x_image) };
+        dx
+    });
+    let dw = need_dw.then(|| {
+        let mut it = dw_parts.into_iter();
+        let mut acc = it.next().unwrap_or_else(|| vec![0f32; w_len]);
+        for p in it {
+            for (a, b) in acc.iter_mut().zip(&p) {
+                *a += b;
+            }
+        }
+        acc
+    });
+    (dx, dw)
+}
+
+/// The conv2d op on (input, weight); both contiguous CPU f32.
+struct Conv2dOp(Conv2dParams);
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("conv2d: {what} is not contiguous"),
+        _ => candle_core::bail!("conv2d: {what} is {:?}, not f32", s.dtype()),
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "qat-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), &self.0)?;
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let y = forward(x, w, &g);
+        Ok((CpuStorage::F32(y), Shape::from(g.out_shape().to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // An input that is neither a variable nor computed from one gets no gradient (candle
+        // would drop it anyway): conv1's input gradient is never computed.
+        let (need_dx, need_dw) = (x.track_op(), w.track_op());
+        if !need_dx && !need_dw {
+            return Ok((None, None));
+        }
+        let g = Geom::new(x.dims(), w.dims(), &self.0)?;
+        let dy = dy.to_dtype(DType::F32)?.contiguous()?;
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let res = cpu_f32(&x, |xs| {
+            cpu_f32(&w, |ws| {
+                cpu_f32(&dy, |dys| backward(xs, ws, dys, &g, need_dx, need_dw))
+            })
+        });
+        let Some(Some(Some((dx, dw)))) = res else {
+            candle_core::bail!("conv2d backward: tensors are not CPU f32");
+        };
+        let dev = x.device();
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), dev))
+            .transpose()?;
+        let dw = dw
+            .map(|v| Tensor::from_vec(v, w.shape(), dev))
+            .transpose()?;
+        Ok((dx, dw))
+    }
+}
+
+/// Whether the fused kernels take these tensors (CPU, f32, non-empty).
+pub(crate) fn supported(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && w.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && x.elem_count() > 0
+        && w.elem_count() > 0
+}
+
+/// 2-D convolution of `x (N, C, H, W)` with `w (O, C/groups, KH, KW)`, no bias; gradients
+/// flow to both. CPU f32 tensors only (see [`supported`]).
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, p: Conv2dParams) -> candle_core::Result<Tensor> {
+    Geom::new(x.dims(), w.dims(), &p)?;
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp(p))
+}
+
+/// 1-D convolution of `x (N, C, L)` with `w (O, C/groups, K)`: a conv2d of height 1 (padding
+/// along the length only).
+pub(crate) fn conv1d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, c, l) = x.dims3()?;
+    let (o, cg, k) = w.dims3()?;
+    let p = Conv2dParams {
+        pad: [0, padding],
+        stride: [1, stride],
+        dilation: [1, dilation],
+        groups,
+    };
+    let y = conv2d(&x.reshape((n, c, 1, l))?, &w.reshape((o, cg, 1, k))?, p)?;
+    let ol = y.dim(3)?;
+    y.reshape((n, o, ol))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Tolerance: |got - want| <= TOL * (1 + max |want|) (f32 sums in different orders).
+    const TOL: f32 = 1e-5;
+
+    fn close(what: &str, got: &Tensor, want: &Tensor) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shape");
+        let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = 1.0 + w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+            assert!(
+                (a - b).abs() <= TOL * scale,
+                "{what}[{i}]: {a} vs {b} (scale {scale})"
+            );
+        }
+    }
+
+    /// Forward and both gradients against candle's conv2d, on every option mix, with a
+    /// random upstream gradient (loss = sum(y * r)).
+    fn check2d(n: usize, c: usize, o: usize, h: usize, wd: usize, k: usize, p: Conv2dParams) {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (n, c, h, wd), &dev).unwrap();
+        let w = Var::randn(0f32, 1., (o, c / p.groups, k, k), &dev).unwrap();
+        let ours = conv2d(x.as_tensor(), w.as_tensor(), p).unwrap();
+        let theirs = x
+            .as_tensor()
+            .conv2d(
+                w.as_tensor(),
+                p.pad[0],
+                p.stride[0],
+                p.dilation[0],
+                p.groups,
+            )
+            .unwrap();
+        let what = format!("n{n} c{c} o{o} {h}x{wd} k{k} {p:?}");
+        close(&format!("y {what}"), &ours, &theirs);
+        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
+        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(
+            &format!("dx {what}"),
+            g1.get(&x).unwrap(),
+            g2.get(&x).unwrap(),
+        );
+        close(
+            &format!("dw {what}"),
+            g1.get(&w).unwrap(),
+            g2.get(&w).unwrap(),
+        );
+    }
+
+    #[test]
+    fn conv2d_matches_candle_on_all_options() {
+        let mut seed = 12345u64;
+        let mut pick = |k: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % k
+        };
+        for batch in [1, 3] {
+            for groups in [1, 2, 4] {
+                for k in [1, 3, 5] {
+                    for stride in [1, 2] {
+                        for pad in [0, 1, 2] {
+                            for dil in [1, 2] {
+                                let c = groups * (1 + pick(3));
+                                let o = groups * (1 + pick(3));
+                                let h = dil * (k - 1) + 1 + pick(6);
+                                let w = dil * (k - 1) + 1 + pick(6);
+                                check2d(
+                                    batch,
+                                    c,
+                                    o,
+                                    h,
+                                    w,
+                                    k,
+                                    Conv2dParams::square(pad, stride, dil, groups),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Larger shapes that take the multi-threaded paths (batch split and threaded GEMMs).
+    #[test]
+    fn conv2d_matches_candle_on_large_shapes() {
+        check2d(8, 16, 32, 14, 14, 3, Conv2dParams::square(1, 2, 1, 1));
+        check2d(1, 64, 64, 24, 24, 3, Conv2dParams::square(1, 1, 1, 1));
+        check2d(6, 32, 64, 12, 12, 1, Conv2dParams::square(0, 1, 1, 2));
+    }
+
+    #[test]
+    fn conv1d_matches_candle() {
+        let dev = Device::Cpu;
+        for (n, c, o, l, k, pad, stride, dil) in [
+            (2, 3, 4, 11, 3, 1, 1, 1),
+            (1, 2, 5, 9, 5, 2, 2, 1),
+            (3, 4, 2, 13, 3, 0, 2, 2),
+            (2, 1, 3, 7, 1, 0, 1, 1),
+        ] {
+            let x = Var::randn(0f32, 1., (n, c, l), &dev).unwrap();
+            let w = Var::randn(0f32, 1., (o, c, k), &dev).unwrap();
+            let ours = conv1d(x.as_tensor(), w.as_tensor(), pad, stride, dil, 1).unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv1d(w.as_tensor(), pad, stride, dil, 1)
+                .unwrap();
+            close("y1d", &ours, &theirs);
+            let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            close("dx1d", g1.get(&x).unwrap(), g2.get(&x).unwrap());
+            close("dw1d", g1.get(&w).unwrap(), g2.get(&w).unwrap());
+        }
+    }
+
+    /// A plain input tensor (no variable upstream) gets no gradient, and the weight's is
+    /// unchanged by skipping it.
+    #[test]
+    fn input_gradient_skipped_for_plain_inputs() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 8, 8), &dev).unwrap();
+        let w = Var::randn(0f32, 1., (4, 3, 3, 3), &dev).unwrap();
+        let p = Conv2dParams::square(1, 1, 1, 1);
+        let g = conv2d(&x, w.as_tensor(), p)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&x).is_none());
+        let want = x
+            .conv2d(w.as_tensor(), 1, 1, 1, 1)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close("dw", g.get(&w).unwrap(), want.get(&w).unwrap());
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 2, 2), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((4, 3, 3, 3), DType::F32, &dev).unwrap();
+        assert!(conv2d(&x, &w, Conv2dParams::square(0, 1, 1, 1)).is_err());
+        assert!(conv2d(&x, &w, Conv2dParams::square(0, 1, 1, 2)).is_err());
+        assert!(conv2d(&x, &w, Conv2dParams::square(1, 1, 1, 1)).is_ok());
+    }
+}

@@ -1,0 +1,20 @@
+//! Fused CPU kernels for training, as candle `CustomOp`s with their own backward:
+//!
+//! - [`conv`]: conv2d (and conv1d as a conv2d of height 1) by im2col + GEMM forward, GEMM +
+//!   col2im for the input gradient (skipped for inputs that need none), GEMM for the weight
+//!   gradient;
+//! - [`batch_norm`]: BatchNorm statistics, normalisation and backward in a few passes with
+//!   PyTorch's CPU arithmetic.
+//!
+//! They take contiguous CPU f32 tensors; the layers keep candle's ops for other devices and
+//! dtypes. Threads follow rayon's pool (`RAYON_NUM_THREADS`), as candle's own kernels do.
+
+pub(crate) mod batch_norm;
+pub(crate) mod conv;
+mod im2col;
+mod matmul;
+
+/// Threads the kernels may use.
+pub(crate) fn num_threads() -> usize {
+    rayon::current_num_threads().max(1)
+}

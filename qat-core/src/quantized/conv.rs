@@ -1,0 +1,599 @@
+//! Int8 2-D convolution: im2col on u8 codes, then the integer GEMM, then requantization.
+
+use candle_core::{Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::gemm::{gemm, Kernel, Panel, Path};
+use super::linear::check_zero_point;
+use super::qtensor::{max_code, on_u8};
+use super::requant::{Affine, Epilogue, Requant};
+use super::weight::QuantizedWeight;
+use crate::error::{Error, Result};
+use crate::nn::ConvConfig;
+
+/// Multiply-adds below which the images of a batch run on the calling thread.
+const PAR_WORK: usize = 1 << 21;
+/// Bytes after the padded image that the 16-wide im2col copies may read.
+const SLACK: usize = 64;
+
+/// Int8 2-D convolution (PyTorch's `torch.ao.nn.quantized.Conv2d`, and `ConvReLU2d` with
+/// [`Requant::with_relu`]): `x` holds u8 codes `(N, C, H, W)` quantized with `x_scale` /
+/// `x_zero_point`, `w` int8 weights `(O, C / groups, kh, kw)`; the result holds the output's
+/// u8 codes `(N, O, OH, OW)` on `x`'s device (the work runs on the CPU).
+///
+/// The input is unfolded (im2col) on its codes, padding with `x_zero_point` so that padded
+/// taps contribute `x - x_zp = 0`, exactly as zero padding of the float input; then each
+/// group's `acc = sum (x_q - x_zp) * w_q` is computed exactly in i32 and requantized as
+/// [`Requant`] says, with `bias` (one per output channel) in float. `conv` gives padding,
+/// stride and dilation (the same along both dims) and groups.
+///
+/// Errors when `x` is not a 4-D `U8` tensor, when the weight is not 4-D or its shape does
+/// not fit `x` and the group count, when the kernel does not fit the padded input, when the
+/// bias does not have one value per output channel, or on an invalid input scale or zero
+/// point.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qat_core::nn::ConvConfig;
+/// use qat_core::quantized::{quantized_conv2d, QuantizedWeight, Requant};
+/// // A 3x3 box filter (codes 1, scale 0.5) over a 1x1x2x2 input with zero point 5.
+/// let w = QuantizedWeight::from_codes(vec![1; 9], &[1, 1, 3, 3], &[0.5])?;
+/// let x = Tensor::new(&[[[[7u8, 5], [5, 9]]]], &Device::Cpu)?; // (2, 0, 0, 4) above zp
+/// let conv = ConvConfig { padding: 1, ..Default::default() };
+/// let out = Requant::new(1.0, 0, 0, 255)?;
+/// let y = quantized_conv2d(&x, 1.0, 5, &w, None, &conv, &out)?;
+/// // Every output window covers the whole input: (2 + 4) * 0.5 = 3.
+/// assert_eq!(y.dims(), &[1, 1, 2, 2]);
+/// assert_eq!(y.flatten_all()?.to_vec1::<u8>()?, vec![3, 3, 3, 3]);
+/// # Ok::<(), qat_core::Error>(())
+/// ```
+pub fn quantized_conv2d(
+    x: &Tensor,
+    x_scale: f32,
+    x_zero_point: i32,
+    w: &QuantizedWeight,
+    bias: Option<&[f32]>,
+    conv: &ConvConfig,
+    out: &Requant,
+) -> Result<Tensor> {
+    let plan = out.plan(x_scale, w, bias)?;
+    conv_with(x, x_zero_point, w, conv, &plan)
+}
+
+/// The float values an int8 convolution requantizes, before rounding: per output channel
+/// `c`, `acc * (x_scale * w_scale[c]) + bias[c]` in f32, `(N, O, OH, OW)`, with the exact
+/// i32 `acc` of [`quantized_conv2d`] (same inputs, same errors). Dividing by the output
+/// scale and rounding gives [`quantized_conv2d`]'s codes.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qat_core::nn::ConvConfig;
+/// use qat_core::quantized::{conv2d_prerequant, QuantizedWeight};
+/// let w = QuantizedWeight::from_codes(vec![1; 4], &[1, 1, 2, 2], &[0.5])?;
+/// let x = Tensor::new(&[[[[7u8, 5], [5, 9]]]], &Device::Cpu)?;
+/// let y = conv2d_prerequant(&x, 1.0, 5, &w, &[0.25], &ConvConfig::default())?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![3.25]);
+/// # Ok::<(), qat_core::Error>(())
+/// ```
+pub fn conv2d_prerequant(
+    x: &Tensor,
+    x_scale: f32,
+    x_zero_point: i32,
+    w: &QuantizedWeight,
+    bias: &[f32],
+    conv: &ConvConfig,
+) -> Result<Tensor> {
+    let affine = Affine::new(x_scale, w, Some(bias))?;
+    conv_with(x, x_zero_point, w, conv, &affine)
+}
+
+/// The int8 convolution up to its i32 sums, then `epi` on each output channel.
+fn conv_with<E: Epilogue>(
+    x: &Tensor,
+    x_zero_point: i32,
+    w: &QuantizedWeight,
+    conv: &ConvConfig,
+    epi: &E,
+) -> Result<Tensor> {
+    let g = Geometry::new(x.dims(), w.shape(), conv)?;
+    check_zero_point(x_zero_point)?;
+    let y = on_u8(x, "the int8 conv2d input", |xs| {
+        let mut top = max_code(xs);
+        if g.pad > 0 {
+            top = top.max(x_zero_point as u8);
+        }
+        let path = Kernel::Auto.path(top)?;
+        let zero = <E::Out as WithDType>::from_f64(0.0);
+        let mut y = vec![zero; g.batch * g.out_channels * g.positions()];
+        let image_in = g.groups * g.cg * g.h * g.w;
+        let image_out = g.out_channels * g.positions();
+        if image_out == 0 {
+            return Ok(y);
+        }
+        let run = |scratch: &mut Scratch, (n, y): (usize, &mut [E::Out])| {
+            let xn = &xs[n * image_in..(n + 1) * image_in];
+            conv_image(path, &g, xn, x_zero_point as u8, w, epi, scratch, y);
+        };
+        if g.batch > 1 && g.work() >= PAR_WORK {
+            y.par_chunks_mut(image_out)
+                .enumerate()
+                .for_each_init(Scratch::default, run);
+        } else {
+            let mut scratch = Scratch::default();
+            for item in y.chunks_mut(image_out).enumerate() {
+                run(&mut scratch, item);
+            }
+        }
+        Ok::<_, Error>(y)
+    })??;
+    Ok(Tensor::from_vec(
+        y,
+        (g.batch, g.out_channels, g.oh, g.ow),
+        x.device(),
+    )?)
+}
+
+/// Shapes of one convolution call.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    batch: usize,
+    groups: usize,
+    /// Input channels per group.
+    cg: usize,
+    h: usize,
+    w: usize,
+    out_channels: usize,
+    kh: usize,
+    kw: usize,
+    pad: usize,
+    stride: usize,
+    dilation: usize,
+    oh: usize,
+    ow: usize,
+    /// Padded input height and width.
+    hp: usize,
+    wp: usize,
+}
+
+impl Geometry {
+    fn new(x: &[usize], w: &[usize], c: &ConvConfig) -> Result<Self> {
+        let &[batch, channels, h, wd] = x else {
+            return Err(Error::tensor(
+                format!("an int8 conv2d got an input of shape {x:?}"),
+                "feed a 4-D (N, C, H, W) tensor of u8 codes",
+            ));
+        };
+        let &[out_channels, cg, kh, kw] = w else {
+            return Err(Error::tensor(
+                format!("a conv2d weight of shape {w:?}"),
+                "give a 4-D weight (out_channels, in_channels / groups, kh, kw)",
+            ));
+        };
+        if c.groups == 0 || c.stride == 0 || c.dilation == 0 {
+            return Err(Error::config(
+                format!(
+                    "conv2d with groups {}, stride {}, dilation {}",
+                    c.groups, c.stride, c.dilation
+                ),
+                "use groups, stride and dilation >= 1",
+            ));
+        }
+        if cg * c.groups != channels || out_channels % c.groups != 0 {
+            return Err(Error::tensor(
+                format!(
+                    "a weight of shape {w:?} with {} groups does not fit an input with {channels} \
+                     channels",
+                    c.groups
+                ),
+                "the input needs in_channels / groups * groups channels and the output \
+                 channels must divide by groups",
+            ));
+        }
+        let (hp, wp) = (h + 2 * c.padding, wd + 2 * c.padding);
+        let (span_h, span_w) = (c.dilation * (kh - 1) + 1, c.dilation * (kw - 1) + 1);
+        if hp < span_h || wp < span_w {
+            return Err(Error::tensor(
+                format!(
+                    "a {kh}x{kw} kernel with dilation {} does not fit the padded input \
+                     {hp}x{wp}",
+                    c.dilation
+                ),
+                "use a larger input or more padding",
+            ));
+        }
+        Ok(Geometry {
+            batch,
+            groups: c.groups,
+            cg,
+            h,
+            w: wd,
+            out_channels,
+            kh,
+            kw,
+            pad: c.padding,
+            stride: c.stride,
+            dilation: c.dilation,
+            oh: (hp - span_h) / c.stride + 1,
+            ow: (wp - span_w) / c.stride + 1,
+            hp,
+            wp,
+        })
+    }
+
+    fn positions(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    fn row_len(&self) -> usize {
+        self.cg * self.kh * self.kw
+    }
+
+    fn work(&self) -> usize {
+        self.batch * self.out_channels * self.positions() * self.row_len()
+    }
+}
+
+/// Per-thread buffers reused from image to image.
+#[derive(Default)]
+struct Scratch {
+    padded: Vec<u8>,
+    panel: Panel,
+    acc: Vec<i32>,
+}
+
+/// One image: per group, pad, unfold, multiply, requantize into `y` (`(O, OH, OW)`).
+#[allow(clippy::too_many_arguments)]
+fn conv_image<E: Epilogue>(
+    path: Path,
+    g: &Geometry,
+    x: &[u8],
+    x_zp: u8,
+    w: &QuantizedWeight,
+    epi: &E,
+    s: &mut Scratch,
+    y: &mut [E::Out],
+) {
+    let p = g.positions();
+    let og = g.out_channels / g.groups;
+    let group_in = g.cg * g.h * g.w;
+    for gi in 0..g.groups {
+        pad_group(
+            g,
+            &x[gi * group_in..(gi + 1) * group_in],
+            x_zp,
+            &mut s.padded,
+        );
+        s.panel.reset(p, g.row_len());
+        im2col(g, &s.padded, &mut s.panel);
+        s.acc.clear();
+        s.acc.resize(og * p, 0);
+        let rows = gi * og..(gi + 1) * og;
+        gemm(
+            path,
+            w.packed(),
+            rows.clone(),
+            &s.panel,
+            x_zp as i32,
+            &mut s.acc,
+        );
+        for (o, acc) in rows.zip(s.acc.chunks_exact(p)) {
+            epi.row(o, acc, &mut y[o * p..(o + 1) * p]);
+        }
+    }
+}
+
+/// Copies one group's channels into `(cg, hp, wp)` bordered with the zero point (plus
+/// `SLACK` bytes for the 16-wide reads).
+fn pad_group(g: &Geometry, x: &[u8], x_zp: u8, padded: &mut Vec<u8>) {
+    padded.clear();
+    padded.resize(g.cg * g.hp * g.wp + SLACK, x_zp);
+    if g.w == 0 {
+        return;
+    }
+    for (c, plane) in x.chunks_exact(g.h * g.w).enumerate() {
+        for (iy, row) in plane.chunks_exact(g.w).enumerate() {
+            let at = (c * g.hp + iy + g.pad) * g.wp + g.pad;
+            padded[at..at + g.w].copy_from_slice(row);
+        }
+    }
+}
+
+/// Unfolds a padded group into the panel: k-group `kg` holds the taps `4 kg .. 4 kg + 4` of
+/// `k = (c * kh + ky) * kw + kx` (the weight's row order); taps past the row length repeat
+/// the last one (their weights are zero). Stride 1 copies 16 positions at a time (rows may
+/// overrun into the next row's place, written just after, or into the panel's slack).
+fn im2col(g: &Geometry, padded: &[u8], panel: &mut Panel) {
+    let k_len = g.row_len();
+    let (ow, wp, st) = (g.ow, g.wp, g.stride);
+    let tap = |k: usize| {
+        let k = k.min(k_len - 1);
+        let (c, ky, kx) = (k / (g.kh * g.kw), (k / g.kw) % g.kh, k % g.kw);
+        (c * g.hp + ky * g.dilation) * wp + kx * g.dilation
+    };
+    let stride = panel.stride();
+    let words = panel.words_mut();
+    for (kg, dst) in words.chunks_exact_mut(stride).enumerate() {
+        let offs = [
+            tap(4 * kg),
+            tap(4 * kg + 1),
+            tap(4 * kg + 2),
+            tap(4 * kg + 3),
+        ];
+        for oy in 0..g.oh {
+            let row = oy * st * wp;
+            let d = &mut dst[oy * ow..];
+            if st == 1 {
+                for ox in (0..ow).step_by(16) {
+                    let src = offs.map(|o| {
+                        let at = o + row + ox;
+                        &padded[at..at + 16]
+                    });
+                    interleave16(src, &mut d[ox..ox + 16]);
+                }
+            } else {
+                for (ox, v) in d[..ow].iter_mut().enumerate() {
+                    let at = row + ox * st;
+                    *v = u32::from_ne_bytes(offs.map(|o| padded[o + at]));
+                }
+            }
+        }
+    }
+}
+
+/// `d[i]` = the bytes `s[0][i], s[1][i], s[2][i], s[3][i]` in memory order, for 16 `i`.
+#[inline]
+fn interleave16(s: [&[u8]; 4], d: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        if s.iter().all(|r| r.len() >= 16) && d.len() >= 16 {
+            // SAFETY: the four sources hold 16 bytes and `d` 16 words (checked above);
+            // SSE2 is part of x86-64.
+            unsafe {
+                let a = _mm_loadu_si128(s[0].as_ptr().cast());
+                let b = _mm_loadu_si128(s[1].as_ptr().cast());
+                let c = _mm_loadu_si128(s[2].as_ptr().cast());
+                let e = _mm_loadu_si128(s[3].as_ptr().cast());
+                let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
+                let (ce_lo, ce_hi) = (_mm_unpacklo_epi8(c, e), _mm_unpackhi_epi8(c, e));
+                let out = d.as_mut_ptr().cast::<__m128i>();
+                _mm_storeu_si128(out, _mm_unpacklo_epi16(ab_lo, ce_lo));
+                _mm_storeu_si128(out.add(1), _mm_unpackhi_epi16(ab_lo, ce_lo));
+                _mm_storeu_si128(out.add(2), _mm_unpacklo_epi16(ab_hi, ce_hi));
+                _mm_storeu_si128(out.add(3), _mm_unpackhi_epi16(ab_hi, ce_hi));
+            }
+            return;
+        }
+    }
+    for (i, v) in d.iter_mut().take(16).enumerate() {
+        *v = u32::from_ne_bytes([s[0][i], s[1][i], s[2][i], s[3][i]]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    struct Case {
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        o: usize,
+        k: (usize, usize),
+        conv: ConvConfig,
+        amax: u32,
+        xzp: i32,
+        relu: bool,
+    }
+
+    /// Direct convolution in i64, then the requant formula.
+    fn reference(
+        t: &Case,
+        x: &[u8],
+        w: &QuantizedWeight,
+        bias: &[f32],
+        rq: &Requant,
+        xs: f32,
+    ) -> (Vec<usize>, Vec<u8>) {
+        let cv = &t.conv;
+        let (kh, kw) = t.k;
+        let cg = t.c / cv.groups;
+        let og = t.o / cv.groups;
+        let oh = (t.h + 2 * cv.padding - cv.dilation * (kh - 1) - 1) / cv.stride + 1;
+        let ow = (t.w + 2 * cv.padding - cv.dilation * (kw - 1) - 1) / cv.stride + 1;
+        let mut y = Vec::new();
+        for n in 0..t.n {
+            for o in 0..t.o {
+                let gi = o / og;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc: i64 = 0;
+                        for c in 0..cg {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * cv.stride + ky * cv.dilation) as isize
+                                        - cv.padding as isize;
+                                    let ix = (ox * cv.stride + kx * cv.dilation) as isize
+                                        - cv.padding as isize;
+                                    if iy < 0 || ix < 0 || iy >= t.h as isize || ix >= t.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv = x[((n * t.c + gi * cg + c) * t.h + iy as usize) * t.w
+                                        + ix as usize]
+                                        as i64;
+                                    let wv = w.codes()[((o * cg + c) * kh + ky) * kw + kx] as i64;
+                                    acc += (xv - t.xzp as i64) * wv;
+                                }
+                            }
+                        }
+                        let v = (acc as f32 * (xs * w.scale(o)) + bias[o]) / rq.scale();
+                        let q = rq.zero_point() as i64 + v.round_ties_even() as i64;
+                        y.push(q.clamp(rq.lowest_code() as i64, rq.quant_max() as i64) as u8);
+                    }
+                }
+            }
+        }
+        (vec![t.n, t.o, oh, ow], y)
+    }
+
+    fn cfg(padding: usize, stride: usize, dilation: usize, groups: usize) -> ConvConfig {
+        ConvConfig {
+            padding,
+            stride,
+            dilation,
+            groups,
+        }
+    }
+
+    #[test]
+    fn matches_direct_convolution() {
+        let cases = [
+            Case {
+                n: 2,
+                c: 3,
+                h: 7,
+                w: 9,
+                o: 5,
+                k: (3, 3),
+                conv: cfg(1, 1, 1, 1),
+                amax: 127,
+                xzp: 60,
+                relu: false,
+            },
+            Case {
+                n: 1,
+                c: 4,
+                h: 5,
+                w: 5,
+                o: 4,
+                k: (3, 3),
+                conv: cfg(1, 1, 1, 2),
+                amax: 127,
+                xzp: 51,
+                relu: false,
+            },
+            Case {
+                n: 2,
+                c: 4,
+                h: 11,
+                w: 10,
+                o: 6,
+                k: (3, 3),
+                conv: cfg(1, 2, 1, 1),
+                amax: 255,
+                xzp: 128,
+                relu: true,
+            },
+            Case {
+                n: 1,
+                c: 3,
+                h: 12,
+                w: 13,
+                o: 7,
+                k: (3, 3),
+                conv: cfg(2, 1, 2, 1),
+                amax: 255,
+                xzp: 200,
+                relu: false,
+            },
+            Case {
+                n: 3,
+                c: 8,
+                h: 6,
+                w: 6,
+                o: 8,
+                k: (1, 1),
+                conv: cfg(0, 1, 1, 1),
+                amax: 127,
+                xzp: 0,
+                relu: true,
+            },
+            Case {
+                n: 2,
+                c: 6,
+                h: 9,
+                w: 20,
+                o: 6,
+                k: (3, 3),
+                conv: cfg(1, 1, 1, 6),
+                amax: 255,
+                xzp: 3,
+                relu: false,
+            },
+            Case {
+                n: 1,
+                c: 2,
+                h: 33,
+                w: 35,
+                o: 3,
+                k: (5, 3),
+                conv: cfg(2, 3, 1, 1),
+                amax: 127,
+                xzp: 17,
+                relu: true,
+            },
+            Case {
+                n: 4,
+                c: 32,
+                h: 14,
+                w: 14,
+                o: 64,
+                k: (3, 3),
+                conv: cfg(1, 1, 1, 1),
+                amax: 127,
+                xzp: 40,
+                relu: false,
+            },
+        ];
+        let mut s: u32 = 5;
+        let mut next = move |n: u32| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) % n
+        };
+        for t in &cases {
+            let xq: Vec<u8> = (0..t.n * t.c * t.h * t.w)
+                .map(|_| next(t.amax + 1) as u8)
+                .collect();
+            let cg = t.c / t.conv.groups;
+            let wshape = [t.o, cg, t.k.0, t.k.1];
+            let codes: Vec<i8> = (0..t.o * cg * t.k.0 * t.k.1)
+                .map(|_| next(256) as u8 as i8)
+                .collect();
+            let scales: Vec<f32> = (0..t.o).map(|i| 0.002 + 0.0003 * i as f32).collect();
+            let w = QuantizedWeight::from_codes(codes, &wshape, &scales).unwrap();
+            let bias: Vec<f32> = (0..t.o).map(|i| (i as f32 - 2.0) * 0.1).collect();
+            let rq = Requant::new(0.05, 30, 0, t.amax as i32)
+                .unwrap()
+                .with_relu(t.relu);
+            let x = Tensor::from_vec(xq.clone(), (t.n, t.c, t.h, t.w), &Device::Cpu).unwrap();
+            let xs = 0.03f32;
+            let y = quantized_conv2d(&x, xs, t.xzp, &w, Some(&bias), &t.conv, &rq).unwrap();
+            let (shape, want) = reference(t, &xq, &w, &bias, &rq, xs);
+            assert_eq!(y.dims(), shape.as_slice());
+            assert_eq!(y.flatten_all().unwrap().to_vec1::<u8>().unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let rq = Requant::new(0.1, 0, 0, 255).unwrap();
+        let w = QuantizedWeight::from_codes(vec![1; 2 * 2 * 3 * 3], &[2, 2, 3, 3], &[0.1]).unwrap();
+        let x = Tensor::from_vec(vec![0u8; 2 * 5 * 5], (1, 2, 5, 5), &Device::Cpu).unwrap();
+        let c = ConvConfig::default();
+        assert!(quantized_conv2d(&x, 0.1, 0, &w, None, &c, &rq).is_ok());
+        let x3 = Tensor::from_vec(vec![0u8; 2 * 5 * 5], (2, 5, 5), &Device::Cpu).unwrap();
+        assert!(quantized_conv2d(&x3, 0.1, 0, &w, None, &c, &rq).is_err());
+        let x1 = Tensor::from_vec(vec![0u8; 5 * 5], (1, 1, 5, 5), &Device::Cpu).unwrap();
+        assert!(quantized_conv2d(&x1, 0.1, 0, &w, None, &c, &rq).is_err());
+        let small = Tensor::from_vec(vec![0u8; 2 * 4], (1, 2, 2, 2), &Device::Cpu).unwrap();
+        assert!(quantized_conv2d(&small, 0.1, 0, &w, None, &c, &rq).is_err());
+        assert!(quantized_conv2d(&x, 0.1, 0, &w, None, &cfg(0, 0, 1, 1), &rq).is_err());
+        assert!(quantized_conv2d(&x, 0.1, 0, &w, None, &cfg(0, 1, 1, 2), &rq).is_err());
+        assert!(quantized_conv2d(&x, 0.1, 0, &w, Some(&[0.0]), &c, &rq).is_err());
+        let xf = x.to_dtype(candle_core::DType::F32).unwrap();
+        assert!(quantized_conv2d(&xf, 0.1, 0, &w, None, &c, &rq).is_err());
+    }
+}
