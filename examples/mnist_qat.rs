@@ -68,13 +68,13 @@ struct Args {
     /// Float training epochs.
     #[arg(long, default_value_t = 8)]
     epochs: usize,
-    /// QAT epochs.
-    #[arg(long, default_value_t = 3)]
-    qat_epochs: usize,
+    /// QAT epochs (at least 1: the observers need to see data).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    qat_epochs: u16,
     /// QAT epochs after which BN statistics and observers are frozen (they are frozen
     /// before evaluation in any case).
-    #[arg(long, default_value_t = 2)]
-    freeze_after: usize,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    freeze_after: u16,
     /// Quantization preset (PyTorch's default QAT qconfig of that backend).
     #[arg(long, value_enum, default_value_t = Preset::X86)]
     preset: Preset,
@@ -237,7 +237,9 @@ fn run(args: Args) -> AnyResult<()> {
             .map_err(|e| format!("building the rayon pool: {e}"))?;
     }
     if args.batch_size < 2 {
-        return Err("--batch-size must be at least 2 (BatchNorm trains on batch statistics)".into());
+        return Err(
+            "--batch-size must be at least 2 (BatchNorm trains on batch statistics)".into(),
+        );
     }
     let dev = Device::Cpu;
     let mut phases = Phases(Vec::new());
@@ -276,9 +278,8 @@ fn run(args: Args) -> AnyResult<()> {
         let path = float_ckpt.as_ref().ok_or("--resume needs --out")?;
         let mut vm = float_vm.clone();
         phases.time("float (resumed)", || {
-            vm.load(path).map_err(|e| {
-                format!("loading the float checkpoint {}: {e}", path.display()).into()
-            })
+            vm.load(path)
+                .map_err(|e| format!("loading the float checkpoint {}: {e}", path.display()).into())
         })?;
         println!("float: loaded {}", path.display());
     } else {
@@ -374,9 +375,10 @@ fn run(args: Args) -> AnyResult<()> {
         Ok(())
     }
     let mut opt = MomentumSgd::new(qat_vm.all_vars(), args.qat_lr, 0.9);
+    let (qat_epochs, freeze_after) = (args.qat_epochs as usize, args.freeze_after as usize);
     phases.time("QAT train", || {
-        for epoch in 0..args.qat_epochs {
-            if epoch == args.freeze_after {
+        for epoch in 0..qat_epochs {
+            if epoch == freeze_after {
                 freeze(&mut qat, &mut frozen)?;
                 println!("QAT: BN statistics and observers frozen after epoch {epoch}");
             }
@@ -387,15 +389,14 @@ fn run(args: Args) -> AnyResult<()> {
                 batch_size: args.batch_size,
                 base_lr: args.qat_lr,
                 first_step: epoch * steps,
-                total_steps: args.qat_epochs * steps,
-                label: format!("QAT {}/{}", epoch + 1, args.qat_epochs),
+                total_steps: qat_epochs * steps,
+                label: format!("QAT {}/{qat_epochs}", epoch + 1),
             };
             let t = Instant::now();
             let st = trainer::train_epoch(&qat, &mut opt, &plan, &perm, &dev)?;
             println!(
-                "QAT epoch {}/{}: loss {:.4}, train acc {:.2}% ({:.1} s)",
+                "QAT epoch {}/{qat_epochs}: loss {:.4}, train acc {:.2}% ({:.1} s)",
                 epoch + 1,
-                args.qat_epochs,
                 st.mean_loss(),
                 100.0 * st.accuracy(),
                 t.elapsed().as_secs_f64()
@@ -451,7 +452,11 @@ fn run(args: Args) -> AnyResult<()> {
             groups
                 .iter()
                 .find(|g| g.first() == Some(&path))
-                .and_then(|g| g.iter().find(|m| m.starts_with("bn")).map(|m| m.to_string()))
+                .and_then(|g| {
+                    g.iter()
+                        .find(|m| m.starts_with("bn"))
+                        .map(|m| m.to_string())
+                })
         };
         let e = export::int8_export(&named_modules(&int8)?, &qat_vm, bn_of, 1e-5)?;
         match &args.out {
@@ -463,7 +468,10 @@ fn run(args: Args) -> AnyResult<()> {
                     ("model", "MnistNet".to_string()),
                 ];
                 export::save_int8(&e, &meta, &p)?;
-                println!("int8: saved {} (reloading it for the check below)", p.display());
+                println!(
+                    "int8: saved {} (reloading it for the check below)",
+                    p.display()
+                );
                 export::load_int8(&p)
             }
             None => Ok(e),
@@ -497,7 +505,10 @@ fn run(args: Args) -> AnyResult<()> {
         "\n=== MnistNet on {} test images ({:?} preset, {}-bit weights) ===",
         data.test.n, args.preset, args.weight_bits
     );
-    println!("{:<18} {:>9} {:>16}", "model", "accuracy", "agrees w/ float");
+    println!(
+        "{:<18} {:>9} {:>16}",
+        "model", "accuracy", "agrees w/ float"
+    );
     println!("{:<18} {:>9} {:>16}", "float", pct(float_acc), "-");
     for (name, acc, preds) in [
         ("PTQ int8", ptq_acc, &ptq_preds),
@@ -550,6 +561,10 @@ fn run(args: Args) -> AnyResult<()> {
     for (name, d) in &phases.0 {
         println!("  {name:<22} {:>9}", trainer::fmt_duration(*d));
     }
-    println!("  {:<22} {:>9}", "total", trainer::fmt_duration(total.elapsed()));
+    println!(
+        "  {:<22} {:>9}",
+        "total",
+        trainer::fmt_duration(total.elapsed())
+    );
     Ok(())
 }

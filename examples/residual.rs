@@ -80,9 +80,16 @@ impl Block {
         })
     }
 
-    fn forward_taps(&self, x: &Tensor, prefix: &str, taps: &mut Taps) -> candle_core::Result<Tensor> {
+    fn forward_taps(
+        &self,
+        x: &Tensor,
+        prefix: &str,
+        taps: &mut Taps,
+    ) -> candle_core::Result<Tensor> {
         let p = |f: &str| format!("{prefix}.{f}");
-        let a = self.relu1.forward(&self.bn1.forward(&self.conv1.forward(x)?)?)?;
+        let a = self
+            .relu1
+            .forward(&self.bn1.forward(&self.conv1.forward(x)?)?)?;
         taps.push(p("conv1"), Some(p("conv1")), &a);
         let b = self.bn2.forward(&self.conv2.forward(&a)?)?;
         taps.push(p("conv2"), Some(p("conv2")), &b);
@@ -147,7 +154,9 @@ impl ResNet {
         let s = |p: &str| Some(p.to_string());
         let x = self.quant.forward(x)?;
         taps.push("quant", s("quant"), &x);
-        let x = self.stem_relu.forward(&self.stem_bn.forward(&self.stem.forward(&x)?)?)?;
+        let x = self
+            .stem_relu
+            .forward(&self.stem_bn.forward(&self.stem.forward(&x)?)?)?;
         taps.push("stem", s("stem"), &x);
         let mut x = self.pool1.forward(&x)?;
         taps.push("pool1", s("stem"), &x);
@@ -192,9 +201,10 @@ struct Args {
     /// Float training epochs.
     #[arg(long, default_value_t = 2)]
     epochs: usize,
-    /// QAT epochs (BN statistics and observers are frozen after them).
-    #[arg(long, default_value_t = 1)]
-    qat_epochs: usize,
+    /// QAT epochs (at least 1: the observers need to see data; BN statistics and
+    /// observers are frozen after them).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    qat_epochs: u16,
     /// Quantization preset.
     #[arg(long, value_enum, default_value_t = Preset::X86)]
     preset: Preset,
@@ -204,8 +214,8 @@ struct Args {
     /// Worker threads (rayon's global pool and candle's kernels); default: all cores.
     #[arg(long)]
     threads: Option<usize>,
-    /// Float learning rate (cosine).
-    #[arg(long, default_value_t = 0.05)]
+    /// Float learning rate (cosine; this net diverges at MnistNet's 0.05).
+    #[arg(long, default_value_t = 0.01)]
     lr: f64,
     /// QAT learning rate (cosine).
     #[arg(long, default_value_t = 0.005)]
@@ -263,7 +273,9 @@ fn run(args: Args) -> AnyResult<()> {
             .map_err(|e| format!("building the rayon pool: {e}"))?;
     }
     if args.batch_size < 2 {
-        return Err("--batch-size must be at least 2 (BatchNorm trains on batch statistics)".into());
+        return Err(
+            "--batch-size must be at least 2 (BatchNorm trains on batch statistics)".into(),
+        );
     }
     let dev = Device::Cpu;
     let backend = match args.preset {
@@ -332,7 +344,14 @@ fn run(args: Args) -> AnyResult<()> {
     let (float_vm, mut float_net) = new_net(&dev)?;
     trainer::init_weights(&float_vm, &mut rng)?;
     let mut opt = MomentumSgd::new(float_vm.all_vars(), args.lr, 0.9);
-    run_epochs(&mut float_net, &mut opt, &mut rng, args.epochs, args.lr, "float")?;
+    run_epochs(
+        &mut float_net,
+        &mut opt,
+        &mut rng,
+        args.epochs,
+        args.lr,
+        "float",
+    )?;
     eval(&mut float_net)?;
     let float_preds = trainer::predict(&float_net, &data.test, args.batch_size, "float", &dev)?;
     let float_acc = trainer::accuracy(&float_preds, &data.test);
@@ -344,7 +363,11 @@ fn run(args: Args) -> AnyResult<()> {
     eval(&mut ptq)?;
     fuse_modules(&mut ptq)?;
     prepare_qat(&mut ptq, &mapping)?;
-    let calib: Vec<usize> = rng.permutation(data.train.n).into_iter().take(512).collect();
+    let calib: Vec<usize> = rng
+        .permutation(data.train.n)
+        .into_iter()
+        .take(512)
+        .collect();
     for chunk in calib.chunks(args.batch_size) {
         ptq.forward(&data.train.batch(chunk, &dev)?.0)?;
     }
@@ -362,7 +385,14 @@ fn run(args: Args) -> AnyResult<()> {
     prepare_qat(&mut qat, &mapping)?;
     println!("\nprepared model:\n{}", summary(&qat)?);
     let mut opt = MomentumSgd::new(qat_vm.all_vars(), args.qat_lr, 0.9);
-    run_epochs(&mut qat, &mut opt, &mut rng, args.qat_epochs, args.qat_lr, "QAT")?;
+    run_epochs(
+        &mut qat,
+        &mut opt,
+        &mut rng,
+        args.qat_epochs as usize,
+        args.qat_lr,
+        "QAT",
+    )?;
     freeze_bn_stats(&mut qat)?;
     disable_observer(&mut qat)?;
     eval(&mut qat)?;
@@ -400,7 +430,10 @@ fn run(args: Args) -> AnyResult<()> {
     let qdesc = |label: &str| -> String {
         let path = label.split(' ').next().unwrap_or(label);
         match modules.iter().find(|m| m.path == path) {
-            Some(m) => match (&m.qconfig, m.fake_quants.iter().find(|f| f.role == "weight")) {
+            Some(m) => match (
+                &m.qconfig,
+                m.fake_quants.iter().find(|f| f.role == "weight"),
+            ) {
                 (None, _) => format!("{} float", m.kind),
                 (Some(_), Some(w)) => format!(
                     "{} w{}b",
@@ -446,7 +479,10 @@ fn run(args: Args) -> AnyResult<()> {
 
     let pct = |x: f64| format!("{:.2}%", 100.0 * x);
     println!("\n=== residual net on {} test images ===", data.test.n);
-    println!("{:<16} {:>9} {:>16}", "model", "accuracy", "agrees w/ float");
+    println!(
+        "{:<16} {:>9} {:>16}",
+        "model", "accuracy", "agrees w/ float"
+    );
     println!("{:<16} {:>9} {:>16}", "float", pct(float_acc), "-");
     for (name, acc, p) in [
         ("PTQ int8", ptq_acc, &ptq_preds),

@@ -19,11 +19,13 @@ mod learnable;
 mod model_e2e;
 #[path = "golden_support/observer.rs"]
 mod observer;
+#[path = "golden_support/quantized.rs"]
+mod quantized;
 
 use case::{Case, Outcome};
 
 /// Kinds whose issue has not landed yet: reported as `pending`, never silently skipped.
-const PENDING: &[&str] = &["quantized_linear", "quantized_conv2d"];
+const PENDING: &[&str] = &[];
 
 fn run(case: &Case) -> Outcome {
     match case.kind.as_str() {
@@ -36,6 +38,8 @@ fn run(case: &Case) -> Outcome {
         "fuse_linear_bn_eval" => fusion::run(case, false).into(),
         "conv_bn_qat" => conv_bn_qat::run(case).into(),
         "model_e2e" => model_e2e::run(case),
+        "quantized_linear" => quantized::run_linear(case).into(),
+        "quantized_conv2d" => quantized::run_conv(case).into(),
         k if PENDING.contains(&k) => Outcome::Pending,
         k => Outcome::Fail(format!("unknown kind `{k}`")),
     }

@@ -99,7 +99,10 @@ impl Int8Export {
 }
 
 fn var(vm: &VarMap, name: &str) -> AnyResult<Tensor> {
-    let data = vm.data().lock().map_err(|_| "the VarMap's lock is poisoned")?;
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| "the VarMap's lock is poisoned")?;
     data.get(name)
         .map(|v| v.as_tensor().detach())
         .ok_or_else(|| format!("the VarMap has no variable `{name}`").into())
@@ -173,8 +176,8 @@ pub fn int8_export(
             wfq.quant_range.0,
             wfq.quant_range.1,
         )?;
-        let output =
-            act_of(m).ok_or_else(|| format!("converted layer `{}` has no output qparams", m.path))?;
+        let output = act_of(m)
+            .ok_or_else(|| format!("converted layer `{}` has no output qparams", m.path))?;
         out.layers.push(Int8Layer {
             path: m.path.clone(),
             kind: m.kind.clone(),
@@ -225,11 +228,7 @@ fn write(
 /// `{path}.bias` (F32, folded); per activation `{path}.scale` (F32 [1]),
 /// `{path}.zero_point` (I32 [1]) and `{path}.quant_range` (I32 [2]). `meta` goes in the
 /// header next to a description of the format.
-pub fn save_int8(
-    export: &Int8Export,
-    meta: &[(&str, String)],
-    path: &Path,
-) -> AnyResult<()> {
+pub fn save_int8(export: &Int8Export, meta: &[(&str, String)], path: &Path) -> AnyResult<()> {
     let mut t = BTreeMap::new();
     for l in &export.layers {
         let codes: Vec<u8> = l.weight.codes().iter().map(|&c| c as u8).collect();
@@ -247,7 +246,10 @@ pub fn save_int8(
     for (p, a) in &export.activations {
         t.insert(format!("{p}.scale"), f32s(&[a.scale]));
         t.insert(format!("{p}.zero_point"), i32s(&[a.zero_point]));
-        t.insert(format!("{p}.quant_range"), i32s(&[a.quant_min, a.quant_max]));
+        t.insert(
+            format!("{p}.quant_range"),
+            i32s(&[a.quant_min, a.quant_max]),
+        );
     }
     let mut m: HashMap<String, String> = meta
         .iter()
@@ -321,7 +323,7 @@ pub fn load_int8(path: &Path) -> AnyResult<Int8Export> {
             .collect())
     };
     let mut out = Int8Export::default();
-    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();
     for n in &names {
         if let Some(p) = n.strip_suffix(".zero_point") {

@@ -206,10 +206,7 @@ pub struct Mnist {
     pub source: String,
 }
 
-fn load_split(
-    images: (&str, &[u8]),
-    labels: (&str, &[u8]),
-) -> Result<Split, DataError> {
+fn load_split(images: (&str, &[u8]), labels: (&str, &[u8])) -> Result<Split, DataError> {
     let ib = maybe_gunzip(images.0, images.1)?;
     let lb = maybe_gunzip(labels.0, labels.1)?;
     let i = parse_idx(images.0, &ib, IMAGES_MAGIC)?;
@@ -297,7 +294,10 @@ mod tests {
             .to_string()
             .contains("truncated"));
         f.push(3);
-        assert_eq!(parse_idx("x", &f, LABELS_MAGIC).unwrap().data, vec![1, 2, 3]);
+        assert_eq!(
+            parse_idx("x", &f, LABELS_MAGIC).unwrap().data,
+            vec![1, 2, 3]
+        );
         assert!(parse_idx("x", &f, IMAGES_MAGIC)
             .unwrap_err()
             .to_string()

@@ -92,7 +92,11 @@ pub fn init_weights(vm: &candle_nn::VarMap, rng: &mut Rng) -> AnyResult<()> {
         let values: Option<Vec<f32>> = match (leaf, fan_in(&weight_name)) {
             ("weight", Some(fi)) => {
                 let std = (2.0f64 / fi as f64).sqrt();
-                Some((0..var.elem_count()).map(|_| (rng.normal() * std) as f32).collect())
+                Some(
+                    (0..var.elem_count())
+                        .map(|_| (rng.normal() * std) as f32)
+                        .collect(),
+                )
             }
             ("bias", Some(fi)) => {
                 let bound = 1.0 / (fi as f64).sqrt();

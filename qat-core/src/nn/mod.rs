@@ -7,7 +7,6 @@ mod batch_norm;
 pub(crate) mod common;
 mod conv;
 mod functional;
-mod int_sim;
 mod linear;
 mod pool;
 mod simple;

@@ -91,6 +91,26 @@ impl Clone for Weighted {
     }
 }
 
+/// The integer op on codes `xq`: requantized codes with `out`, else the f32 values they round
+/// (the same kernel either way, so the fake-quant model's eval path and the converted model
+/// agree bit for bit).
+fn int_forward(
+    op: IntOp,
+    xq: &Tensor,
+    input: &IoQParams,
+    w: &QuantizedWeight,
+    bias: &IntBias,
+    out: Option<&Requant>,
+) -> Result<Tensor> {
+    let (s, z) = (input.scale, input.zero_point);
+    match op {
+        IntOp::Linear => crate::quantized::linear_int(xq, s, z, w, &bias.float, &bias.int, out),
+        IntOp::Conv2d(c) => {
+            crate::quantized::conv2d_int(xq, s, z, w, &bias.float, &bias.int, c, out)
+        }
+    }
+}
+
 /// `[1, .., C, .., 1]` with C at `dim`.
 fn along(dim: usize, rank: usize, c: usize) -> Vec<usize> {
     let mut s = vec![1; rank];
@@ -232,14 +252,7 @@ impl Weighted {
                         )?;
                         let backend = self.common.qconfig.map_or(Backend::X86, |q| q.backend);
                         let bias = IntBias::new(&self.folded_bias()?, input.scale, &qw, backend);
-                        let exact = match iop {
-                            IntOp::Linear => super::int_sim::linear_prerequant(
-                                &xq, input.scale, input.zero_point, &qw, &bias,
-                            )?,
-                            IntOp::Conv2d(c) => super::int_sim::conv2d_prerequant(
-                                &xq, input.scale, input.zero_point, &qw, &bias, c,
-                            )?,
-                        };
+                        let exact = int_forward(iop, &xq, &input, &qw, &bias, None)?;
                         (exact + (&y - y.detach())?)?
                     }
                     None => y,
@@ -253,16 +266,10 @@ impl Weighted {
 
     fn forward_int(&self, int: &IntWeighted, x: &Tensor, int_op: Option<IntOp>) -> Result<Tensor> {
         self.common.check_input(x, "a converted layer")?;
-        let q = &int.input;
-        match int_op {
-            Some(IntOp::Linear) => crate::quantized::quantized_linear(
-                x, q.scale, q.zero_point, &int.weight, Some(&int.bias.float), &int.requant,
-            ),
-            Some(IntOp::Conv2d(c)) => crate::quantized::quantized_conv2d(
-                x, q.scale, q.zero_point, &int.weight, Some(&int.bias.float), c, &int.requant,
-            ),
-            None => Err(Error::state("converted layer without an integer op", "report this as a bug")),
-        }
+        let op = int_op.ok_or_else(|| {
+            Error::state("converted layer without an integer op", "report this as a bug")
+        })?;
+        int_forward(op, x, &int.input, &int.weight, &int.bias, Some(&int.requant))
     }
 
     /// Converts a prepared layer: the weight (BN folded as the QAT forward scales it) goes

@@ -87,6 +87,26 @@ pub fn conv2d_prerequant(
     conv_with(x, x_zero_point, w, conv, &affine)
 }
 
+/// An int8 convolution with an int32 bias added to the sums (qnnpack's arithmetic; zeros for
+/// fbgemm/x86): requantized codes with `out`, or the f32 values it rounds without.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_int(
+    x: &Tensor,
+    x_scale: f32,
+    x_zero_point: i32,
+    w: &QuantizedWeight,
+    bias: &[f32],
+    int_bias: &[i32],
+    conv: &ConvConfig,
+    out: Option<&Requant>,
+) -> Result<Tensor> {
+    let affine = Affine::new(x_scale, w, Some(bias))?.with_int_bias(int_bias)?;
+    match out {
+        Some(r) => conv_with(x, x_zero_point, w, conv, &r.plan_with(affine)),
+        None => conv_with(x, x_zero_point, w, conv, &affine),
+    }
+}
+
 /// The int8 convolution up to its i32 sums, then `epi` on each output channel.
 fn conv_with<E: Epilogue>(
     x: &Tensor,

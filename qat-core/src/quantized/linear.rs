@@ -76,6 +76,24 @@ pub fn linear_prerequant(
     linear_with(x, x_zero_point, w, &affine)
 }
 
+/// An int8 linear layer with an int32 bias added to the sums (qnnpack's arithmetic; zeros
+/// for fbgemm/x86): requantized codes with `out`, or the f32 values it rounds without.
+pub(crate) fn linear_int(
+    x: &Tensor,
+    x_scale: f32,
+    x_zero_point: i32,
+    w: &QuantizedWeight,
+    bias: &[f32],
+    int_bias: &[i32],
+    out: Option<&Requant>,
+) -> Result<Tensor> {
+    let affine = Affine::new(x_scale, w, Some(bias))?.with_int_bias(int_bias)?;
+    match out {
+        Some(r) => linear_with(x, x_zero_point, w, &r.plan_with(affine)),
+        None => linear_with(x, x_zero_point, w, &affine),
+    }
+}
+
 /// The int8 linear layer up to its i32 sums, then `epi` on each output channel.
 fn linear_with<E: Epilogue>(
     x: &Tensor,

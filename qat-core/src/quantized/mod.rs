@@ -41,8 +41,10 @@ mod qtensor;
 mod requant;
 mod weight;
 
+pub(crate) use conv::conv2d_int;
 pub use conv::{conv2d_prerequant, quantized_conv2d};
 pub use gemm::{gemm_u8_i8, Kernel, MAX_ROW_LEN};
+pub(crate) use linear::linear_int;
 pub use linear::{linear_prerequant, quantized_linear};
 pub use qtensor::{dequantize, quantize};
 pub use requant::Requant;

@@ -12,7 +12,11 @@ use crate::qparams::check_scale;
 ///
 /// Each output channel `c` turns its i32 sum into a code, in f32 and in exactly this order:
 ///
-/// `y_q = clamp(y_zp + round_half_even((acc * (x_scale * w_scale[c]) + bias[c]) / y_scale), lo, hi)`
+/// `y_q = clamp(y_zp + round_half_even(((acc + int_bias[c]) * (x_scale * w_scale[c]) + bias[c]) * (1 / y_scale)), lo, hi)`
+///
+/// (`int_bias` is 0 unless an engine quantizes the bias to int32, as qnnpack does; the
+/// reciprocal is the one the output's fake-quant multiplies by, so the codes are the ones the
+/// fake-quant model rounds to.)
 ///
 /// with `hi = quant_max` and `lo = quant_min`, or `max(quant_min, y_zp)` with ReLU (the code
 /// of 0.0). `acc` is converted to f32, exactly while `|acc| < 2^24` (always for rows of up
@@ -103,16 +107,21 @@ impl Requant {
         w: &QuantizedWeight,
         bias: Option<&[f32]>,
     ) -> Result<Plan> {
+        Ok(self.plan_with(Affine::new(x_scale, w, bias)?))
+    }
+
+    /// The plan for a given affine part (e.g. with an int32 bias).
+    pub(crate) fn plan_with(&self, affine: Affine) -> Plan {
         let zp = self.zero_point as f32;
-        Ok(Plan {
-            affine: Affine::new(x_scale, w, bias)?,
+        Plan {
+            affine,
             grid: Grid {
-                y_scale: self.scale,
+                inv_scale: 1.0 / self.scale,
                 zero_point: zp,
                 lo: self.lowest_code() as f32 - zp,
                 hi: self.quant_max as f32 - zp,
             },
-        })
+        }
     }
 }
 
@@ -127,10 +136,12 @@ pub(crate) trait Epilogue: Sync {
 }
 
 /// The float value before requantization, per output channel `c`:
-/// `acc * (x_scale * w_scale[c]) + bias[c]`, in f32.
+/// `(acc + int_bias[c]) * (x_scale * w_scale[c]) + bias[c]`, in f32 (the sum with the int32
+/// bias is exact, then converted to f32).
 pub(crate) struct Affine {
     mult: Vec<f32>,
     bias: Vec<f32>,
+    int_bias: Vec<i32>,
 }
 
 impl Affine {
@@ -148,7 +159,20 @@ impl Affine {
         Ok(Affine {
             mult: (0..rows).map(|o| x_scale * w.scale(o)).collect(),
             bias: bias.map_or_else(|| vec![0.0; rows], <[f32]>::to_vec),
+            int_bias: vec![0; rows],
         })
+    }
+
+    /// Adds an int32 bias (in units of `x_scale * w_scale[c]`) to the sums.
+    pub(crate) fn with_int_bias(mut self, int_bias: &[i32]) -> Result<Self> {
+        if int_bias.len() != self.mult.len() {
+            return Err(Error::tensor(
+                format!("{} int32 bias values for {} output channels", int_bias.len(), self.mult.len()),
+                "give one bias per output channel",
+            ));
+        }
+        self.int_bias = int_bias.to_vec();
+        Ok(self)
     }
 }
 
@@ -156,18 +180,18 @@ impl Epilogue for Affine {
     type Out = f32;
 
     fn row(&self, o: usize, acc: &[i32], out: &mut [f32]) {
-        affine_row(acc, out, self.mult[o], self.bias[o]);
+        affine_row(acc, out, self.int_bias[o], self.mult[o], self.bias[o]);
     }
 
     #[inline]
     fn one(&self, o: usize, acc: i32) -> f32 {
-        affine(acc, self.mult[o], self.bias[o])
+        affine(acc, self.int_bias[o], self.mult[o], self.bias[o])
     }
 }
 
 #[derive(Clone, Copy)]
 struct Grid {
-    y_scale: f32,
+    inv_scale: f32,
     zero_point: f32,
     /// Bounds relative to the zero point.
     lo: f32,
@@ -187,6 +211,7 @@ impl Epilogue for Plan {
         requant_row(
             acc,
             out,
+            self.affine.int_bias[o],
             self.affine.mult[o],
             self.affine.bias[o],
             self.grid,
@@ -195,32 +220,32 @@ impl Epilogue for Plan {
 
     #[inline]
     fn one(&self, o: usize, acc: i32) -> u8 {
-        code(acc, self.affine.mult[o], self.affine.bias[o], self.grid)
+        code(acc, self.affine.int_bias[o], self.affine.mult[o], self.affine.bias[o], self.grid)
     }
 }
 
 #[inline(always)]
-fn affine(acc: i32, mult: f32, bias: f32) -> f32 {
-    acc as f32 * mult + bias
+fn affine(acc: i32, int_bias: i32, mult: f32, bias: f32) -> f32 {
+    (acc as i64 + int_bias as i64) as f32 * mult + bias
 }
 
 #[inline(always)]
-fn code(acc: i32, mult: f32, bias: f32, g: Grid) -> u8 {
-    let t = affine(acc, mult, bias) / g.y_scale;
+fn code(acc: i32, int_bias: i32, mult: f32, bias: f32, g: Grid) -> u8 {
+    let t = affine(acc, int_bias, mult, bias) * g.inv_scale;
     (round_small(clamp_nan_lo(t, g.lo, g.hi)) + g.zero_point) as u8
 }
 
 #[multiversion(targets("x86_64+avx2"))]
-fn requant_row(acc: &[i32], out: &mut [u8], mult: f32, bias: f32, g: Grid) {
+fn requant_row(acc: &[i32], out: &mut [u8], int_bias: i32, mult: f32, bias: f32, g: Grid) {
     for (o, &a) in out.iter_mut().zip(acc) {
-        *o = code(a, mult, bias, g);
+        *o = code(a, int_bias, mult, bias, g);
     }
 }
 
 #[multiversion(targets("x86_64+avx2"))]
-fn affine_row(acc: &[i32], out: &mut [f32], mult: f32, bias: f32) {
+fn affine_row(acc: &[i32], out: &mut [f32], int_bias: i32, mult: f32, bias: f32) {
     for (o, &a) in out.iter_mut().zip(acc) {
-        *o = affine(a, mult, bias);
+        *o = affine(a, int_bias, mult, bias);
     }
 }
 
@@ -229,7 +254,7 @@ mod tests {
     use super::*;
 
     fn reference(acc: i32, m: f32, b: f32, y_scale: f32, zp: i32, lo: i32, hi: i32) -> u8 {
-        let t = (acc as f32 * m + b) / y_scale;
+        let t = (acc as f32 * m + b) * (1.0 / y_scale);
         (zp as i64 + t.round_ties_even() as i64).clamp(lo as i64, hi as i64) as u8
     }
 
