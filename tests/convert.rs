@@ -12,7 +12,11 @@ use mnist_net::MnistNet;
 
 /// A residual model: a FloatFunctional add on the skip path, max pool and flatten.
 #[derive(Clone, Quantizable)]
-#[qat(fuse(stem, stem_bn, stem_relu), fuse(conv_a, bn_a, relu_a), fuse(conv_b, bn_b))]
+#[qat(
+    fuse(stem, stem_bn, stem_relu),
+    fuse(conv_a, bn_a, relu_a),
+    fuse(conv_b, bn_b)
+)]
 struct ResNetLite {
     quant: QuantStub,
     stem: Conv2d,
@@ -32,7 +36,10 @@ struct ResNetLite {
 
 impl ResNetLite {
     fn new(vb: VarBuilder) -> candle_qat::Result<Self> {
-        let c = ConvConfig { padding: 1, ..Default::default() };
+        let c = ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
         let bn = |vb| BatchNorm2d::new(8, BatchNormConfig::default(), vb);
         Ok(ResNetLite {
             quant: QuantStub::new(),
@@ -56,25 +63,42 @@ impl ResNetLite {
 impl Module for ResNetLite {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = self.quant.forward(x)?;
-        let s = self.stem_relu.forward(&self.stem_bn.forward(&self.stem.forward(&x)?)?)?;
-        let a = self.relu_a.forward(&self.bn_a.forward(&self.conv_a.forward(&s)?)?)?;
+        let s = self
+            .stem_relu
+            .forward(&self.stem_bn.forward(&self.stem.forward(&x)?)?)?;
+        let a = self
+            .relu_a
+            .forward(&self.bn_a.forward(&self.conv_a.forward(&s)?)?)?;
         let b = self.bn_b.forward(&self.conv_b.forward(&a)?)?;
         let x = self.pool.forward(&self.skip.add_relu(&b, &s)?)?;
-        self.dequant.forward(&self.fc.forward(&self.flatten.forward(&x)?)?)
+        self.dequant
+            .forward(&self.fc.forward(&self.flatten.forward(&x)?)?)
     }
 }
 
 /// Fuses, prepares with `backend`, trains a few SGD steps on random data, then freezes
 /// observers and BN and switches to eval.
-fn qat<M: Quantizable + Module>(mut model: M, varmap: &VarMap, backend: Backend, hw: usize) -> candle_qat::Result<M> {
+fn qat<M: Quantizable + Module>(
+    mut model: M,
+    varmap: &VarMap,
+    backend: Backend,
+    hw: usize,
+) -> candle_qat::Result<M> {
     let dev = Device::Cpu;
     train(&mut model)?;
     fuse_modules_qat(&mut model)?;
-    prepare_qat(&mut model, &QConfigMapping::global(QConfig::default_qat(backend)))?;
+    prepare_qat(
+        &mut model,
+        &QConfigMapping::global(QConfig::default_qat(backend)),
+    )?;
     let mut opt = SGD::new(varmap.all_vars(), 0.02)?;
     for step in 0..6u32 {
         let x = Tensor::randn(0f32, 1., (8, 1, hw, hw), &dev)?;
-        let y = Tensor::from_vec((0..8u32).map(|i| (i + step) % 10).collect::<Vec<_>>(), 8, &dev)?;
+        let y = Tensor::from_vec(
+            (0..8u32).map(|i| (i + step) % 10).collect::<Vec<_>>(),
+            8,
+            &dev,
+        )?;
         opt.backward_step(&loss::cross_entropy(&model.forward(&x)?, &y)?)?;
     }
     disable_observer(&mut model)?;
@@ -131,8 +155,10 @@ fn convert_errors() -> candle_qat::Result<()> {
     let e = convert(&mut m).unwrap_err().to_string();
     assert!(e.contains("already converted"), "{e}");
     // A float tensor fed past the QuantStub into a converted layer.
-    let e = m.stem.forward(&Tensor::zeros((1, 1, 12, 12), DType::F32, &dev)?).unwrap_err();
+    let e = m
+        .stem
+        .forward(&Tensor::zeros((1, 1, 12, 12), DType::F32, &dev)?)
+        .unwrap_err();
     assert!(e.to_string().contains("takes u8 codes"), "{e}");
     Ok(())
 }
-

@@ -25,7 +25,10 @@ struct SmallCnn {
 
 impl SmallCnn {
     fn new(vb: VarBuilder) -> candle_qat::Result<Self> {
-        let cfg = ConvConfig { padding: 1, ..Default::default() };
+        let cfg = ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
         Ok(SmallCnn {
             quant: QuantStub::new(),
             conv1: Conv2d::new(1, 8, 3, cfg, true, vb.pp("conv1"))?,
@@ -47,8 +50,12 @@ impl SmallCnn {
 impl Module for SmallCnn {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = self.quant.forward(x)?;
-        let x = self.relu1.forward(&self.bn1.forward(&self.conv1.forward(&x)?)?)?;
-        let x = self.relu2.forward(&self.bn2.forward(&self.conv2.forward(&x)?)?)?;
+        let x = self
+            .relu1
+            .forward(&self.bn1.forward(&self.conv1.forward(&x)?)?)?;
+        let x = self
+            .relu2
+            .forward(&self.bn2.forward(&self.conv2.forward(&x)?)?)?;
         let x = self.flatten.forward(&self.pool.forward(&x)?)?;
         let x = self.relu3.forward(&self.fc1.forward(&x)?)?;
         self.dequant.forward(&self.fc2.forward(&x)?)
@@ -57,9 +64,13 @@ impl Module for SmallCnn {
 
 /// 8x8 images with a bright 3x3 blob in one of four quadrants (the label), plus noise.
 fn batch(n: usize, seed: u64, dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (s >> 33) as u32
     };
     let mut xs = vec![0f32; n * 64];
@@ -67,7 +78,10 @@ fn batch(n: usize, seed: u64, dev: &Device) -> candle_core::Result<(Tensor, Tens
     for i in 0..n {
         let label = next() % 4;
         ys[i] = label;
-        let (r0, c0) = (((label / 2) * 4 + next() % 2) as usize, ((label % 2) * 4 + next() % 2) as usize);
+        let (r0, c0) = (
+            ((label / 2) * 4 + next() % 2) as usize,
+            ((label % 2) * 4 + next() % 2) as usize,
+        );
         for (j, v) in xs[i * 64..(i + 1) * 64].iter_mut().enumerate() {
             *v = (next() % 1000) as f32 / 4000.0;
             let (r, c) = (j / 8, j % 8);
@@ -76,18 +90,28 @@ fn batch(n: usize, seed: u64, dev: &Device) -> candle_core::Result<(Tensor, Tens
             }
         }
     }
-    Ok((Tensor::from_vec(xs, (n, 1, 8, 8), dev)?, Tensor::from_vec(ys, n, dev)?))
+    Ok((
+        Tensor::from_vec(xs, (n, 1, 8, 8), dev)?,
+        Tensor::from_vec(ys, n, dev)?,
+    ))
 }
 
 fn accuracy(model: &SmallCnn, x: &Tensor, y: &Tensor) -> candle_core::Result<f32> {
     let pred = model.forward(x)?.argmax(D::Minus1)?;
-    pred.eq(y)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()
+    pred.eq(y)?
+        .to_dtype(DType::F32)?
+        .mean_all()?
+        .to_scalar::<f32>()
 }
 
 fn act_scale(model: &SmallCnn, path: &str) -> f32 {
     let info = named_modules(model).unwrap();
     let m = info.iter().find(|m| m.path == path).unwrap();
-    let f = m.fake_quants.iter().find(|f| f.role == "activation").unwrap();
+    let f = m
+        .fake_quants
+        .iter()
+        .find(|f| f.role == "activation")
+        .unwrap();
     f.qparams.scales()[0]
 }
 
@@ -98,10 +122,19 @@ fn qat_trains_and_freezes() -> candle_qat::Result<()> {
     let mut model = SmallCnn::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
     train(&mut model)?;
     fuse_modules_qat(&mut model)?;
-    prepare_qat(&mut model, &QConfigMapping::global(QConfig::default_qat(Backend::X86)))?;
+    prepare_qat(
+        &mut model,
+        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
+    )?;
 
     let w0 = model.conv1.weight().flatten_all()?.to_vec1::<f32>()?;
-    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: 3e-3, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: 3e-3,
+            ..Default::default()
+        },
+    )?;
     let (xt, yt) = batch(256, 999, &dev)?;
     let mut losses = Vec::new();
     for step in 0..200u64 {
@@ -115,7 +148,10 @@ fn qat_trains_and_freezes() -> candle_qat::Result<()> {
     let last: f32 = losses[180..].iter().sum::<f32>() / 20.0;
     assert!(last < 0.5 * first, "loss did not fall: {first} -> {last}");
     let w1 = model.conv1.weight().flatten_all()?.to_vec1::<f32>()?;
-    assert!(w0.iter().zip(&w1).any(|(a, b)| a != b), "weights did not move");
+    assert!(
+        w0.iter().zip(&w1).any(|(a, b)| a != b),
+        "weights did not move"
+    );
 
     // Freeze observers and BN statistics: qparams and running stats stop moving.
     disable_observer(&mut model)?;
@@ -128,13 +164,20 @@ fn qat_trains_and_freezes() -> candle_qat::Result<()> {
         let l = loss::cross_entropy(&model.forward(&x)?, &y)?;
         opt.backward_step(&l)?;
     }
-    assert_eq!(act_scale(&model, "conv1"), s_frozen, "observer kept updating");
+    assert_eq!(
+        act_scale(&model, "conv1"),
+        s_frozen,
+        "observer kept updating"
+    );
     let (rm, _) = model.conv1.bn_running_stats().unwrap();
     assert_eq!(rm.to_vec1::<f32>()?, rm_frozen, "BN stats kept updating");
     // train() does not unfreeze BN.
     train(&mut model)?;
     model.forward(&batch(8, 5000, &dev)?.0)?;
-    assert_eq!(model.conv1.bn_running_stats().unwrap().0.to_vec1::<f32>()?, rm_frozen);
+    assert_eq!(
+        model.conv1.bn_running_stats().unwrap().0.to_vec1::<f32>()?,
+        rm_frozen
+    );
 
     eval(&mut model)?;
     let acc = accuracy(&model, &xt, &yt)?;
@@ -142,6 +185,9 @@ fn qat_trains_and_freezes() -> candle_qat::Result<()> {
     // Scales moved away from the initial 1.0 and the summary shows the qparams.
     assert_ne!(s_frozen, 1.0);
     let text = summary(&model)?;
-    assert!(text.contains("ConvBnReLU2d") && text.contains("scale="), "{text}");
+    assert!(
+        text.contains("ConvBnReLU2d") && text.contains("scale="),
+        "{text}"
+    );
     Ok(())
 }

@@ -193,7 +193,6 @@ macro_rules! weighted_bn {
                 Ok(())
             }
         }
-
     };
 }
 

@@ -1,11 +1,12 @@
 //! qat-core: quantization-aware training numerics on candle.
+pub mod checkpoint;
 pub mod error;
 pub mod fake_quant;
 pub mod fuse;
-pub mod model;
-pub mod nn;
 mod host;
 pub(crate) mod kernels;
+pub mod model;
+pub mod nn;
 pub mod observer;
 pub mod passes;
 pub mod provenance;

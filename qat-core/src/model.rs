@@ -92,6 +92,18 @@ pub trait QuantModule {
     /// Switches a prepared layer to integer arithmetic with the qparams its fake-quants hold
     /// and the input qparams noted by the last prepared forward; float layers stay float.
     fn convert(&mut self) -> Result<()>;
+    /// What a converted layer needs to run, to save (`None` unless converted).
+    fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
+        None
+    }
+    /// Restores a converted layer saved with [`QuantModule::int8_state`] (the model must be
+    /// fused as when it was saved).
+    fn load_int8_state(&mut self, _state: crate::checkpoint::Int8State) -> Result<()> {
+        Err(crate::error::Error::state(
+            format!("{} has no int8 form", self.kind()),
+            "load int8 checkpoints into models of the same structure",
+        ))
+    }
     /// Freezes (`true`) or unfreezes the statistics of a live BatchNorm inside the layer.
     fn set_bn_frozen(&mut self, _frozen: bool) {}
 }

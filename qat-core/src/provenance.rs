@@ -39,7 +39,9 @@ impl ActFq {
         let r = fq.quant_range();
         let (scale, zero_point) = match fq.qparams() {
             QParams::PerTensor { scale, zero_point } => (scale, zero_point),
-            QParams::PerChannel { scale, zero_point, .. } => (scale[0], zero_point[0]),
+            QParams::PerChannel {
+                scale, zero_point, ..
+            } => (scale[0], zero_point[0]),
         };
         Ok(IoQParams {
             scale,

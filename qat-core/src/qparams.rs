@@ -446,10 +446,7 @@ pub fn calculate_qparams(
         .zip(max_val)
         .enumerate()
         .find(|(_, (mn, mx))| {
-            matches!(
-                mn.partial_cmp(mx),
-                None | Some(std::cmp::Ordering::Greater)
-            )
+            matches!(mn.partial_cmp(mx), None | Some(std::cmp::Ordering::Greater))
         })
     {
         return Err(Error::qparams(

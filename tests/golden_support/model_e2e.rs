@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use candle_qat::model::Quantizable;
 use candle_qat::nn::{
     BatchNorm2d, BatchNormConfig, Conv2d, ConvConfig, DeQuantStub, Flatten, FloatFunctional,
     Linear, QuantStub, ReLU,
@@ -10,7 +11,6 @@ use candle_qat::nn::{
 use candle_qat::passes::{convert, eval, fuse_modules_qat, prepare_qat, train};
 use candle_qat::qconfig::QConfig;
 use candle_qat::qconfig_mapping::QConfigMapping;
-use candle_qat::model::Quantizable;
 use candle_qat::Quantizable;
 
 use crate::case::{candle, err, num, to_vec, Case, Outcome, R};
@@ -18,7 +18,11 @@ use crate::conv_bn_qat::check_codes;
 use crate::fake_quantize_module::backend;
 
 fn conv(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> candle_qat::Result<Conv2d> {
-    let cfg = ConvConfig { padding: 1, stride, ..Default::default() };
+    let cfg = ConvConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
     Conv2d::new(cin, cout, 3, cfg, true, vb)
 }
 
@@ -61,15 +65,23 @@ impl TinyNet {
 impl Module for TinyNet {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = self.quant.forward(x)?;
-        let x = self.relu1.forward(&self.bn1.forward(&self.conv1.forward(&x)?)?)?;
-        let x = self.relu2.forward(&self.bn2.forward(&self.conv2.forward(&x)?)?)?;
+        let x = self
+            .relu1
+            .forward(&self.bn1.forward(&self.conv1.forward(&x)?)?)?;
+        let x = self
+            .relu2
+            .forward(&self.bn2.forward(&self.conv2.forward(&x)?)?)?;
         let x = self.fc.forward(&self.flatten.forward(&x)?)?;
         self.dequant.forward(&x)
     }
 }
 
 #[derive(Quantizable)]
-#[qat(fuse(stem, stem_bn, stem_relu), fuse(conv_a, bn_a, relu_a), fuse(conv_b, bn_b))]
+#[qat(
+    fuse(stem, stem_bn, stem_relu),
+    fuse(conv_a, bn_a, relu_a),
+    fuse(conv_b, bn_b)
+)]
 pub struct TinyResNet {
     quant: QuantStub,
     stem: Conv2d,
@@ -109,8 +121,12 @@ impl TinyResNet {
 impl Module for TinyResNet {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = self.quant.forward(x)?;
-        let stem = self.stem_relu.forward(&self.stem_bn.forward(&self.stem.forward(&x)?)?)?;
-        let a = self.relu_a.forward(&self.bn_a.forward(&self.conv_a.forward(&stem)?)?)?;
+        let stem = self
+            .stem_relu
+            .forward(&self.stem_bn.forward(&self.stem.forward(&x)?)?)?;
+        let a = self
+            .relu_a
+            .forward(&self.bn_a.forward(&self.conv_a.forward(&stem)?)?)?;
         let b = self.bn_b.forward(&self.conv_b.forward(&a)?)?;
         let x = self.skip.add_relu(&b, &stem)?;
         let x = self.fc.forward(&self.flatten.forward(&x)?)?;
@@ -118,7 +134,10 @@ impl Module for TinyResNet {
     }
 }
 
-fn run_model<M: Quantizable + Module>(case: &Case, build: impl Fn(VarBuilder) -> candle_qat::Result<M>) -> R<()> {
+fn run_model<M: Quantizable + Module>(
+    case: &Case,
+    build: impl Fn(VarBuilder) -> candle_qat::Result<M>,
+) -> R<()> {
     let j = &case.json;
     let dev = Device::Cpu;
     let varmap = VarMap::new();
@@ -134,14 +153,21 @@ fn run_model<M: Quantizable + Module>(case: &Case, build: impl Fn(VarBuilder) ->
     fuse_modules_qat(&mut model).map_err(err)?;
     prepare_qat(&mut model, &QConfigMapping::global(qc)).map_err(err)?;
     for (i, x) in j["calib"].as_array().ok_or("no calib")?.iter().enumerate() {
-        model.forward(&candle(x, "calib")?).map_err(|e| format!("calib {i}: {e}"))?;
+        model
+            .forward(&candle(x, "calib")?)
+            .map_err(|e| format!("calib {i}: {e}"))?;
     }
     eval(&mut model).map_err(err)?;
     let test_x = candle(&j["test_x"], "test_x")?;
     let y = model.forward(&test_x).map_err(err)?;
     let e = &j["expected"];
     let scale = num(&e["qat_scale"], "qat_scale")? as f32;
-    check_codes("qat_y", &to_vec(&y)?, &crate::case::f32s(&e["qat_y"], "qat_y")?, scale)?;
+    check_codes(
+        "qat_y",
+        &to_vec(&y)?,
+        &crate::case::f32s(&e["qat_y"], "qat_y")?,
+        scale,
+    )?;
     // convert: PyTorch's pipeline with every activation clamped to its trained range.
     convert(&mut model).map_err(err)?;
     let y8 = to_vec(&model.forward(&test_x).map_err(err)?)?;

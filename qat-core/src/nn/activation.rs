@@ -83,9 +83,9 @@ fn prepare_fixed(
 impl Sigmoid {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self.common.converted_float_op(&[x], "Sigmoid", |v| {
-                Ok(candle_nn::ops::sigmoid(&v[0])?)
-            });
+            return self
+                .common
+                .converted_float_op(&[x], "Sigmoid", |v| Ok(candle_nn::ops::sigmoid(&v[0])?));
         }
         self.common.note_inputs(&[x])?;
         self.common.finish(candle_nn::ops::sigmoid(x)?)
@@ -101,7 +101,9 @@ impl Sigmoid {
 impl Tanh {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self.common.converted_float_op(&[x], "Tanh", |v| Ok(v[0].tanh()?));
+            return self
+                .common
+                .converted_float_op(&[x], "Tanh", |v| Ok(v[0].tanh()?));
         }
         self.common.note_inputs(&[x])?;
         self.common.finish(x.tanh()?)

@@ -271,10 +271,12 @@ macro_rules! batch_norm {
                 };
                 if inner.common.io.is_some() {
                     let relu = inner.relu;
-                    return inner.common.converted_float_op(&[x], stringify!($name), |v| {
-                        let y = core.forward(&v[0], false)?;
-                        Ok(if relu { y.relu()? } else { y })
-                    });
+                    return inner
+                        .common
+                        .converted_float_op(&[x], stringify!($name), |v| {
+                            let y = core.forward(&v[0], false)?;
+                            Ok(if relu { y.relu()? } else { y })
+                        });
                 }
                 inner.common.check_input(x, stringify!($name))?;
                 inner.common.note_inputs(&[x])?;
@@ -318,9 +320,18 @@ macro_rules! batch_norm {
             fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
                 self.0.common.fake_quants()
             }
+            fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
+                self.0.common.int8_state()
+            }
+            fn load_int8_state(&mut self, state: crate::checkpoint::Int8State) -> Result<()> {
+                self.0.common.load_int8_state(&state)
+            }
             fn convert(&mut self) -> Result<()> {
                 let absorbed = self.0.common.absorbed.is_some();
-                self.0.common.convert_io(stringify!($name), !absorbed).map(|_| ())
+                self.0
+                    .common
+                    .convert_io(stringify!($name), !absorbed)
+                    .map(|_| ())
             }
         }
 

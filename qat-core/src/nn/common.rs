@@ -179,11 +179,7 @@ impl Common {
                  candle-qat's MaxPool2d/Flatten (insert a QuantStub before it otherwise)",
             ));
         }
-        inputs
-            .iter()
-            .flatten()
-            .map(|s| s.io_qparams())
-            .collect()
+        inputs.iter().flatten().map(|s| s.io_qparams()).collect()
     }
 
     /// Converts the bookkeeping of a prepared layer: input qparams (`inputs` of them, from the
@@ -222,12 +218,33 @@ impl Common {
         Ok(true)
     }
 
+    /// The saved form of a converted simple layer.
+    pub fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
+        self.io.as_ref().map(|io| crate::checkpoint::Int8State {
+            inputs: io.inputs.clone(),
+            output: io.output,
+            ..Default::default()
+        })
+    }
+
+    /// Restores a converted simple layer.
+    pub fn load_int8_state(&mut self, s: &crate::checkpoint::Int8State) -> Result<()> {
+        self.io = Some(ConvertedIo {
+            inputs: s.inputs.clone(),
+            output: s.output,
+        });
+        self.stage = Stage::Converted;
+        Ok(())
+    }
+
     /// Checks that a converted layer got codes, or a float layer got floats.
     pub fn check_input(&self, x: &Tensor, what: &str) -> Result<()> {
         let converted = self.io.is_some();
         match (converted, x.dtype()) {
-            (true, candle_core::DType::U8) | (false, candle_core::DType::F32)
-            | (false, candle_core::DType::F16) | (false, candle_core::DType::BF16)
+            (true, candle_core::DType::U8)
+            | (false, candle_core::DType::F32)
+            | (false, candle_core::DType::F16)
+            | (false, candle_core::DType::BF16)
             | (false, candle_core::DType::F64) => Ok(()),
             (true, dt) => Err(Error::tensor(
                 format!("{what} is converted and takes u8 codes, but got a {dt:?} tensor"),
@@ -269,7 +286,9 @@ impl Common {
         }
         let y = f(&floats)?;
         match &io.output {
-            Some(o) => crate::quantized::quantize(&y, o.scale, o.zero_point, o.quant_min, o.quant_max),
+            Some(o) => {
+                crate::quantized::quantize(&y, o.scale, o.zero_point, o.quant_min, o.quant_max)
+            }
             None => Ok(y),
         }
     }
@@ -328,7 +347,11 @@ impl Common {
     pub fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
         self.act_fq
             .iter()
-            .filter_map(|a| a.fq.lock().ok().map(|g| ("activation".to_string(), g.clone())))
+            .filter_map(|a| {
+                a.fq.lock()
+                    .ok()
+                    .map(|g| ("activation".to_string(), g.clone()))
+            })
             .collect()
     }
 

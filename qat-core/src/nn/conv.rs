@@ -243,6 +243,13 @@ macro_rules! conv {
                 let kind = self.kind();
                 self.w.convert(&kind, $rank == 2)
             }
+            fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
+                self.w.int8_state()
+            }
+            fn load_int8_state(&mut self, state: crate::checkpoint::Int8State) -> Result<()> {
+                let kind = self.kind();
+                self.w.load_int8_state(&kind, state)
+            }
         }
 
         crate::model::leaf_quantizable!($name);

@@ -34,9 +34,11 @@ impl FloatFunctional {
     /// `a + b` (broadcasting).
     pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self.common.converted_float_op(&[a, b], "FloatFunctional::add", |v| {
-                Ok(v[0].broadcast_add(&v[1])?)
-            });
+            return self
+                .common
+                .converted_float_op(&[a, b], "FloatFunctional::add", |v| {
+                    Ok(v[0].broadcast_add(&v[1])?)
+                });
         }
         self.common.note_inputs(&[a, b])?;
         self.common.finish(a.broadcast_add(b)?)
@@ -45,9 +47,11 @@ impl FloatFunctional {
     /// `relu(a + b)`.
     pub fn add_relu(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self.common.converted_float_op(&[a, b], "FloatFunctional::add_relu", |v| {
-                Ok(v[0].broadcast_add(&v[1])?.relu()?)
-            });
+            return self
+                .common
+                .converted_float_op(&[a, b], "FloatFunctional::add_relu", |v| {
+                    Ok(v[0].broadcast_add(&v[1])?.relu()?)
+                });
         }
         self.common.note_inputs(&[a, b])?;
         self.common.finish(a.broadcast_add(b)?.relu()?)
@@ -56,9 +60,11 @@ impl FloatFunctional {
     /// `a * b` (broadcasting).
     pub fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self.common.converted_float_op(&[a, b], "FloatFunctional::mul", |v| {
-                Ok(v[0].broadcast_mul(&v[1])?)
-            });
+            return self
+                .common
+                .converted_float_op(&[a, b], "FloatFunctional::mul", |v| {
+                    Ok(v[0].broadcast_mul(&v[1])?)
+                });
         }
         self.common.note_inputs(&[a, b])?;
         self.common.finish(a.broadcast_mul(b)?)
@@ -84,7 +90,9 @@ impl FloatFunctional {
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self.common.converted_float_op(&[x], "FloatFunctional", |v| Ok(v[0].clone()));
+            return self
+                .common
+                .converted_float_op(&[x], "FloatFunctional", |v| Ok(v[0].clone()));
         }
         self.common.note_inputs(&[x])?;
         self.common.finish(x.clone())

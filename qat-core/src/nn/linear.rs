@@ -85,7 +85,12 @@ impl Linear {
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        self.w.forward(x, |rank| rank - 1, Self::matmul, Some(super::weighted::IntOp::Linear))
+        self.w.forward(
+            x,
+            |rank| rank - 1,
+            Self::matmul,
+            Some(super::weighted::IntOp::Linear),
+        )
     }
 }
 
@@ -126,6 +131,13 @@ impl QuantModule for Linear {
     fn convert(&mut self) -> Result<()> {
         let kind = self.kind();
         self.w.convert(&kind, true)
+    }
+    fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
+        self.w.int8_state()
+    }
+    fn load_int8_state(&mut self, state: crate::checkpoint::Int8State) -> Result<()> {
+        let kind = self.kind();
+        self.w.load_int8_state(&kind, state)
     }
 }
 

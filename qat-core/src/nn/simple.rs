@@ -43,6 +43,15 @@ macro_rules! simple_module {
             fn convert(&mut self) -> $crate::error::Result<()> {
                 self.convert_with()
             }
+            fn int8_state(&self) -> Option<$crate::checkpoint::Int8State> {
+                self.common.int8_state()
+            }
+            fn load_int8_state(
+                &mut self,
+                state: $crate::checkpoint::Int8State,
+            ) -> $crate::error::Result<()> {
+                self.common.load_int8_state(&state)
+            }
         }
 
         impl candle_core::Module for $t {

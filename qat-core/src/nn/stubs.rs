@@ -36,7 +36,10 @@ impl QuantStub {
                 ));
             }
             let o = io.output.ok_or_else(|| {
-                crate::error::Error::state("QuantStub without output qparams", "report this as a bug")
+                crate::error::Error::state(
+                    "QuantStub without output qparams",
+                    "report this as a bug",
+                )
             })?;
             return crate::quantized::quantize(x, o.scale, o.zero_point, o.quant_min, o.quant_max);
         }
@@ -57,7 +60,9 @@ impl DeQuantStub {
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self.common.converted_float_op(&[x], "DeQuantStub", |v| Ok(v[0].clone()));
+            return self
+                .common
+                .converted_float_op(&[x], "DeQuantStub", |v| Ok(v[0].clone()));
         }
         self.common.note_inputs(&[x])?;
         Ok(x.clone())

@@ -207,11 +207,15 @@ impl Weighted {
                 let (w, sf) = self.scaled_weight()?;
                 let w = lock(wfq)?.forward(&w)?;
                 let y = op(x, &w)?;
-                let sf = sf.ok_or_else(|| Error::state("no BN scale factor", "report this as a bug"))?;
+                let sf =
+                    sf.ok_or_else(|| Error::state("no BN scale factor", "report this as a bug"))?;
                 let y = y.broadcast_div(&sf.reshape(along(dim(y.rank()), y.rank(), o))?)?;
                 (bn.forward(&add_bias(y)?, bn_training)?, Some(w))
             }
-            (Some(bn), None) => (bn.forward(&add_bias(op(x, &self.weight)?)?, bn_training)?, None),
+            (Some(bn), None) => (
+                bn.forward(&add_bias(op(x, &self.weight)?)?, bn_training)?,
+                None,
+            ),
             (None, Some(wfq)) => {
                 let w = lock(wfq)?.forward(&self.weight)?;
                 (add_bias(op(x, &w)?)?, Some(w))
@@ -225,9 +229,18 @@ impl Weighted {
         // code for code. With observers on, qparams move every batch and the float path
         // (PyTorch's) is used.
         let frozen = !self.common.training
-            && self.weight_fq.as_ref().map(|m| lock(m).map(|f| !f.observer_enabled())).transpose()?
+            && self
+                .weight_fq
+                .as_ref()
+                .map(|m| lock(m).map(|f| !f.observer_enabled()))
+                .transpose()?
                 == Some(true)
-            && self.common.act_fq.as_ref().map(|a| lock(&a.fq).map(|f| !f.observer_enabled())).transpose()?
+            && self
+                .common
+                .act_fq
+                .as_ref()
+                .map(|a| lock(&a.fq).map(|f| !f.observer_enabled()))
+                .transpose()?
                 == Some(true);
         let y = match (frozen, source, int_op, &self.weight_fq, w_fq) {
             (true, Some(src), Some(iop), Some(wfq), Some(_)) => {
@@ -267,9 +280,19 @@ impl Weighted {
     fn forward_int(&self, int: &IntWeighted, x: &Tensor, int_op: Option<IntOp>) -> Result<Tensor> {
         self.common.check_input(x, "a converted layer")?;
         let op = int_op.ok_or_else(|| {
-            Error::state("converted layer without an integer op", "report this as a bug")
+            Error::state(
+                "converted layer without an integer op",
+                "report this as a bug",
+            )
         })?;
-        int_forward(op, x, &int.input, &int.weight, &int.bias, Some(&int.requant))
+        int_forward(
+            op,
+            x,
+            &int.input,
+            &int.weight,
+            &int.bias,
+            Some(&int.requant),
+        )
     }
 
     /// Converts a prepared layer: the weight (BN folded as the QAT forward scales it) goes
@@ -295,7 +318,10 @@ impl Weighted {
             ));
         }
         let (Some(wfq), Some(_)) = (&self.weight_fq, &self.common.act_fq) else {
-            return Err(Error::state("prepared layer without fake-quants", "report this as a bug"));
+            return Err(Error::state(
+                "prepared layer without fake-quants",
+                "report this as a bug",
+            ));
         };
         let (w_s, _) = self.scaled_weight()?;
         let mut fq = lock(wfq)?;
@@ -309,7 +335,12 @@ impl Weighted {
         })?;
         let range = fq.quant_range();
         drop(fq);
-        let weight = QuantizedWeight::quantize(&w_s.detach(), &scales, range.quant_min(), range.quant_max())?;
+        let weight = QuantizedWeight::quantize(
+            &w_s.detach(),
+            &scales,
+            range.quant_min(),
+            range.quant_max(),
+        )?;
         let input = self.common.input_qparams(what)?[0];
         let backend = self.common.qconfig.map_or(Backend::X86, |q| q.backend);
         let bias = IntBias::new(&self.folded_bias()?, input.scale, &weight, backend);
@@ -322,8 +353,79 @@ impl Weighted {
             .ok_or_else(|| Error::state("no output fake-quant", "report this as a bug"))?;
         let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
             .with_relu(self.relu);
-        self.common.io = Some(super::common::ConvertedIo { inputs: vec![input], output: Some(out) });
-        self.int = Some(IntWeighted { weight, bias, input, requant });
+        self.common.io = Some(super::common::ConvertedIo {
+            inputs: vec![input],
+            output: Some(out),
+        });
+        self.int = Some(IntWeighted {
+            weight,
+            bias,
+            input,
+            requant,
+        });
+        self.common.stage = Stage::Converted;
+        Ok(())
+    }
+
+    /// The saved form of a converted layer.
+    pub fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
+        let int = self.int.as_ref()?;
+        Some(crate::checkpoint::Int8State {
+            weight_codes: int.weight.codes().to_vec(),
+            weight_shape: int.weight.shape().to_vec(),
+            weight_scales: int.weight.scales().to_vec(),
+            bias: int.bias.float.clone(),
+            bias_int32: int.bias.int.clone(),
+            inputs: vec![int.input],
+            output: self.common.io.as_ref().and_then(|io| io.output),
+        })
+    }
+
+    /// Restores a converted layer (fused as when it was saved).
+    pub fn load_int8_state(&mut self, what: &str, s: crate::checkpoint::Int8State) -> Result<()> {
+        if s.weight_shape != self.weight.dims() {
+            return Err(Error::state(
+                format!(
+                    "{what}: saved int8 weight of shape {:?}, the layer's is {:?}",
+                    s.weight_shape,
+                    self.weight.dims()
+                ),
+                "load a checkpoint saved from a model of the same architecture",
+            ));
+        }
+        let (Some(&input), Some(out)) = (s.inputs.first(), s.output) else {
+            return Err(Error::state(
+                format!("{what}: the saved layer has no input or output qparams"),
+                "load a checkpoint written by save_int8",
+            ));
+        };
+        let weight =
+            QuantizedWeight::from_codes(s.weight_codes, &s.weight_shape, &s.weight_scales)?;
+        let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
+            .with_relu(self.relu);
+        let o = self.out_channels();
+        if s.bias.len() != o || s.bias_int32.len() != o {
+            return Err(Error::state(
+                format!(
+                    "{what}: saved bias of {} values for {o} channels",
+                    s.bias.len()
+                ),
+                "load a checkpoint saved from a model of the same architecture",
+            ));
+        }
+        self.int = Some(IntWeighted {
+            weight,
+            bias: IntBias {
+                int: s.bias_int32,
+                float: s.bias,
+            },
+            input,
+            requant,
+        });
+        self.common.io = Some(super::common::ConvertedIo {
+            inputs: vec![input],
+            output: Some(out),
+        });
         self.common.stage = Stage::Converted;
         Ok(())
     }

@@ -167,7 +167,11 @@ impl Affine {
     pub(crate) fn with_int_bias(mut self, int_bias: &[i32]) -> Result<Self> {
         if int_bias.len() != self.mult.len() {
             return Err(Error::tensor(
-                format!("{} int32 bias values for {} output channels", int_bias.len(), self.mult.len()),
+                format!(
+                    "{} int32 bias values for {} output channels",
+                    int_bias.len(),
+                    self.mult.len()
+                ),
                 "give one bias per output channel",
             ));
         }
@@ -220,7 +224,13 @@ impl Epilogue for Plan {
 
     #[inline]
     fn one(&self, o: usize, acc: i32) -> u8 {
-        code(acc, self.affine.int_bias[o], self.affine.mult[o], self.affine.bias[o], self.grid)
+        code(
+            acc,
+            self.affine.int_bias[o],
+            self.affine.mult[o],
+            self.affine.bias[o],
+            self.grid,
+        )
     }
 }
 
