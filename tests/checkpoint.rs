@@ -97,7 +97,7 @@ fn steps(m: &Net, varmap: &VarMap, from: u32, to: u32) -> candle_qat::Result<Vec
 #[test]
 fn qat_checkpoint_resumes_identically() -> candle_qat::Result<()> {
     let dir = std::env::temp_dir().join(format!("candle-qat-ckpt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| candle_core::Error::wrap(e))?;
+    std::fs::create_dir_all(&dir).map_err(candle_core::Error::wrap)?;
     let file = dir.join("qat.safetensors");
     let va = VarMap::new();
     let mut a = prepared(&va, 4, Backend::X86)?;
@@ -136,7 +136,7 @@ impl DisableFc2 for Linear {
 #[test]
 fn int8_model_round_trips() -> candle_qat::Result<()> {
     let dir = std::env::temp_dir().join(format!("candle-qat-int8-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| candle_core::Error::wrap(e))?;
+    std::fs::create_dir_all(&dir).map_err(candle_core::Error::wrap)?;
     for backend in [Backend::X86, Backend::Qnnpack] {
         let file = dir.join(format!("{backend:?}.safetensors"));
         let va = VarMap::new();

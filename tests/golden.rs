@@ -3,6 +3,9 @@
 //!
 //! Reads `QAT_GOLDEN_DIR` when set, else `tests/golden/`. A kind it does not know fails.
 
+// Tolerance checks are written `!(diff <= tol)` so that a NaN fails them.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 #[path = "golden_support/case.rs"]
 mod case;
 #[path = "golden_support/conv_bn_qat.rs"]

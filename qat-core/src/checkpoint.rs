@@ -133,7 +133,7 @@ impl File {
     }
 
     fn has(&self, key: &str) -> Result<bool> {
-        Ok(self.st()?.names().iter().any(|n| *n == key))
+        Ok(self.st()?.names().contains(&key))
     }
 
     fn get(&self, key: &str, dtype: Dtype) -> Result<(Vec<usize>, Vec<u8>)> {

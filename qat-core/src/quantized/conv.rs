@@ -320,8 +320,7 @@ fn pad_group(g: &Geometry, x: &[u8], x_zp: u8, padded: &mut Vec<u8>) {
 
 /// Unfolds a padded group into the panel: k-group `kg` holds the taps `4 kg .. 4 kg + 4` of
 /// `k = (c * kh + ky) * kw + kx` (the weight's row order); taps past the row length repeat
-/// the last one (their weights are zero). Stride 1 copies 16 positions at a time (rows may
-/// overrun into the next row's place, written just after, or into the panel's slack).
+/// the last one (their weights are zero).
 fn im2col(g: &Geometry, padded: &[u8], panel: &mut Panel) {
     let k_len = g.row_len();
     let (ow, wp, st) = (g.ow, g.wp, g.stride);
@@ -331,6 +330,13 @@ fn im2col(g: &Geometry, padded: &[u8], panel: &mut Panel) {
         (c * g.hp + ky * g.dilation) * wp + kx * g.dilation
     };
     let stride = panel.stride();
+    // Stride 1 copies 16 positions at a time: a row may overrun into the next row's place
+    // (written just after) or the panel's padding, and read up to 15 bytes past the last
+    // padded row (the SLACK). Both bounds always hold; they are checked here once.
+    #[cfg(target_arch = "x86_64")]
+    let fast = st == 1
+        && padded.len() >= g.cg * g.hp * g.wp + 16
+        && (g.oh - 1) * ow + ow.next_multiple_of(16) <= stride;
     let words = panel.words_mut();
     for (kg, dst) in words.chunks_exact_mut(stride).enumerate() {
         let offs = [
@@ -339,54 +345,59 @@ fn im2col(g: &Geometry, padded: &[u8], panel: &mut Panel) {
             tap(4 * kg + 2),
             tap(4 * kg + 3),
         ];
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: every read is below `offs + (oh - 1) * wp + ow rounded up to 16`, which
+            // is at most `cg * hp * wp + 15 < padded.len()` (the last tap's window ends inside
+            // the padded group); every write is below `(oh - 1) * ow + ow rounded up to 16
+            // <= stride = dst.len()` (checked above).
+            unsafe { rows_stride1(padded.as_ptr(), offs, g.oh, ow, wp, dst.as_mut_ptr()) };
+            continue;
+        }
         for oy in 0..g.oh {
             let row = oy * st * wp;
-            let d = &mut dst[oy * ow..];
-            if st == 1 {
-                for ox in (0..ow).step_by(16) {
-                    let src = offs.map(|o| {
-                        let at = o + row + ox;
-                        &padded[at..at + 16]
-                    });
-                    interleave16(src, &mut d[ox..ox + 16]);
-                }
-            } else {
-                for (ox, v) in d[..ow].iter_mut().enumerate() {
-                    let at = row + ox * st;
-                    *v = u32::from_ne_bytes(offs.map(|o| padded[o + at]));
-                }
+            for (ox, v) in dst[oy * ow..(oy + 1) * ow].iter_mut().enumerate() {
+                let at = row + ox * st;
+                *v = u32::from_ne_bytes(offs.map(|o| padded[o + at]));
             }
         }
     }
 }
 
-/// `d[i]` = the bytes `s[0][i], s[1][i], s[2][i], s[3][i]` in memory order, for 16 `i`.
-#[inline]
-fn interleave16(s: [&[u8]; 4], d: &mut [u32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::*;
-        if s.iter().all(|r| r.len() >= 16) && d.len() >= 16 {
-            // SAFETY: the four sources hold 16 bytes and `d` 16 words (checked above);
-            // SSE2 is part of x86-64.
-            unsafe {
-                let a = _mm_loadu_si128(s[0].as_ptr().cast());
-                let b = _mm_loadu_si128(s[1].as_ptr().cast());
-                let c = _mm_loadu_si128(s[2].as_ptr().cast());
-                let e = _mm_loadu_si128(s[3].as_ptr().cast());
-                let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
-                let (ce_lo, ce_hi) = (_mm_unpacklo_epi8(c, e), _mm_unpackhi_epi8(c, e));
-                let out = d.as_mut_ptr().cast::<__m128i>();
-                _mm_storeu_si128(out, _mm_unpacklo_epi16(ab_lo, ce_lo));
-                _mm_storeu_si128(out.add(1), _mm_unpackhi_epi16(ab_lo, ce_lo));
-                _mm_storeu_si128(out.add(2), _mm_unpacklo_epi16(ab_hi, ce_hi));
-                _mm_storeu_si128(out.add(3), _mm_unpackhi_epi16(ab_hi, ce_hi));
-            }
-            return;
+/// Stride-1 rows of one k-group: `d[oy * ow + ox]` = the bytes at `src + offs[j] + oy * wp
+/// + ox`, j = 0..4, in memory order, 16 positions per step (SSE2 byte interleaves).
+///
+/// # Safety
+/// Reads of 16 bytes at `src + offs[j] + oy * wp + ox` and writes of 16 words at
+/// `d + oy * ow + ox`, for `ox` in steps of 16 below `ow`, must be in bounds.
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows_stride1(
+    src: *const u8,
+    offs: [usize; 4],
+    oh: usize,
+    ow: usize,
+    wp: usize,
+    d: *mut u32,
+) {
+    use std::arch::x86_64::*;
+    for oy in 0..oh {
+        let s = offs.map(|o| src.add(o + oy * wp));
+        let out = d.add(oy * ow);
+        let mut ox = 0;
+        while ox < ow {
+            let a = _mm_loadu_si128(s[0].add(ox).cast());
+            let b = _mm_loadu_si128(s[1].add(ox).cast());
+            let c = _mm_loadu_si128(s[2].add(ox).cast());
+            let e = _mm_loadu_si128(s[3].add(ox).cast());
+            let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
+            let (ce_lo, ce_hi) = (_mm_unpacklo_epi8(c, e), _mm_unpackhi_epi8(c, e));
+            let o = out.add(ox).cast::<__m128i>();
+            _mm_storeu_si128(o, _mm_unpacklo_epi16(ab_lo, ce_lo));
+            _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(ab_lo, ce_lo));
+            _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(ab_hi, ce_hi));
+            _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(ab_hi, ce_hi));
+            ox += 16;
         }
-    }
-    for (i, v) in d.iter_mut().take(16).enumerate() {
-        *v = u32::from_ne_bytes([s[0][i], s[1][i], s[2][i], s[3][i]]);
     }
 }
 
@@ -449,7 +460,7 @@ mod tests {
                                 }
                             }
                         }
-                        let v = (acc as f32 * (xs * w.scale(o)) + bias[o]) / rq.scale();
+                        let v = (acc as f32 * (xs * w.scale(o)) + bias[o]) * (1.0 / rq.scale());
                         let q = rq.zero_point() as i64 + v.round_ties_even() as i64;
                         y.push(q.clamp(rq.lowest_code() as i64, rq.quant_max() as i64) as u8);
                     }

@@ -555,7 +555,7 @@ pub fn gemm_u8_i8(
     kernel: Kernel,
 ) -> Result<Vec<i32>> {
     let k = w.row_len();
-    if x.len() % k != 0 {
+    if !x.len().is_multiple_of(k) {
         return Err(Error::tensor(
             format!("{} activation codes are not rows of {k}", x.len()),
             "give whole rows of w.row_len() codes",

@@ -180,7 +180,7 @@ mod tests {
                 let acc: i64 = (0..k)
                     .map(|j| (x[mi * k + j] as i64 - xzp as i64) * w.codes()[oi * k + j] as i64)
                     .sum();
-                let t = (acc as f32 * (xs * w.scale(oi)) + bias[oi]) / ys;
+                let t = (acc as f32 * (xs * w.scale(oi)) + bias[oi]) * (1.0 / ys);
                 y.push((yzp as i64 + t.round_ties_even() as i64).clamp(lo as i64, hi as i64) as u8);
             }
         }

@@ -55,10 +55,8 @@ pub(crate) fn on_u8<R>(t: &Tensor, what: &str, f: impl FnOnce(&[u8]) -> R) -> Re
         ));
     }
     let mut f = Some(f);
-    if let Some(r) = with_cpu_u8(t, |s| f.take().map(|f| f(s))) {
-        if let Some(r) = r {
-            return Ok(r);
-        }
+    if let Some(Some(r)) = with_cpu_u8(t, |s| f.take().map(|f| f(s))) {
+        return Ok(r);
     }
     let v = t.flatten_all()?.to_vec1::<u8>()?;
     match f.take() {
