@@ -29,8 +29,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_qat::checkpoint;
-use candle_qat::passes::convert;
-use candle_qat::passes::for_each_layer;
+use candle_qat::passes::{convert, for_each_layer};
 use candle_qat::prelude::*;
 use clap::{Parser, ValueEnum};
 
@@ -235,12 +234,11 @@ fn run(args: Args) -> AnyResult<()> {
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     }
-    let mut rng = Rng::new(args.seed);
     let steps = trainer::steps_per_epoch(data.train.n, args.batch_size);
 
     // ---- 1. Float training --------------------------------------------------------------
     let (float_vm, mut float_net) = new_net(&dev)?;
-    trainer::init_weights(&float_vm, &mut rng)?;
+    trainer::init_weights(&float_vm, &mut Rng::stream(args.seed, 0))?;
     let float_ckpt = args.out.as_ref().map(|o| o.join("float.safetensors"));
     if args.resume {
         let path = float_ckpt.as_ref().ok_or("--resume needs --out")?;
@@ -252,6 +250,7 @@ fn run(args: Args) -> AnyResult<()> {
         println!("float: loaded {}", path.display());
     } else {
         let mut opt = MomentumSgd::new(float_vm.all_vars(), args.lr, 0.9);
+        let mut rng = Rng::stream(args.seed, 1);
         phases.time("float train", || {
             for epoch in 0..args.epochs {
                 train(&mut float_net)?;
@@ -293,7 +292,7 @@ fn run(args: Args) -> AnyResult<()> {
     println!("float: test accuracy {:.2}%", 100.0 * float_acc);
 
     // ---- 2. PTQ baseline ----------------------------------------------------------------
-    let calib: Vec<usize> = rng
+    let calib: Vec<usize> = Rng::stream(args.seed, 2)
         .permutation(data.train.n)
         .into_iter()
         .take(args.calib_images.min(data.train.n))
@@ -344,6 +343,7 @@ fn run(args: Args) -> AnyResult<()> {
     }
     let mut opt = MomentumSgd::new(qat_vm.all_vars(), args.qat_lr, 0.9);
     let (qat_epochs, freeze_after) = (args.qat_epochs as usize, args.freeze_after as usize);
+    let mut rng = Rng::stream(args.seed, 3);
     phases.time("QAT train", || {
         for epoch in 0..qat_epochs {
             if epoch == freeze_after {

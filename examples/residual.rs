@@ -306,7 +306,6 @@ fn run(args: Args) -> AnyResult<()> {
         "data: {} ({} train, {} test images); preset {:?}, seed {}",
         data.source, data.train.n, data.test.n, args.preset, args.seed
     );
-    let mut rng = Rng::new(args.seed);
     let steps = trainer::steps_per_epoch(data.train.n, args.batch_size);
     let run_epochs = |net: &mut ResNet,
                       opt: &mut MomentumSgd,
@@ -342,12 +341,12 @@ fn run(args: Args) -> AnyResult<()> {
     // Float.
     let t = Instant::now();
     let (float_vm, mut float_net) = new_net(&dev)?;
-    trainer::init_weights(&float_vm, &mut rng)?;
+    trainer::init_weights(&float_vm, &mut Rng::stream(args.seed, 0))?;
     let mut opt = MomentumSgd::new(float_vm.all_vars(), args.lr, 0.9);
     run_epochs(
         &mut float_net,
         &mut opt,
-        &mut rng,
+        &mut Rng::stream(args.seed, 1),
         args.epochs,
         args.lr,
         "float",
@@ -363,7 +362,7 @@ fn run(args: Args) -> AnyResult<()> {
     eval(&mut ptq)?;
     fuse_modules(&mut ptq)?;
     prepare_qat(&mut ptq, &mapping)?;
-    let calib: Vec<usize> = rng
+    let calib: Vec<usize> = Rng::stream(args.seed, 2)
         .permutation(data.train.n)
         .into_iter()
         .take(512)
@@ -383,12 +382,11 @@ fn run(args: Args) -> AnyResult<()> {
     train(&mut qat)?;
     fuse_modules_qat(&mut qat)?;
     prepare_qat(&mut qat, &mapping)?;
-    println!("\nprepared model:\n{}", summary(&qat)?);
     let mut opt = MomentumSgd::new(qat_vm.all_vars(), args.qat_lr, 0.9);
     run_epochs(
         &mut qat,
         &mut opt,
-        &mut rng,
+        &mut Rng::stream(args.seed, 3),
         args.qat_epochs as usize,
         args.qat_lr,
         "QAT",
@@ -396,6 +394,7 @@ fn run(args: Args) -> AnyResult<()> {
     freeze_bn_stats(&mut qat)?;
     disable_observer(&mut qat)?;
     eval(&mut qat)?;
+    println!("\nprepared model after QAT:\n{}", summary(&qat)?);
     let fq_preds = trainer::predict(&qat, &data.test, args.batch_size, "QAT fake-quant", &dev)?;
     let fq_acc = trainer::accuracy(&fq_preds, &data.test);
     let mut int8 = qat.clone();
@@ -446,7 +445,8 @@ fn run(args: Args) -> AnyResult<()> {
         }
     };
     println!(
-        "\nper-layer SQNR vs float on {} test images (dB; higher is better)",
+        "\nper-layer SQNR against the float model (same QAT weights) on {} test images, in dB, \
+         cumulative (each output carries the error of the layers before it); higher is better",
         idx.len()
     );
     println!(

@@ -24,6 +24,16 @@ impl Rng {
         Rng(seed ^ 0x5851_f42d_4c95_7f2d)
     }
 
+    /// Stream `k` of `seed`: the phases of a run draw from separate streams, so that
+    /// skipping one (`--resume` skips float training) leaves the others' numbers unchanged.
+    pub fn stream(seed: u64, k: u64) -> Self {
+        let mut r = Rng::new(seed);
+        for _ in 0..=k {
+            r.next_u64();
+        }
+        Rng::new(r.next_u64() ^ k)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;

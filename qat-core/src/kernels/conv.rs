@@ -6,9 +6,12 @@
 //!   gradient, e.g. the network's input);
 //! - weight gradient: `dW += dy @ col^T`, accumulated per task and summed.
 //!
-//! Work is split over images (one rayon task per chunk, single-threaded GEMMs) when the
-//! batch covers the threads, else each image's GEMMs run multi-threaded. 1x1 convolutions of
-//! stride 1 and no padding skip im2col (the input is its own column matrix).
+//! Images are processed in chunks whose output maps, side by side, give the GEMMs at least
+//! `TARGET_COLS` columns (small maps such as 7x7 would otherwise make thin, slow GEMMs).
+//! Chunks are spread over rayon tasks (single-threaded GEMMs) when there are enough of them
+//! for the threads, else each chunk's GEMMs run multi-threaded. Weight-gradient partial sums
+//! are kept per task and added in task order, so results do not depend on scheduling.
+//! 1x1 convolutions of stride 1 and no padding skip im2col for single-image chunks.
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -18,14 +21,16 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::Window;
-use super::matmul::{parallelism, sgemm, View};
+use super::matmul::{parallelism, sgemm, sgemm_strided, View};
 use super::num_threads;
 use crate::host::with_cpu_f32 as cpu_f32;
 
 /// Multiply-adds below which a convolution runs on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 16;
-/// Multiply-adds of one image's GEMM above which it is worth splitting across threads.
+/// Multiply-adds of one chunk's GEMM above which it is worth splitting across threads.
 const GEMM_PAR_MIN_MACS: usize = 1 << 20;
+/// Columns (output positions, all images of a chunk) a GEMM should get at least.
+const TARGET_COLS: usize = 512;
 
 /// Convolution options per spatial dim (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,45 +131,84 @@ impl Geom {
         self.o * self.win.rows() * self.win.cols()
     }
 
-    /// How to spread the work: `(tasks over images, threads of each GEMM)`.
-    fn plan(&self) -> (usize, usize) {
+    /// How to split the work: `(images per chunk, tasks, threads of each GEMM)`; tasks take
+    /// contiguous runs of chunks.
+    fn plan(&self) -> (usize, usize, usize) {
         let threads = num_threads();
-        let per_image = self.macs_per_image();
-        if threads == 1 || self.n * per_image < PAR_MIN_MACS {
-            (1, 1)
-        } else if self.n >= threads || per_image < GEMM_PAR_MIN_MACS {
-            (self.n.min(threads), 1)
+        let cols = self.win.cols().max(1);
+        let mut per_chunk = TARGET_COLS.div_ceil(cols).clamp(1, self.n.max(1));
+        if threads > 1 {
+            // Enough chunks to keep every thread busy.
+            per_chunk = per_chunk.min(self.n.div_ceil(threads)).max(1);
+        }
+        let chunks = self.n.div_ceil(per_chunk);
+        let total = self.n * self.macs_per_image();
+        if threads == 1 || total < PAR_MIN_MACS {
+            (per_chunk, 1, 1)
+        } else if chunks >= threads || total / chunks.max(1) < GEMM_PAR_MIN_MACS {
+            (per_chunk, chunks.min(threads), 1)
         } else {
-            (1, threads)
+            (per_chunk, 1, threads)
         }
     }
 }
 
-thread_local! {
-    /// Column buffers reused across calls on each thread.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+/// Scratch buffers reused across calls on each thread.
+#[derive(Default)]
+struct Scratch {
+    /// Column matrix of a chunk.
+    col: Vec<f32>,
+    /// Its gradient.
+    dcol: Vec<f32>,
+    /// Output (or output gradient) of a chunk, images side by side.
+    out: Vec<f32>,
 }
 
-/// Runs `f` with this thread's two scratch buffers, each at least `len` long. The buffers are
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch buffers, sized `[col, dcol, out]`. The buffers are
 /// taken out of the thread-local while `f` runs, so a nested call gets fresh ones.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-    let (mut a, mut b) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    for v in [&mut a, &mut b] {
+fn with_scratch<R>(lens: [usize; 3], f: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]) -> R) -> R {
+    let mut s = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    for (v, len) in [&mut s.col, &mut s.dcol, &mut s.out].into_iter().zip(lens) {
         if v.len() < len {
             v.resize(len, 0.0);
         }
     }
-    let r = f(&mut a[..len], &mut b[..len]);
-    SCRATCH.with(|s| *s.borrow_mut() = (a, b));
+    let r = f(
+        &mut s.col[..lens[0]],
+        &mut s.dcol[..lens[1]],
+        &mut s.out[..lens[2]],
+    );
+    SCRATCH.with(|t| *t.borrow_mut() = s);
     r
 }
 
-/// Splits `0..n` into `tasks` contiguous ranges of near-equal length.
-fn ranges(n: usize, tasks: usize) -> Vec<(usize, usize)> {
-    let tasks = tasks.clamp(1, n.max(1));
+/// Splits `0..n` into `tasks` contiguous ranges of near-equal length, each a multiple of
+/// `align` (but the last).
+fn ranges(n: usize, tasks: usize, align: usize) -> Vec<(usize, usize)> {
+    let units = n.div_ceil(align.max(1));
+    let tasks = tasks.clamp(1, units.max(1));
     (0..tasks)
-        .map(|t| (t * n / tasks, (t + 1) * n / tasks))
+        .map(|t| {
+            let a = (t * units / tasks * align).min(n);
+            let b = ((t + 1) * units / tasks * align).min(n);
+            (a, b)
+        })
         .collect()
+}
+
+/// Writes the column matrices of images `n0..n0 + m`, group `gi`, side by side into `col`
+/// (`rows x m*cols`).
+fn chunk_im2col(x: &[f32], g: &Geom, gi: usize, n0: usize, m: usize, col: &mut [f32]) {
+    let win = g.win;
+    let (hw, cols) = (g.hw(), win.cols());
+    for k in 0..m {
+        let xg = &x[((n0 + k) * g.c + gi * win.c) * hw..][..win.c * hw];
+        win.im2col(xg, &mut col[k * cols..], m * cols);
+    }
 }
 
 /// The forward: `y (N, O, OH, OW)`.
@@ -173,50 +217,84 @@ fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     let (og, rows, cols, hw) = (g.og(), win.rows(), win.cols(), g.hw());
     let per_image = g.o * cols;
     let total = g.n * per_image;
-    let (tasks, gemm_threads) = g.plan();
+    let (per_chunk, tasks, gemm_threads) = g.plan();
+    let par = parallelism(gemm_threads);
     let pointwise = g.pointwise();
     let mut y: Vec<f32> = Vec::with_capacity(total);
-    let image = |n: usize, yn: &mut [MaybeUninit<f32>], col: &mut [f32]| {
+    // One chunk: images n0.., outputs `yc` (m images).
+    let chunk = |n0: usize, yc: &mut [MaybeUninit<f32>], s: &mut [&mut [f32]; 3]| {
+        let m = yc.len() / per_image;
+        let [col, _, out] = s;
         for gi in 0..g.groups {
-            let xg = &x[(n * g.c + gi * win.c) * hw..][..win.c * hw];
-            let b = if pointwise {
-                xg
+            let wg = View::rows(&w[gi * g.wg()..], rows);
+            if m == 1 {
+                let xg = &x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw];
+                let b = if pointwise {
+                    xg
+                } else {
+                    win.im2col(xg, col, cols);
+                    &col[..]
+                };
+                // SAFETY: `yc` holds this image's `O x cols` outputs, group `gi` its rows
+                // `gi*og..(gi+1)*og`; the views lie inside `w` and `b`.
+                unsafe {
+                    sgemm(
+                        og,
+                        cols,
+                        rows,
+                        yc[gi * og * cols..].as_mut_ptr() as *mut f32,
+                        cols,
+                        false,
+                        wg,
+                        View::rows(b, cols),
+                        par,
+                    )
+                }
             } else {
-                win.im2col(xg, col);
-                &col[..]
-            };
-            // SAFETY: `yn` holds this image's `O x cols` outputs, group `gi` its rows
-            // `gi*og..(gi+1)*og`; the weight and column views lie inside `w` and `b`.
-            unsafe {
-                sgemm(
-                    og,
-                    cols,
-                    rows,
-                    yn[gi * og * cols..].as_mut_ptr() as *mut f32,
-                    cols,
-                    false,
-                    View::rows(&w[gi * g.wg()..], rows),
-                    View::rows(b, cols),
-                    parallelism(gemm_threads),
-                )
+                chunk_im2col(x, g, gi, n0, m, col);
+                let ld = m * cols;
+                // SAFETY: `out` holds `og x ld`; the views lie inside `w` and `col`.
+                unsafe {
+                    sgemm(
+                        og,
+                        ld,
+                        rows,
+                        out.as_mut_ptr(),
+                        ld,
+                        false,
+                        wg,
+                        View::rows(col, ld),
+                        par,
+                    )
+                }
+                for k in 0..m {
+                    for o in 0..og {
+                        let dst = &mut yc[k * per_image + (gi * og + o) * cols..][..cols];
+                        for (d, &v) in dst.iter_mut().zip(&out[o * ld + k * cols..][..cols]) {
+                            d.write(v);
+                        }
+                    }
+                }
             }
         }
     };
+    let lens = [rows * cols * per_chunk, 0, og * cols * per_chunk];
     let spare = &mut y.spare_capacity_mut()[..total];
-    let scratch = if pointwise { 0 } else { rows * cols };
+    let run = |(c, yc): (usize, &mut [MaybeUninit<f32>])| {
+        with_scratch(lens, |a, b, o| chunk(c * per_chunk, yc, &mut [a, b, o]))
+    };
     if tasks > 1 {
         spare
-            .par_chunks_mut(per_image)
+            .par_chunks_mut(per_chunk * per_image)
             .enumerate()
-            .for_each(|(n, yn)| with_scratch(scratch, |col, _| image(n, yn, col)));
+            .for_each(run);
     } else {
-        with_scratch(scratch, |col, _| {
-            for (n, yn) in spare.chunks_mut(per_image).enumerate() {
-                image(n, yn, col)
-            }
-        });
+        spare
+            .chunks_mut(per_chunk * per_image)
+            .enumerate()
+            .for_each(run);
     }
-    // SAFETY: every image's GEMMs wrote all of its `O x cols` outputs (read_dst = false).
+    // SAFETY: every chunk wrote all of its images' `O x cols` outputs.
     unsafe { y.set_len(total) };
     y
 }
@@ -232,14 +310,15 @@ fn backward(
 ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
     let win = g.win;
     let (og, rows, cols, hw) = (g.og(), win.rows(), win.cols(), g.hw());
-    let (tasks, gemm_threads) = g.plan();
+    let (per_chunk, tasks, gemm_threads) = g.plan();
     let par = parallelism(gemm_threads);
     let pointwise = g.pointwise();
     let x_image = g.c * hw;
+    let y_image = g.o * cols;
     let w_len = g.o * rows;
-    let parts = ranges(g.n, tasks);
+    let parts = ranges(g.n, tasks, per_chunk);
     let mut dx: Vec<f32> = Vec::with_capacity(if need_dx { g.n * x_image } else { 0 });
-    // Each task's slice of dx (images n0..n1).
+    // Each task's slice of dx (its images).
     let mut slices: Vec<Option<&mut [MaybeUninit<f32>]>> = Vec::with_capacity(parts.len());
     if need_dx {
         let mut rest = &mut dx.spare_capacity_mut()[..g.n * x_image];
@@ -251,83 +330,120 @@ fn backward(
     } else {
         slices.resize_with(parts.len(), || None);
     }
-    let task = |(n0, n1): (usize, usize), mut dx_part: Option<&mut [MaybeUninit<f32>]>| {
+    // Images n0..n0+m of one task; `dxc` its dx slice from image `base`.
+    let chunk = |n0: usize,
+                 m: usize,
+                 dw_part: &mut [f32],
+                 dxc: Option<&mut [MaybeUninit<f32>]>,
+                 base: usize,
+                 s: &mut [&mut [f32]; 3]| {
+        let [col, dcol, dyc] = s;
+        let ld = m * cols;
+        let mut dxc = dxc;
+        for gi in 0..g.groups {
+            let wg = &w[gi * g.wg()..][..g.wg()];
+            // This group's output gradient for the chunk, `og x ld`.
+            let dyg: &[f32] = if m == 1 {
+                &dy[(n0 * g.o + gi * og) * cols..][..og * cols]
+            } else {
+                for o in 0..og {
+                    for k in 0..m {
+                        dyc[o * ld + k * cols..][..cols].copy_from_slice(
+                            &dy[(n0 + k) * y_image + (gi * og + o) * cols..][..cols],
+                        );
+                    }
+                }
+                &dyc[..og * ld]
+            };
+            if need_dw {
+                let b: &[f32] = if m == 1 && pointwise {
+                    &x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw]
+                } else {
+                    chunk_im2col(x, g, gi, n0, m, col);
+                    &col[..]
+                };
+                // dW_g (og x rows) += dy_g (og x ld) @ col^T (ld x rows), accumulated
+                // transposed (`rows x og` per group, column-major dW_g): the GEMM then packs
+                // the smaller dy_g rather than the column matrix.
+                // SAFETY: dw_part holds all groups' weights; the views lie inside slices.
+                unsafe {
+                    sgemm_strided(
+                        og,
+                        rows,
+                        ld,
+                        dw_part[gi * g.wg()..].as_mut_ptr(),
+                        1,
+                        og,
+                        true,
+                        View::rows(dyg, ld),
+                        View::transposed(b, ld),
+                        par,
+                    )
+                }
+            }
+            if let Some(dxp) = dxc.as_deref_mut() {
+                let block = |k: usize| (n0 + k - base) * x_image + gi * win.c * hw;
+                if m == 1 && pointwise {
+                    let dxg = &mut dxp[block(0)..][..win.c * hw];
+                    // dx_g (c x hw) = W_g^T (c x og) @ dy_g (og x hw), written whole.
+                    // SAFETY: dxg is this group's `c x hw` gradient block.
+                    unsafe {
+                        sgemm(
+                            rows,
+                            cols,
+                            og,
+                            dxg.as_mut_ptr() as *mut f32,
+                            cols,
+                            false,
+                            View::transposed(wg, rows),
+                            View::rows(dyg, cols),
+                            par,
+                        )
+                    }
+                } else {
+                    // SAFETY: dcol holds `rows x ld`.
+                    unsafe {
+                        sgemm(
+                            rows,
+                            ld,
+                            og,
+                            dcol.as_mut_ptr(),
+                            ld,
+                            false,
+                            View::transposed(wg, rows),
+                            View::rows(dyg, ld),
+                            par,
+                        )
+                    }
+                    for k in 0..m {
+                        let dxg = &mut dxp[block(k)..][..win.c * hw];
+                        dxg.fill(MaybeUninit::new(0.0));
+                        // SAFETY: just initialised; MaybeUninit<f32> has f32's layout.
+                        let dxg = unsafe { &mut *(dxg as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                        win.col2im(&dcol[k * cols..], ld, dxg);
+                    }
+                }
+            }
+        }
+    };
+    let lens = [
+        if need_dw { rows * cols * per_chunk } else { 0 },
+        if need_dx { rows * cols * per_chunk } else { 0 },
+        og * cols * per_chunk,
+    ];
+    let task = |(a, b): (usize, usize), mut dxs: Option<&mut [MaybeUninit<f32>]>| {
         let mut dw_part = if need_dw {
             vec![0f32; w_len]
         } else {
             Vec::new()
         };
-        let scratch = if pointwise { 0 } else { rows * cols };
-        with_scratch(scratch, |col, dcol| {
-            for n in n0..n1 {
-                for gi in 0..g.groups {
-                    let xg = &x[(n * g.c + gi * win.c) * hw..][..win.c * hw];
-                    let dyg = &dy[(n * g.o + gi * og) * cols..][..og * cols];
-                    let wg = &w[gi * g.wg()..][..g.wg()];
-                    if need_dw {
-                        let b = if pointwise {
-                            xg
-                        } else {
-                            win.im2col(xg, col);
-                            &col[..]
-                        };
-                        // dW_g (og x rows) += dy_g (og x cols) @ col^T (cols x rows).
-                        // SAFETY: dw_part holds all groups' weights; views lie inside slices.
-                        unsafe {
-                            sgemm(
-                                og,
-                                rows,
-                                cols,
-                                dw_part[gi * g.wg()..].as_mut_ptr(),
-                                rows,
-                                true,
-                                View::rows(dyg, cols),
-                                View::transposed(b, cols),
-                                par,
-                            )
-                        }
-                    }
-                    if let Some(dxp) = dx_part.as_deref_mut() {
-                        let dxg = &mut dxp[(n - n0) * x_image + gi * win.c * hw..][..win.c * hw];
-                        if pointwise {
-                            // dx_g (c x hw) = W_g^T (c x og) @ dy_g (og x hw), written whole.
-                            // SAFETY: dxg is this group's `c x hw` gradient block.
-                            unsafe {
-                                sgemm(
-                                    rows,
-                                    cols,
-                                    og,
-                                    dxg.as_mut_ptr() as *mut f32,
-                                    cols,
-                                    false,
-                                    View::transposed(wg, rows),
-                                    View::rows(dyg, cols),
-                                    par,
-                                )
-                            }
-                        } else {
-                            // SAFETY: dcol holds `rows x cols`.
-                            unsafe {
-                                sgemm(
-                                    rows,
-                                    cols,
-                                    og,
-                                    dcol.as_mut_ptr(),
-                                    cols,
-                                    false,
-                                    View::transposed(wg, rows),
-                                    View::rows(dyg, cols),
-                                    par,
-                                )
-                            }
-                            dxg.fill(MaybeUninit::new(0.0));
-                            // SAFETY: just initialised; MaybeUninit<f32> has f32's layout.
-                            let dxg =
-                                unsafe { &mut *(dxg as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                            win.col2im(dcol, dxg);
-                        }
-                    }
-                }
+        with_scratch(lens, |c1, c2, c3| {
+            let mut s = [c1, c2, c3];
+            let mut n0 = a;
+            while n0 < b {
+                let m = per_chunk.min(b - n0);
+                chunk(n0, m, &mut dw_part, dxs.as_deref_mut(), a, &mut s);
+                n0 += m;
             }
         });
         dw_part
@@ -347,6 +463,8 @@ fn backward(
         dx
     });
     let dw = need_dw.then(|| {
+        // Sum the task partials (in task order), then transpose each group's `rows x og`
+        // block back to the weight's `og x rows`.
         let mut it = dw_parts.into_iter();
         let mut acc = it.next().unwrap_or_else(|| vec![0f32; w_len]);
         for p in it {
@@ -354,7 +472,15 @@ fn backward(
                 *a += b;
             }
         }
-        acc
+        let mut dw = vec![0f32; w_len];
+        for (dst, src) in dw.chunks_mut(g.wg()).zip(acc.chunks(g.wg())) {
+            for o in 0..og {
+                for r in 0..rows {
+                    dst[o * rows + r] = src[r * og + o];
+                }
+            }
+        }
+        dw
     });
     (dx, dw)
 }

@@ -49,12 +49,13 @@ impl Window {
         (lo.min(out), hi.min(out).max(lo.min(out)))
     }
 
-    /// For each tap `(ci, i, j)` and each output row `y`, calls `f(tap_row, y, Some((x_row,
-    /// col_lo, col_hi, x_start)))` where the input row is inside the image (outputs
-    /// `col_lo..col_hi` read `x_row[x_start + (o - col_lo) * stride]`), or
-    /// `f(tap_row, y, None)` where it is padding.
+    /// Calls `f(tap, rows_lo, rows_hi, cols_lo, cols_hi, x_start)` for each tap `(ci, i, j)`
+    /// (its row of the column matrix): output rows `rows_lo..rows_hi` and columns
+    /// `cols_lo..cols_hi` read the input inside the image, output `(y, o)` of that block
+    /// reading `x[x_start + (y - rows_lo) * stride_h * w + (o - cols_lo) * stride_w]`; every
+    /// other output of the tap reads padding.
     #[inline(always)]
-    fn for_each_row(&self, mut f: impl FnMut(usize, usize, Option<(usize, usize, usize, usize)>)) {
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize, usize, usize)) {
         let [ph, pw] = self.pad;
         let [sh, sw] = self.stride;
         let [dh, dw] = self.dilation;
@@ -64,39 +65,56 @@ impl Window {
                 for j in 0..self.kw {
                     let tap = (ci * self.kh + i) * self.kw + j;
                     let (xlo, xhi) = Self::valid(j * dw, pw, sw, self.w, self.ow);
-                    for y in 0..self.oh {
-                        if y < ylo || y >= yhi || xlo >= xhi {
-                            f(tap, y, None);
-                            continue;
-                        }
-                        let iy = y * sh + i * dh - ph;
-                        let x0 = xlo * sw + j * dw - pw;
-                        f(tap, y, Some(((ci * self.h + iy) * self.w, xlo, xhi, x0)));
+                    if ylo >= yhi || xlo >= xhi {
+                        f(tap, 0, 0, 0, 0, 0);
+                        continue;
                     }
+                    let iy = ylo * sh + i * dh - ph;
+                    let ix = xlo * sw + j * dw - pw;
+                    f(tap, ylo, yhi, xlo, xhi, (ci * self.h + iy) * self.w + ix);
                 }
             }
         }
     }
 
-    /// Fills `col` (`rows() x cols()`, row-major) from the group's input `x` (`c x h x w`).
-    pub fn im2col(&self, x: &[f32], col: &mut [f32]) {
-        let (ow, sw) = (self.ow, self.stride[1]);
-        let cols = self.cols();
-        debug_assert!(col.len() >= self.rows() * cols && x.len() >= self.c * self.h * self.w);
-        self.for_each_row(|tap, y, src| {
-            let out = &mut col[tap * cols + y * ow..][..ow];
-            match src {
-                None => out.fill(0.0),
-                Some((row, lo, hi, x0)) => {
-                    out[..lo].fill(0.0);
-                    out[hi..].fill(0.0);
-                    let out = &mut out[lo..hi];
-                    if sw == 1 {
-                        out.copy_from_slice(&x[row + x0..][..hi - lo]);
-                    } else {
-                        let src = &x[row + x0..];
-                        for (k, o) in out.iter_mut().enumerate() {
-                            *o = src[k * sw];
+    /// Fills the `rows() x cols()` column matrix of the group's input `x` (`c x h x w`) into
+    /// `col`, whose rows are `ld` apart (`ld >= cols()`: several images side by side).
+    pub fn im2col(&self, x: &[f32], col: &mut [f32], ld: usize) {
+        let (ow, cols) = (self.ow, self.cols());
+        let (sh, sw, w) = (self.stride[0], self.stride[1], self.w);
+        assert!(ld >= cols && x.len() >= self.c * self.h * w);
+        assert!(self.rows() == 0 || col.len() >= (self.rows() - 1) * ld + cols);
+        self.for_each_tap(|tap, ylo, yhi, xlo, xhi, x0| {
+            let out = &mut col[tap * ld..][..cols];
+            out[..ylo * ow].fill(0.0);
+            out[yhi * ow..].fill(0.0);
+            let n = xhi - xlo;
+            for y in ylo..yhi {
+                let row = &mut out[y * ow..(y + 1) * ow];
+                for v in &mut row[..xlo] {
+                    *v = 0.0;
+                }
+                for v in &mut row[xhi..] {
+                    *v = 0.0;
+                }
+                let src = x0 + (y - ylo) * sh * w;
+                let dst = &mut row[xlo..xhi];
+                // `for_each_tap` keeps every read inside the image.
+                match sw {
+                    1 => dst.copy_from_slice(&x[src..src + n]),
+                    2 => {
+                        // Pairs, so that the even elements gather as vector shuffles.
+                        let s = &x[src..src + 2 * n - 1];
+                        let (head, last) = dst.split_at_mut(n - 1);
+                        for (d, p) in head.iter_mut().zip(s.chunks_exact(2)) {
+                            *d = p[0];
+                        }
+                        last[0] = s[2 * n - 2];
+                    }
+                    _ => {
+                        let s = &x[src..src + (n - 1) * sw + 1];
+                        for (k, d) in dst.iter_mut().enumerate() {
+                            *d = s[k * sw];
                         }
                     }
                 }
@@ -104,23 +122,38 @@ impl Window {
         });
     }
 
-    /// Adds `col` (`rows() x cols()`) back onto the group's input gradient `dx` (`c x h x
-    /// w`), the adjoint of [`Window::im2col`]. `dx` must be initialised (zeros to start).
-    pub fn col2im(&self, col: &[f32], dx: &mut [f32]) {
-        let (ow, sw) = (self.ow, self.stride[1]);
-        let cols = self.cols();
-        debug_assert!(col.len() >= self.rows() * cols && dx.len() >= self.c * self.h * self.w);
-        self.for_each_row(|tap, y, src| {
-            if let Some((row, lo, hi, x0)) = src {
-                let inp = &col[tap * cols + y * ow + lo..][..hi - lo];
-                if sw == 1 {
-                    for (d, &g) in dx[row + x0..][..hi - lo].iter_mut().zip(inp) {
-                        *d += g;
+    /// Adds the column matrix `col` (rows `ld` apart) back onto the group's input gradient
+    /// `dx` (`c x h x w`): the adjoint of [`Window::im2col`]. `dx` must be initialised.
+    pub fn col2im(&self, col: &[f32], ld: usize, dx: &mut [f32]) {
+        let (ow, cols) = (self.ow, self.cols());
+        let (sh, sw, w) = (self.stride[0], self.stride[1], self.w);
+        assert!(ld >= cols && dx.len() >= self.c * self.h * w);
+        assert!(self.rows() == 0 || col.len() >= (self.rows() - 1) * ld + cols);
+        self.for_each_tap(|tap, ylo, yhi, xlo, xhi, x0| {
+            let inp = &col[tap * ld..][..cols];
+            let n = xhi - xlo;
+            for y in ylo..yhi {
+                let g = &inp[y * ow + xlo..y * ow + xhi];
+                let dst = x0 + (y - ylo) * sh * w;
+                match sw {
+                    1 => {
+                        for (d, &v) in dx[dst..dst + n].iter_mut().zip(g) {
+                            *d += v;
+                        }
                     }
-                } else {
-                    let dst = &mut dx[row + x0..];
-                    for (k, &g) in inp.iter().enumerate() {
-                        dst[k * sw] += g;
+                    2 => {
+                        let d = &mut dx[dst..dst + 2 * n - 1];
+                        let (head, last) = g.split_at(n - 1);
+                        for (p, &v) in d.chunks_exact_mut(2).zip(head) {
+                            p[0] += v;
+                        }
+                        d[2 * n - 2] += last[0];
+                    }
+                    _ => {
+                        let d = &mut dx[dst..dst + (n - 1) * sw + 1];
+                        for (k, &v) in g.iter().enumerate() {
+                            d[k * sw] += v;
+                        }
                     }
                 }
             }
@@ -161,8 +194,17 @@ mod tests {
                 dilation: [d, d],
             };
             let x: Vec<f32> = (0..c * h * w).map(|i| (i as f32 * 0.7).sin()).collect();
-            let mut col = vec![f32::NAN; win.rows() * win.cols()];
-            win.im2col(&x, &mut col);
+            // Two images side by side (leading dimension > cols): the second half stays NaN.
+            let ld = 2 * win.cols();
+            let mut wide = vec![f32::NAN; win.rows() * ld];
+            win.im2col(&x, &mut wide, ld);
+            let col: Vec<f32> = wide
+                .chunks(ld)
+                .flat_map(|r| {
+                    assert!(r[win.cols()..].iter().all(|v| v.is_nan()));
+                    r[..win.cols()].to_vec()
+                })
+                .collect();
             for ci in 0..c {
                 for i in 0..k {
                     for j in 0..k {
@@ -186,7 +228,7 @@ mod tests {
             }
             let g: Vec<f32> = (0..col.len()).map(|i| (i as f32 * 0.3).cos()).collect();
             let mut dx = vec![0f32; x.len()];
-            win.col2im(&g, &mut dx);
+            win.col2im(&g, win.cols(), &mut dx);
             let lhs: f64 = dx.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
             let rhs: f64 = g.iter().zip(&col).map(|(&a, &b)| a as f64 * b as f64).sum();
             assert!((lhs - rhs).abs() < 1e-4 * (1.0 + rhs.abs()), "{lhs} {rhs}");

@@ -61,13 +61,36 @@ pub(crate) unsafe fn sgemm(
     b: View,
     par: Parallelism,
 ) {
+    sgemm_strided(m, n, k, dst, dst_rs, 1, accumulate, a, b, par)
+}
+
+/// [`sgemm`] with any destination strides: element `(i, j)` of `dst` at `i * dst_rs + j *
+/// dst_cs`.
+///
+/// # Safety
+/// As [`sgemm`], for the destination's strides.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    dst_cs: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+    par: Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
             for i in 0..m {
-                std::ptr::write_bytes(dst.add(i * dst_rs), 0, n);
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j * dst_cs) = 0.0;
+                }
             }
         }
         return;
@@ -77,7 +100,7 @@ pub(crate) unsafe fn sgemm(
         n,
         k,
         dst,
-        1,
+        dst_cs as isize,
         dst_rs as isize,
         accumulate,
         a.ptr,

@@ -222,26 +222,23 @@ impl Weighted {
             }
             (None, None) => (add_bias(op(x, &self.weight)?)?, None),
         };
-        // Frozen (eval mode, weight and output observers off), a prepared layer whose input
+        // Frozen (eval mode; weight and output observers off, fake quantization on), a prepared layer whose input
         // came from a fake-quant computes its value with the converted model's integer
         // arithmetic (exact accumulation, one f32 rescale, the engine's bias), keeping the
         // float path's gradient: the converted model then agrees with the fake-quant model
         // code for code. With observers on, qparams move every batch and the float path
         // (PyTorch's) is used.
-        let frozen = !self.common.training
-            && self
-                .weight_fq
-                .as_ref()
-                .map(|m| lock(m).map(|f| !f.observer_enabled()))
-                .transpose()?
-                == Some(true)
-            && self
-                .common
-                .act_fq
-                .as_ref()
-                .map(|a| lock(&a.fq).map(|f| !f.observer_enabled()))
-                .transpose()?
-                == Some(true);
+
+        let settled = |f: &FakeQuantize| !f.observer_enabled() && f.fake_quant_enabled();
+        let weight_settled = match &self.weight_fq {
+            Some(m) => settled(&*lock(m)?),
+            None => false,
+        };
+        let output_settled = match &self.common.act_fq {
+            Some(a) => settled(&*lock(&a.fq)?),
+            None => false,
+        };
+        let frozen = !self.common.training && weight_settled && output_settled;
         let y = match (frozen, source, int_op, &self.weight_fq, w_fq) {
             (true, Some(src), Some(iop), Some(wfq), Some(_)) => {
                 let scales = Self::symmetric_weight_scales(&*lock(wfq)?);
