@@ -144,8 +144,8 @@ struct AlignedBytes {
 }
 
 impl AlignedBytes {
-    fn resize_zeroed(&mut self, len: usize) {
-        self.lines.clear();
+    /// Resizes to `len` bytes; bytes kept from before stay, new ones are zero.
+    fn resize(&mut self, len: usize) {
         self.lines.resize(len.div_ceil(64), Line([0; 64]));
         self.len = len;
     }
@@ -177,12 +177,14 @@ pub(crate) struct Panel {
 }
 
 impl Panel {
-    /// Resizes (zeroed) for `positions` rows of `row_len` codes.
+    /// Resizes for `positions` rows of `row_len` codes. Bytes of an earlier use may remain:
+    /// writers fill every k-group of every position below `positions`, the codes past
+    /// `row_len` in the last k-group included (with zeros, or codes whose weights are zero).
     pub(crate) fn reset(&mut self, positions: usize, row_len: usize) {
         self.positions = positions;
         self.stride = positions.next_multiple_of(P_TILE) + P_TILE;
         self.kgroups = row_len.div_ceil(KG);
-        self.buf.resize_zeroed(self.kgroups * self.stride * KG);
+        self.buf.resize(self.kgroups * self.stride * KG);
     }
 
     /// The words, `kgroups` rows of `stride`: word `g * stride + p` holds
@@ -196,22 +198,27 @@ impl Panel {
         self.stride
     }
 
-    /// Packs `m` rows of `k` codes (row-major `x`).
+    /// Packs `m` rows of `k` codes (row-major `x`), k-group by k-group: the writes run
+    /// along a k-group row and the reads revisit the same few cache lines of each input row.
     pub(crate) fn from_rows(x: &[u8], m: usize, k: usize) -> Panel {
         let mut panel = Panel::default();
         panel.reset(m, k);
         let s = panel.stride;
-        let full = k / KG;
         let words = panel.words_mut();
-        for (mi, row) in x.chunks_exact(k).take(m).enumerate() {
-            let (body, rem) = row.split_at(full * KG);
-            for (g, c) in body.chunks_exact(KG).enumerate() {
-                words[g * s + mi] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
-            }
-            if !rem.is_empty() {
-                let mut b = [0u8; KG];
-                b[..rem.len()].copy_from_slice(rem);
-                words[full * s + mi] = u32::from_ne_bytes(b);
+        for (g, dst) in words.chunks_exact_mut(s).enumerate() {
+            let (at, n) = (g * KG, (k - g * KG).min(KG));
+            let rows = dst[..m].iter_mut().zip(x.chunks_exact(k));
+            if n == KG {
+                for (d, row) in rows {
+                    let c = &row[at..at + KG];
+                    *d = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            } else {
+                for (d, row) in rows {
+                    let mut b = [0u8; KG];
+                    b[..n].copy_from_slice(&row[at..]);
+                    *d = u32::from_ne_bytes(b);
+                }
             }
         }
         panel

@@ -123,25 +123,47 @@ fn linear_with<E: Epilogue>(
         let panel = Panel::from_rows(xs, m, k);
         let mut acc = vec![0i32; o * m];
         gemm(path, w.packed(), 0..o, &panel, x_zero_point, &mut acc);
-        // acc is (out, m): write y (m, out) row by row.
-        let mut y = vec![<E::Out as WithDType>::from_f64(0.0); m * o];
-        let fill = |(mi, row): (usize, &mut [E::Out])| {
-            for (oi, v) in row.iter_mut().enumerate() {
-                *v = epi.one(oi, acc[oi * m + mi]);
-            }
-        };
-        if m * o >= PAR_OUT {
-            y.par_chunks_mut(o).enumerate().for_each(fill);
-        } else {
-            y.chunks_mut(o).enumerate().for_each(fill);
+        let zero = <E::Out as WithDType>::from_f64(0.0);
+        if m == 0 {
+            return Ok(Vec::new());
         }
-        Ok::<_, Error>(y)
+        // acc is (out, m): finish it row by row (vectorised), then transpose to (m, out).
+        let mut t = vec![zero; o * m];
+        let finish = |(oi, (t, acc)): (usize, (&mut [E::Out], &[i32]))| epi.row(oi, acc, t);
+        if m * o >= PAR_OUT {
+            t.par_chunks_mut(m)
+                .zip(acc.par_chunks(m))
+                .enumerate()
+                .for_each(finish);
+        } else {
+            t.chunks_mut(m)
+                .zip(acc.chunks(m))
+                .enumerate()
+                .for_each(finish);
+        }
+        Ok::<_, Error>(transpose(&t, o, m))
     })??;
     let mut shape = dims.to_vec();
     if let Some(last) = shape.last_mut() {
         *last = o;
     }
     Ok(Tensor::from_vec(y, shape, x.device())?)
+}
+
+/// `(rows, cols)` row-major to `(cols, rows)`, in 16 x 16 blocks.
+fn transpose<T: Copy>(t: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const B: usize = 16;
+    let mut out = t.to_vec();
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = t[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 pub(crate) fn check_zero_point(x_zero_point: i32) -> Result<()> {

@@ -21,6 +21,15 @@ pub(crate) fn round_small(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
+/// `round_half_even(v) + zero_point` as a u8 code, for `v` already clamped so that the code
+/// lies in `0..=255`: `v + MAGIC` rounds `v` to an integer held in the low mantissa bits, the
+/// zero point adds to it exactly, and the low byte of the bits is the code. (A float to u8
+/// cast would not vectorise.)
+#[inline(always)]
+pub(crate) fn code_from_clamped(v: f32, zero_point: f32) -> u8 {
+    ((v + MAGIC) + zero_point).to_bits() as u8
+}
+
 /// `v` clamped to `lo..=hi`; NaN gives `lo` (as PyTorch's float-to-int conversion, which
 /// turns NaN into the most negative integer, then clamps).
 #[inline(always)]
@@ -125,8 +134,7 @@ struct Grid {
 #[multiversion(targets("x86_64+avx2"))]
 fn quantize_slice(x: &[f32], out: &mut [u8], g: Grid) {
     for (o, &v) in out.iter_mut().zip(x) {
-        let q = round_small(clamp_nan_lo(v * g.inv_scale, g.lo, g.hi)) + g.zero_point;
-        *o = q as u8;
+        *o = code_from_clamped(clamp_nan_lo(v * g.inv_scale, g.lo, g.hi), g.zero_point);
     }
 }
 
