@@ -402,6 +402,7 @@ unsafe fn rows_stride1(
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
     use candle_core::Device;

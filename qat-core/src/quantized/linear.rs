@@ -177,6 +177,7 @@ pub(crate) fn check_zero_point(x_zero_point: i32) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device};

@@ -131,7 +131,9 @@ pub(crate) trait Epilogue: Sync {
     type Out: candle_core::WithDType;
     /// Outputs of channel `o` from its sums.
     fn row(&self, o: usize, acc: &[i32], out: &mut [Self::Out]);
-    /// The output of one sum of channel `o`.
+    /// The output of one sum of channel `o` (the reference the row kernels are tested
+    /// against).
+    #[allow(dead_code)]
     fn one(&self, o: usize, acc: i32) -> Self::Out;
 }
 
@@ -286,6 +288,7 @@ fn affine_row(acc: &[i32], out: &mut [f32], int_bias: i32, mult: f32, bias: f32)
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
 
