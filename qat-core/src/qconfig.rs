@@ -370,7 +370,9 @@ mod tests {
             q.weight.observer.config.qscheme,
             QScheme::PerChannelSymmetric
         );
-        assert_eq!(q, QConfig::default_qat(Backend::X86));
+        let x86 = QConfig::default_qat(Backend::X86);
+        assert_eq!((q.activation, q.weight), (x86.activation, x86.weight));
+        assert_eq!((q.backend, x86.backend), (Backend::Fbgemm, Backend::X86));
     }
 
     #[test]
