@@ -395,24 +395,41 @@ mod x86 {
     ) {
         let p = panel.positions;
         let nrows = rows.len();
-        let step = if wide { 8 } else { P_TILE };
         let act = panel.bytes().as_ptr();
-        let wide_codes = if wide { Some(w.wide()) } else { None };
+        let act_stride = panel.stride * KG;
         let kgroups = w.kp / KG;
+        // The widening kernel reads the slice of a tile (16 positions x one k-block) as i16,
+        // widened once here and reused by every row tile: 64 i16 per k-group.
+        let (wide_codes, mut widened) = if wide {
+            (w.wide(), vec![0i16; K_BLOCK * KG * P_TILE])
+        } else {
+            (&[][..], Vec::new())
+        };
         let mut k0 = 0;
         while k0 < kgroups {
             let kn = (kgroups - k0).min(K_BLOCK);
             let mut p0 = 0;
             while p0 < p {
-                let cols = (p - p0).min(step);
+                let cols = (p - p0).min(P_TILE);
+                let slice = act.add((k0 * panel.stride + p0) * KG);
+                if wide {
+                    for g in 0..kn {
+                        let src = slice.add(g * act_stride);
+                        let dst = widened.as_mut_ptr().add(g * KG * P_TILE);
+                        for h in 0..4 {
+                            let v = _mm256_cvtepu8_epi16(_mm_loadu_si128(src.add(16 * h).cast()));
+                            _mm256_storeu_si256(dst.add(16 * h).cast(), v);
+                        }
+                    }
+                }
                 let mut r = 0;
                 while r < nrows {
                     let mr = (nrows - r).min(O_TILE);
                     let base = Tile {
                         w: std::ptr::null::<()>(),
                         kp: w.kp,
-                        act: act.add((k0 * panel.stride + p0) * KG),
-                        act_stride: panel.stride * KG,
+                        act: slice,
+                        act_stride,
                         kgroups: kn,
                         corr: corr.as_ptr().add(r),
                         first: k0 == 0,
@@ -421,9 +438,14 @@ mod x86 {
                         cols,
                     };
                     let row0 = (rows.start + r) * w.kp + k0 * KG;
-                    match wide_codes {
-                        Some(wc) => {
-                            let t = base.with(wc.as_ptr().add(row0));
+                    if wide {
+                        // Two tiles of 8 positions over the widened slice.
+                        for half in 0..cols.div_ceil(8) {
+                            let mut t = base.with(wide_codes.as_ptr().add(row0));
+                            t.act = widened.as_ptr().add(32 * half).cast();
+                            t.act_stride = KG * P_TILE * 2;
+                            t.out = t.out.add(8 * half);
+                            t.cols = (cols - 8 * half).min(8);
                             match mr {
                                 4 => tile_wide::<4>(t),
                                 3 => tile_wide::<3>(t),
@@ -431,19 +453,18 @@ mod x86 {
                                 _ => tile_wide::<1>(t),
                             }
                         }
-                        None => {
-                            let t = base.with(w.codes.as_ptr().add(row0));
-                            match mr {
-                                4 => tile_madd::<4>(t),
-                                3 => tile_madd::<3>(t),
-                                2 => tile_madd::<2>(t),
-                                _ => tile_madd::<1>(t),
-                            }
+                    } else {
+                        let t = base.with(w.codes.as_ptr().add(row0));
+                        match mr {
+                            4 => tile_madd::<4>(t),
+                            3 => tile_madd::<3>(t),
+                            2 => tile_madd::<2>(t),
+                            _ => tile_madd::<1>(t),
                         }
                     }
                     r += mr;
                 }
-                p0 += step;
+                p0 += P_TILE;
             }
             k0 += kn;
         }
@@ -492,8 +513,9 @@ mod x86 {
         }
     }
 
-    /// `MR` rows x 8 positions, widened to i16 (any activation codes): lane `2i + h` of an
-    /// accumulator sums half `h` (codes 0-1 or 2-3 of each k-group) of position `i`.
+    /// `MR` rows x 8 positions of activations already widened to i16 (any codes): lane
+    /// `2i + h` of an accumulator sums half `h` (codes 0-1 or 2-3 of each k-group) of
+    /// position `i`.
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn tile_wide<const MR: usize>(t: Tile<i16>) {
@@ -501,8 +523,8 @@ mod x86 {
         let mut a = t.act;
         let mut w = t.w;
         for _ in 0..t.kgroups {
-            let lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(a.cast()));
-            let hi = _mm256_cvtepu8_epi16(_mm_loadu_si128(a.add(16).cast()));
+            let lo = _mm256_loadu_si256(a.cast());
+            let hi = _mm256_loadu_si256(a.add(32).cast());
             for (r, acc) in acc.iter_mut().enumerate() {
                 let wb = _mm256_set1_epi64x(w.add(r * t.kp).cast::<i64>().read_unaligned());
                 acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(lo, wb));
