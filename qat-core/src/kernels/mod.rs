@@ -10,6 +10,7 @@
 //! dtypes. Threads follow rayon's pool (`RAYON_NUM_THREADS`), as candle's own kernels do.
 
 pub(crate) mod batch_norm;
+pub(crate) mod channel;
 pub(crate) mod conv;
 mod im2col;
 mod matmul;

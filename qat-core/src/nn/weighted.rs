@@ -111,13 +111,6 @@ fn int_forward(
     }
 }
 
-/// `[1, .., C, .., 1]` with C at `dim`.
-fn along(dim: usize, rank: usize, c: usize) -> Vec<usize> {
-    let mut s = vec![1; rank];
-    s[dim] = c;
-    s
-}
-
 impl Weighted {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Weighted {
@@ -194,10 +187,9 @@ impl Weighted {
         }
         self.common.check_input(x, "a float layer")?;
         let source = self.common.note_inputs(&[x])?;
-        let o = self.out_channels();
         let add_bias = |y: Tensor| -> Result<Tensor> {
             match &self.bias {
-                Some(b) => Ok(y.broadcast_add(&b.reshape(along(dim(y.rank()), y.rank(), o))?)?),
+                Some(b) => crate::kernels::channel::add_channel(&y, b, dim(y.rank())),
                 None => Ok(y),
             }
         };
@@ -209,7 +201,7 @@ impl Weighted {
                 let y = op(x, &w)?;
                 let sf =
                     sf.ok_or_else(|| Error::state("no BN scale factor", "report this as a bug"))?;
-                let y = y.broadcast_div(&sf.reshape(along(dim(y.rank()), y.rank(), o))?)?;
+                let y = crate::kernels::channel::div_channel(&y, &sf, dim(y.rank()))?;
                 (bn.forward(&add_bias(y)?, bn_training)?, Some(w))
             }
             (Some(bn), None) => (
