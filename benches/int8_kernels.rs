@@ -17,18 +17,23 @@
 //! (`ThreadPoolBuilder::install`); candle's own CPU kernels use that pool too. Compare
 //! variants of one run (ratios): absolute times depend on the machine's load.
 //!
+//! After criterion's groups, `cargo bench` prints a paired summary: for each layer and
+//! thread count, int8 and f32 run alternately (`PAIRS` pairs after a warm-up), and the table
+//! gives each one's median and the median of the per-pair ratios f32 / int8. Load that comes
+//! and goes hits both sides of a pair alike, so these ratios hold up on a busy machine.
+//!
 //! Run with `cargo bench --bench int8_kernels`; add a filter such as `conv/t1` to run a
-//! part.
+//! part of the criterion groups.
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use candle_qat::nn::ConvConfig;
 use candle_qat::quantized::{
     gemm_u8_i8, quantize, quantized_conv2d, quantized_linear, Kernel, QuantizedWeight, Requant,
 };
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -203,5 +208,121 @@ fn benches(c: &mut Criterion) {
     }
 }
 
+/// Pairs of (int8, f32) runs per layer and thread count in the summary.
+const PAIRS: usize = 41;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `int8` and `f32` alternately; returns (median int8, median f32, median ratio), in
+/// seconds.
+fn paired(
+    pool: &rayon::ThreadPool,
+    int8: &(dyn Fn() + Sync),
+    f32: &(dyn Fn() + Sync),
+) -> (f64, f64, f64) {
+    let time = |f: &(dyn Fn() + Sync)| {
+        let t = Instant::now();
+        pool.install(f);
+        t.elapsed().as_secs_f64()
+    };
+    for _ in 0..3 {
+        time(int8);
+        time(f32);
+    }
+    let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..PAIRS {
+        // Alternate which runs first, so that neither always follows the other.
+        let (ti, tf) = if i % 2 == 0 {
+            let ti = time(int8);
+            (ti, time(f32))
+        } else {
+            let tf = time(f32);
+            (time(int8), tf)
+        };
+        a.push(ti);
+        b.push(tf);
+        r.push(tf / ti);
+    }
+    (median(&mut a), median(&mut b), median(&mut r))
+}
+
+fn summary() {
+    let conv = Layer::new(&[64, 32, 14, 14], &[64, 32, 3, 3]).expect("conv operands");
+    let linear = Layer::new(&[64, 3136], &[128, 3136]).expect("linear operands");
+    let cfg = ConvConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    println!();
+    println!("paired summary ({PAIRS} alternating pairs; ratio = median of f32 / int8 per pair)");
+    println!(
+        "{:<8} {:>3} {:>10} {:>12} {:>12} {:>7}",
+        "layer", "thr", "int8 range", "int8 median", "f32 median", "ratio"
+    );
+    let ms = |t: f64| format!("{:.3} ms", t * 1e3);
+    for threads in THREADS {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("rayon pool");
+        for (range, full) in [("0..=127", false), ("0..=255", true)] {
+            let l = &conv;
+            let (xq, (s, z), out) = if full {
+                (&l.x_q_full, l.x_qp_full, &l.out_full)
+            } else {
+                (&l.x_q, l.x_qp, &l.out)
+            };
+            let int8 = || {
+                black_box(
+                    quantized_conv2d(xq, s, z, &l.w_q, Some(&l.bias_v), &cfg, out)
+                        .expect("int8 conv"),
+                );
+            };
+            let f32 = || {
+                black_box(conv_f32(l).expect("f32 conv"));
+            };
+            let (ti, tf, r) = paired(&pool, &int8, &f32);
+            println!(
+                "{:<8} {threads:>3} {range:>10} {:>12} {:>12} {r:>6.2}x",
+                "conv",
+                ms(ti),
+                ms(tf)
+            );
+            let l = &linear;
+            let (xq, (s, z), out) = if full {
+                (&l.x_q_full, l.x_qp_full, &l.out_full)
+            } else {
+                (&l.x_q, l.x_qp, &l.out)
+            };
+            let int8 = || {
+                black_box(
+                    quantized_linear(xq, s, z, &l.w_q, Some(&l.bias_v), out).expect("int8 linear"),
+                );
+            };
+            let f32 = || {
+                black_box(linear_f32(l).expect("f32 linear"));
+            };
+            let (ti, tf, r) = paired(&pool, &int8, &f32);
+            println!(
+                "{:<8} {threads:>3} {range:>10} {:>12} {:>12} {r:>6.2}x",
+                "linear",
+                ms(ti),
+                ms(tf)
+            );
+        }
+    }
+}
+
 criterion_group!(int8, benches);
-criterion_main!(int8);
+
+fn main() {
+    int8();
+    Criterion::default().configure_from_args().final_summary();
+    // `cargo bench` passes --bench; `cargo test --benches` does not: skip the summary there.
+    if std::env::args().any(|a| a == "--bench") {
+        summary();
+    }
+}

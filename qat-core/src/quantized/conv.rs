@@ -62,8 +62,8 @@ pub fn quantized_conv2d(
 
 /// The float values an int8 convolution requantizes, before rounding: per output channel
 /// `c`, `acc * (x_scale * w_scale[c]) + bias[c]` in f32, `(N, O, OH, OW)`, with the exact
-/// i32 `acc` of [`quantized_conv2d`] (same inputs, same errors). Dividing by the output
-/// scale and rounding gives [`quantized_conv2d`]'s codes.
+/// i32 `acc` of [`quantized_conv2d`] (same inputs, same errors). Fake-quantizing it with
+/// the output's qparams and range gives [`quantized_conv2d`]'s codes exactly.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -616,6 +616,9 @@ mod tests {
         let x = Tensor::from_vec(vec![0u8; 2 * 5 * 5], (1, 2, 5, 5), &Device::Cpu).unwrap();
         let c = ConvConfig::default();
         assert!(quantized_conv2d(&x, 0.1, 0, &w, None, &c, &rq).is_ok());
+        let empty = Tensor::zeros((0, 2, 5, 5), candle_core::DType::U8, &Device::Cpu).unwrap();
+        let y = quantized_conv2d(&empty, 0.1, 0, &w, None, &c, &rq).unwrap();
+        assert_eq!(y.dims(), &[0, 2, 3, 3]);
         let x3 = Tensor::from_vec(vec![0u8; 2 * 5 * 5], (2, 5, 5), &Device::Cpu).unwrap();
         assert!(quantized_conv2d(&x3, 0.1, 0, &w, None, &c, &rq).is_err());
         let x1 = Tensor::from_vec(vec![0u8; 5 * 5], (1, 1, 5, 5), &Device::Cpu).unwrap();

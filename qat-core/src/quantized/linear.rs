@@ -51,10 +51,9 @@ pub fn quantized_linear(
 
 /// The float values an int8 linear layer requantizes, before rounding: per output channel
 /// `c`, `acc * (x_scale * w_scale[c]) + bias[c]` in f32, with the exact i32 `acc` of
-/// [`quantized_linear`] (same inputs, same errors). Dividing by the output scale and
-/// rounding gives [`quantized_linear`]'s codes; a fake-quant of the output scale applied to
-/// it gives them too, up to the last-bit difference between `t / y_scale` and
-/// `t * (1 / y_scale)`.
+/// [`quantized_linear`] (same inputs, same errors). Fake-quantizing it with the output's
+/// qparams and range (`x * (1 / y_scale)`, rounded half to even) gives
+/// [`quantized_linear`]'s codes exactly.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -222,6 +221,7 @@ mod tests {
             (2, 5, 33, 7, 255, true, false),
             (3, 9, 130, 66, 127, true, true),
             (1, 64, 300, 40, 255, false, true),
+            (1, 600, 20, 120, 255, true, true),
         ] {
             let n = batch * m * k;
             let xq: Vec<u8> = (0..n).map(|_| next(amax + 1) as u8).collect();
@@ -271,5 +271,8 @@ mod tests {
         assert!(quantized_linear(&x, 0.1, 0, &w4, None, &rq).is_err());
         let ok = quantized_linear(&x, 0.1, 0, &w, None, &rq).unwrap();
         assert_eq!(ok.dims(), &[1, 2]);
+        let empty = Tensor::zeros((0, 2), candle_core::DType::U8, &Device::Cpu).unwrap();
+        let y = quantized_linear(&empty, 0.1, 0, &w, None, &rq).unwrap();
+        assert_eq!(y.dims(), &[0, 2]);
     }
 }

@@ -11,6 +11,8 @@
 //!   codes into exact i32 sums, `acc = sum_k (x_q - x_zero_point) * w_q`, then
 //!   [`Requant`] turns each sum into an output code with the output scale, zero point, clamp
 //!   range and optional fused ReLU, rounding half to even as PyTorch does.
+//!   [`linear_prerequant`] and [`conv2d_prerequant`] stop before the rounding and return
+//!   the f32 values (what a fake-quant model's output fake-quant sees).
 //!
 //! The i32 products run on an AVX2 kernel when the CPU has it (checked at run time) and on a
 //! portable one otherwise; both give the same integers ([`Kernel`], [`gemm_u8_i8`]).

@@ -37,25 +37,8 @@ pub(crate) fn clamp_nan_lo(v: f32, lo: f32, hi: f32) -> f32 {
     v.max(lo).min(hi)
 }
 
-/// Runs `f` on the u8 codes of a contiguous CPU `U8` tensor without copying; `None` when the
-/// tensor is elsewhere or strided.
-pub(crate) fn with_cpu_u8<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
-    if t.dtype() != DType::U8 {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    match &*storage {
-        Storage::Cpu(cpu) => cpu
-            .as_slice::<u8>()
-            .ok()
-            .and_then(|s| s.get(start..end))
-            .map(f),
-        _ => None,
-    }
-}
-
-/// Runs `f` on the u8 codes of `t` (zero-copy when possible, else on a copy).
+/// Runs `f` on the u8 codes of `t`: in place for a contiguous `U8` tensor on the CPU, on a
+/// copy otherwise. Errors when `t` is not `U8`.
 pub(crate) fn on_u8<R>(t: &Tensor, what: &str, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
     if t.dtype() != DType::U8 {
         return Err(Error::tensor(
@@ -63,34 +46,32 @@ pub(crate) fn on_u8<R>(t: &Tensor, what: &str, f: impl FnOnce(&[u8]) -> R) -> Re
             "quantize activations first (qat_core::quantized::quantize gives a U8 tensor)",
         ));
     }
-    let mut f = Some(f);
-    if let Some(Some(r)) = with_cpu_u8(t, |s| f.take().map(|f| f(s))) {
-        return Ok(r);
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            if let Some(s) = cpu.as_slice::<u8>().ok().and_then(|s| s.get(start..end)) {
+                return Ok(f(s));
+            }
+        }
     }
-    let v = t.flatten_all()?.to_vec1::<u8>()?;
-    match f.take() {
-        Some(f) => Ok(f(&v)),
-        None => Err(Error::tensor(
-            format!("{what}: internal error reading u8 codes"),
-            "report this as a bug",
-        )),
-    }
+    Ok(f(&t.flatten_all()?.to_vec1::<u8>()?))
 }
 
-/// Runs `f` on the data of `t` as f32 (zero-copy for contiguous CPU f32 tensors).
+/// Runs `f` on the values of `t` as f32: in place for a contiguous f32 tensor on the CPU, on
+/// a converted copy otherwise.
 fn on_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let mut f = Some(f);
-    if let Some(Some(r)) = crate::host::with_cpu_f32(t, |s| f.take().map(|f| f(s))) {
-        return Ok(r);
+    if t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            if let Some(s) = cpu.as_slice::<f32>().ok().and_then(|s| s.get(start..end)) {
+                return Ok(f(s));
+            }
+        }
     }
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    match f.take() {
-        Some(f) => Ok(f(&v)),
-        None => Err(Error::tensor(
-            "internal error reading f32 data",
-            "report this as a bug",
-        )),
-    }
+    Ok(f(&t
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?))
 }
 
 /// Largest code of a slice (0 when empty).
