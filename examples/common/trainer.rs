@@ -76,8 +76,8 @@ impl Rng {
 }
 
 /// Re-draws a freshly built model's weights from `rng`: candle's CPU generator cannot be
-/// seeded, so the examples initialise from their own. Conv and linear weights (`*.weight` of
-/// rank >= 2) get PyTorch/candle's Kaiming-normal (gain sqrt(2), fan in); their biases
+/// seeded, so the examples initialise from their own, as PyTorch's `Conv2d`/`Linear` do:
+/// weights (`*.weight` of rank >= 2; `kaiming_uniform_(a=sqrt(5))`) and their biases
 /// (`*.bias` next to such a weight) uniform in +-1/sqrt(fan_in); everything else (BatchNorm
 /// parameters and statistics) keeps its constant initial value. Names are visited sorted.
 pub fn init_weights(vm: &candle_nn::VarMap, rng: &mut Rng) -> AnyResult<()> {
@@ -100,15 +100,7 @@ pub fn init_weights(vm: &candle_nn::VarMap, rng: &mut Rng) -> AnyResult<()> {
             format!("{prefix}.weight")
         };
         let values: Option<Vec<f32>> = match (leaf, fan_in(&weight_name)) {
-            ("weight", Some(fi)) => {
-                let std = (2.0f64 / fi as f64).sqrt();
-                Some(
-                    (0..var.elem_count())
-                        .map(|_| (rng.normal() * std) as f32)
-                        .collect(),
-                )
-            }
-            ("bias", Some(fi)) => {
+            ("weight" | "bias", Some(fi)) => {
                 let bound = 1.0 / (fi as f64).sqrt();
                 Some(
                     (0..var.elem_count())
