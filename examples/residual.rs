@@ -13,6 +13,8 @@
 
 #[path = "common/idx.rs"]
 mod idx;
+#[path = "common/residual_net.rs"]
+mod residual_net;
 #[path = "common/trainer.rs"]
 mod trainer;
 
@@ -26,162 +28,8 @@ use candle_qat::prelude::*;
 use clap::{Parser, ValueEnum};
 
 use idx::Mnist;
+use residual_net::{ResNet, Tap, Taps};
 use trainer::{AnyResult, EpochPlan, MomentumSgd, Rng};
-
-/// One tapped layer output: a label, the module whose output qparams apply to it (for
-/// dequantizing the converted model's codes), and the tensor.
-struct Tap {
-    label: String,
-    qsource: Option<String>,
-    value: Tensor,
-}
-
-/// Collects layer outputs when given a list; costs nothing otherwise.
-struct Taps<'a>(Option<&'a mut Vec<Tap>>);
-
-impl Taps<'_> {
-    fn push(&mut self, label: impl Into<String>, qsource: Option<String>, t: &Tensor) {
-        if let Some(v) = self.0.as_mut() {
-            v.push(Tap {
-                label: label.into(),
-                qsource,
-                value: t.clone(),
-            });
-        }
-    }
-}
-
-/// A basic residual block: conv+bn+relu, conv+bn, add the input, relu.
-#[derive(Clone, Quantizable)]
-#[qat(fuse(conv1, bn1, relu1), fuse(conv2, bn2))]
-struct Block {
-    conv1: Conv2d,
-    bn1: BatchNorm2d,
-    relu1: ReLU,
-    conv2: Conv2d,
-    bn2: BatchNorm2d,
-    skip: FloatFunctional,
-}
-
-impl Block {
-    fn new(c: usize, vb: VarBuilder) -> candle_qat::Result<Self> {
-        let cfg = ConvConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let bn = |vb| BatchNorm2d::new(c, BatchNormConfig::default(), vb);
-        Ok(Block {
-            conv1: Conv2d::new(c, c, 3, cfg, false, vb.pp("conv1"))?,
-            bn1: bn(vb.pp("bn1"))?,
-            relu1: ReLU::new(),
-            conv2: Conv2d::new(c, c, 3, cfg, false, vb.pp("conv2"))?,
-            bn2: bn(vb.pp("bn2"))?,
-            skip: FloatFunctional::new(),
-        })
-    }
-
-    fn forward_taps(
-        &self,
-        x: &Tensor,
-        prefix: &str,
-        taps: &mut Taps,
-    ) -> candle_core::Result<Tensor> {
-        let p = |f: &str| format!("{prefix}.{f}");
-        let a = self
-            .relu1
-            .forward(&self.bn1.forward(&self.conv1.forward(x)?)?)?;
-        taps.push(p("conv1"), Some(p("conv1")), &a);
-        let b = self.bn2.forward(&self.conv2.forward(&a)?)?;
-        taps.push(p("conv2"), Some(p("conv2")), &b);
-        let y = self.skip.add_relu(&b, x)?;
-        taps.push(p("skip"), Some(p("skip")), &y);
-        Ok(y)
-    }
-}
-
-#[derive(Clone, Quantizable)]
-#[qat(fuse(stem, stem_bn, stem_relu), fuse(fc1, fc1_relu))]
-struct ResNet {
-    quant: QuantStub,
-    stem: Conv2d,
-    stem_bn: BatchNorm2d,
-    stem_relu: ReLU,
-    pool1: MaxPool2d,
-    blocks: Vec<Block>,
-    pool2: MaxPool2d,
-    flatten: Flatten,
-    /// fc1 stays float: a DeQuantStub before it, a QuantStub after it.
-    dequant_fc1: DeQuantStub,
-    fc1: Linear,
-    fc1_relu: ReLU,
-    quant_fc2: QuantStub,
-    fc2: Linear,
-    dequant: DeQuantStub,
-}
-
-const CHANNELS: usize = 16;
-const BLOCKS: usize = 2;
-
-impl ResNet {
-    fn new(vb: VarBuilder) -> candle_qat::Result<Self> {
-        let cfg = ConvConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let blocks = (0..BLOCKS)
-            .map(|i| Block::new(CHANNELS, vb.pp("blocks").pp(i)))
-            .collect::<candle_qat::Result<Vec<_>>>()?;
-        Ok(ResNet {
-            quant: QuantStub::new(),
-            stem: Conv2d::new(1, CHANNELS, 3, cfg, false, vb.pp("stem"))?,
-            stem_bn: BatchNorm2d::new(CHANNELS, BatchNormConfig::default(), vb.pp("stem_bn"))?,
-            stem_relu: ReLU::new(),
-            pool1: MaxPool2d::new(2, 2)?,
-            blocks,
-            pool2: MaxPool2d::new(2, 2)?,
-            flatten: Flatten::new(1),
-            dequant_fc1: DeQuantStub::new(),
-            fc1: Linear::new(CHANNELS * 7 * 7, 64, true, vb.pp("fc1"))?,
-            fc1_relu: ReLU::new(),
-            quant_fc2: QuantStub::new(),
-            fc2: Linear::new(64, 10, true, vb.pp("fc2"))?,
-            dequant: DeQuantStub::new(),
-        })
-    }
-
-    /// The forward pass, handing each layer's (or fused group's) output to `taps`.
-    fn forward_taps(&self, x: &Tensor, taps: &mut Taps) -> candle_core::Result<Tensor> {
-        let s = |p: &str| Some(p.to_string());
-        let x = self.quant.forward(x)?;
-        taps.push("quant", s("quant"), &x);
-        let x = self
-            .stem_relu
-            .forward(&self.stem_bn.forward(&self.stem.forward(&x)?)?)?;
-        taps.push("stem", s("stem"), &x);
-        let mut x = self.pool1.forward(&x)?;
-        taps.push("pool1", s("stem"), &x);
-        for (i, b) in self.blocks.iter().enumerate() {
-            x = b.forward_taps(&x, &format!("blocks.{i}"), taps)?;
-        }
-        let src = format!("blocks.{}.skip", BLOCKS - 1);
-        let x = self.flatten.forward(&self.pool2.forward(&x)?)?;
-        taps.push("pool2+flatten", Some(src), &x);
-        let x = self.dequant_fc1.forward(&x)?;
-        let x = self.fc1_relu.forward(&self.fc1.forward(&x)?)?;
-        taps.push("fc1 (float)", None, &x);
-        let x = self.quant_fc2.forward(&x)?;
-        taps.push("quant_fc2", s("quant_fc2"), &x);
-        let x = self.fc2.forward(&x)?;
-        taps.push("fc2", s("fc2"), &x);
-        self.dequant.forward(&x)
-    }
-}
-
-impl Module for ResNet {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_taps(x, &mut Taps(None))
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Preset {
@@ -283,19 +131,7 @@ fn run(args: Args) -> AnyResult<()> {
         Preset::X86 => Backend::X86,
         Preset::Qnnpack => Backend::Qnnpack,
     };
-    let qc = QConfig::default_qat(backend);
-    let w4 = FakeQuantizeSpec::builder()
-        .bits(4)
-        .signed(true)
-        .symmetric(true)
-        .per_channel(0)
-        .build()?;
-    let qc4 = QConfig::new(qc.activation, w4).with_backend(backend);
-    let mapping = qconfig_mapping! {
-        global => qc,
-        path "fc1" => None,
-        path "blocks.1.conv1" => qc4,
-    };
+    let mapping = residual_net::qconfig_mapping(backend)?;
 
     let data = match &args.data {
         Some(dir) => Mnist::from_dir(dir)?,

@@ -8,6 +8,7 @@ pub(crate) mod kernels;
 pub mod model;
 pub mod nn;
 pub mod observer;
+pub mod onnx;
 pub mod passes;
 pub mod provenance;
 pub mod qconfig;

@@ -106,6 +106,12 @@ pub trait QuantModule {
     }
     /// Freezes (`true`) or unfreezes the statistics of a live BatchNorm inside the layer.
     fn set_bn_frozen(&mut self, _frozen: bool) {}
+    /// Identifies the layer in the ONNX exporter's trace (the address of its state); layers
+    /// that return `None` cannot be exported.
+    #[doc(hidden)]
+    fn trace_key(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A read-only walk over a model.

@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use super::common::Common;
 use super::simple::simple_module;
 use crate::error::Result;
+use crate::onnx::trace::{FloatOp, Op};
 use crate::qconfig::{FakeQuantizeSpec, QConfig};
 
 macro_rules! activation {
@@ -48,13 +49,16 @@ impl ReLU {
             // Codes: relu is max(q, zero point).
             self.common.check_input(x, "ReLU")?;
             let zp = io.inputs.first().map_or(0, |q| q.zero_point);
-            return Ok(x.maximum(zp as f64)?);
+            let y = x.maximum(zp as f64)?;
+            self.common.trace(&[x], &y, || Op::OnCodes(FloatOp::Relu));
+            return Ok(y);
         }
         match &self.common.absorbed {
             Some(p) => self.common.placeholder_forward(p, x),
             None => {
                 let y = x.relu()?;
                 self.common.pass_through(x, &y)?;
+                self.common.trace_float(&[x], &y, || FloatOp::Relu);
                 Ok(y)
             }
         }
@@ -83,12 +87,17 @@ fn prepare_fixed(
 impl Sigmoid {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self
-                .common
-                .converted_float_op(&[x], "Sigmoid", |v| Ok(candle_nn::ops::sigmoid(&v[0])?));
+            return self.common.converted_float_op(
+                &[x],
+                "Sigmoid",
+                || FloatOp::Sigmoid,
+                |v| Ok(candle_nn::ops::sigmoid(&v[0])?),
+            );
         }
         self.common.note_inputs(&[x])?;
-        self.common.finish(candle_nn::ops::sigmoid(x)?)
+        let y = candle_nn::ops::sigmoid(x)?;
+        self.common.trace_float(&[x], &y, || FloatOp::Sigmoid);
+        self.common.finish(y)
     }
     fn convert_with(&mut self) -> Result<()> {
         self.common.convert_io("Sigmoid", true).map(|_| ())
@@ -101,12 +110,17 @@ impl Sigmoid {
 impl Tanh {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self
-                .common
-                .converted_float_op(&[x], "Tanh", |v| Ok(v[0].tanh()?));
+            return self.common.converted_float_op(
+                &[x],
+                "Tanh",
+                || FloatOp::Tanh,
+                |v| Ok(v[0].tanh()?),
+            );
         }
         self.common.note_inputs(&[x])?;
-        self.common.finish(x.tanh()?)
+        let y = x.tanh()?;
+        self.common.trace_float(&[x], &y, || FloatOp::Tanh);
+        self.common.finish(y)
     }
     fn convert_with(&mut self) -> Result<()> {
         self.common.convert_io("Tanh", true).map(|_| ())

@@ -61,6 +61,20 @@ impl BnCore {
         self.weight.elem_count()
     }
 
+    /// The inference computation as the ONNX exporter writes it (running statistics). A
+    /// parameter that cannot be read comes out empty, which the exporter reports.
+    pub(crate) fn onnx_op(&self, relu: bool) -> crate::onnx::trace::FloatOp {
+        let read = |t: &Tensor| t.detach().to_vec1::<f32>().unwrap_or_default();
+        crate::onnx::trace::FloatOp::BatchNorm {
+            weight: read(&self.weight),
+            bias: read(&self.bias),
+            mean: read(self.running_mean.as_tensor()),
+            var: read(self.running_var.as_tensor()),
+            eps: self.config.eps,
+            relu,
+        }
+    }
+
     /// `[1, C, 1, ...]` for an input of rank `rank`.
     fn channel_shape(&self, rank: usize) -> Vec<usize> {
         let mut s = vec![1; rank];
@@ -271,12 +285,15 @@ macro_rules! batch_norm {
                 };
                 if inner.common.io.is_some() {
                     let relu = inner.relu;
-                    return inner
-                        .common
-                        .converted_float_op(&[x], stringify!($name), |v| {
+                    return inner.common.converted_float_op(
+                        &[x],
+                        stringify!($name),
+                        || core.onnx_op(relu),
+                        |v| {
                             let y = core.forward(&v[0], false)?;
                             Ok(if relu { y.relu()? } else { y })
-                        });
+                        },
+                    );
                 }
                 inner.common.check_input(x, stringify!($name))?;
                 inner.common.note_inputs(&[x])?;
@@ -284,6 +301,9 @@ macro_rules! batch_norm {
                 if inner.relu {
                     y = y.relu()?;
                 }
+                inner
+                    .common
+                    .trace_float(&[x], &y, || core.onnx_op(inner.relu));
                 inner.common.finish(y)
             }
         }
@@ -322,6 +342,9 @@ macro_rules! batch_norm {
             }
             fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
                 self.0.common.int8_state()
+            }
+            fn trace_key(&self) -> Option<usize> {
+                Some(&self.0.common as *const _ as usize)
             }
             fn load_int8_state(&mut self, state: crate::checkpoint::Int8State) -> Result<()> {
                 self.0.common.load_int8_state(&state)

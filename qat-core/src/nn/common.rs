@@ -8,6 +8,7 @@ use candle_core::{Tensor, TensorId};
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
 use crate::model::Stage;
+use crate::onnx::trace::{self, FloatOp, Op};
 use crate::provenance::{self, ActFq, IoQParams, Source};
 use crate::qconfig::QConfig;
 
@@ -266,6 +267,7 @@ impl Common {
         &self,
         xs: &[&Tensor],
         what: &str,
+        op: impl FnOnce() -> FloatOp,
         f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let io = self.io()?;
@@ -285,11 +287,29 @@ impl Common {
             floats.push(crate::quantized::dequantize(x, q.scale, q.zero_point)?);
         }
         let y = f(&floats)?;
-        match &io.output {
+        let y = match &io.output {
             Some(o) => {
-                crate::quantized::quantize(&y, o.scale, o.zero_point, o.quant_min, o.quant_max)
+                crate::quantized::quantize(&y, o.scale, o.zero_point, o.quant_min, o.quant_max)?
             }
-            None => Ok(y),
+            None => y,
+        };
+        self.trace(xs, &y, || Op::Dequantized {
+            op: op(),
+            inputs: io.inputs.clone(),
+            output: io.output,
+        });
+        Ok(y)
+    }
+
+    /// Notes for the ONNX exporter (when it traces) that this layer computed `y` from `xs`.
+    pub fn trace(&self, xs: &[&Tensor], y: &Tensor, op: impl FnOnce() -> Op) {
+        trace::record(self, xs, y, op)
+    }
+
+    /// Notes a float layer's op for the ONNX exporter (float and fused stages only).
+    pub fn trace_float(&self, xs: &[&Tensor], y: &Tensor, op: impl FnOnce() -> FloatOp) {
+        if matches!(self.stage, Stage::Float | Stage::Fused) {
+            trace::record(self, xs, y, || Op::Float(op()))
         }
     }
 

@@ -200,8 +200,11 @@ macro_rules! conv {
             }
 
             fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-                let int_op = ($rank == 2).then_some(super::weighted::IntOp::Conv2d(&self.config));
-                self.w.forward(x, |_| 1, |x, w| self.conv(x, w), int_op)
+                let kind = crate::onnx::trace::WeightedKind::Conv {
+                    config: self.config,
+                    rank: $rank,
+                };
+                self.w.forward(x, |_| 1, |x, w| self.conv(x, w), kind)
             }
         }
 
@@ -245,6 +248,9 @@ macro_rules! conv {
             }
             fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
                 self.w.int8_state()
+            }
+            fn trace_key(&self) -> Option<usize> {
+                Some(&self.w.common as *const _ as usize)
             }
             fn load_int8_state(&mut self, state: crate::checkpoint::Int8State) -> Result<()> {
                 let kind = self.kind();

@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use super::common::Common;
 use super::simple::simple_module;
 use crate::error::{Error, Result};
+use crate::onnx::trace::FloatOp;
 use crate::qconfig::QConfig;
 
 /// `add`, `add_relu`, `mul`, `cat` whose outputs are fake-quantized once prepared.
@@ -34,40 +35,49 @@ impl FloatFunctional {
     /// `a + b` (broadcasting).
     pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self
-                .common
-                .converted_float_op(&[a, b], "FloatFunctional::add", |v| {
-                    Ok(v[0].broadcast_add(&v[1])?)
-                });
+            return self.common.converted_float_op(
+                &[a, b],
+                "FloatFunctional::add",
+                || FloatOp::Add,
+                |v| Ok(v[0].broadcast_add(&v[1])?),
+            );
         }
         self.common.note_inputs(&[a, b])?;
-        self.common.finish(a.broadcast_add(b)?)
+        let y = a.broadcast_add(b)?;
+        self.common.trace_float(&[a, b], &y, || FloatOp::Add);
+        self.common.finish(y)
     }
 
     /// `relu(a + b)`.
     pub fn add_relu(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self
-                .common
-                .converted_float_op(&[a, b], "FloatFunctional::add_relu", |v| {
-                    Ok(v[0].broadcast_add(&v[1])?.relu()?)
-                });
+            return self.common.converted_float_op(
+                &[a, b],
+                "FloatFunctional::add_relu",
+                || FloatOp::AddRelu,
+                |v| Ok(v[0].broadcast_add(&v[1])?.relu()?),
+            );
         }
         self.common.note_inputs(&[a, b])?;
-        self.common.finish(a.broadcast_add(b)?.relu()?)
+        let y = a.broadcast_add(b)?.relu()?;
+        self.common.trace_float(&[a, b], &y, || FloatOp::AddRelu);
+        self.common.finish(y)
     }
 
     /// `a * b` (broadcasting).
     pub fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self
-                .common
-                .converted_float_op(&[a, b], "FloatFunctional::mul", |v| {
-                    Ok(v[0].broadcast_mul(&v[1])?)
-                });
+            return self.common.converted_float_op(
+                &[a, b],
+                "FloatFunctional::mul",
+                || FloatOp::Mul,
+                |v| Ok(v[0].broadcast_mul(&v[1])?),
+            );
         }
         self.common.note_inputs(&[a, b])?;
-        self.common.finish(a.broadcast_mul(b)?)
+        let y = a.broadcast_mul(b)?;
+        self.common.trace_float(&[a, b], &y, || FloatOp::Mul);
+        self.common.finish(y)
     }
 
     /// Concatenation along `dim`.
@@ -80,19 +90,27 @@ impl FloatFunctional {
         }
         let refs: Vec<&Tensor> = xs.iter().collect();
         if self.common.io.is_some() {
-            return self
-                .common
-                .converted_float_op(&refs, "FloatFunctional::cat", |v| Ok(Tensor::cat(v, dim)?));
+            return self.common.converted_float_op(
+                &refs,
+                "FloatFunctional::cat",
+                || FloatOp::Cat(dim),
+                |v| Ok(Tensor::cat(v, dim)?),
+            );
         }
         self.common.note_inputs(&refs)?;
-        self.common.finish(Tensor::cat(xs, dim)?)
+        let y = Tensor::cat(xs, dim)?;
+        self.common.trace_float(&refs, &y, || FloatOp::Cat(dim));
+        self.common.finish(y)
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self
-                .common
-                .converted_float_op(&[x], "FloatFunctional", |v| Ok(v[0].clone()));
+            return self.common.converted_float_op(
+                &[x],
+                "FloatFunctional",
+                || FloatOp::Identity,
+                |v| Ok(v[0].clone()),
+            );
         }
         self.common.note_inputs(&[x])?;
         self.common.finish(x.clone())

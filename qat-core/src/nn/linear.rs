@@ -89,7 +89,7 @@ impl Linear {
             x,
             |rank| rank - 1,
             Self::matmul,
-            Some(super::weighted::IntOp::Linear),
+            crate::onnx::trace::WeightedKind::Linear,
         )
     }
 }
@@ -134,6 +134,9 @@ impl QuantModule for Linear {
     }
     fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
         self.w.int8_state()
+    }
+    fn trace_key(&self) -> Option<usize> {
+        Some(&self.w.common as *const _ as usize)
     }
     fn load_int8_state(&mut self, state: crate::checkpoint::Int8State) -> Result<()> {
         let kind = self.kind();

@@ -6,6 +6,7 @@ use candle_core::Tensor;
 use super::common::Common;
 use super::simple::simple_module;
 use crate::error::{Error, Result};
+use crate::onnx::trace::{FloatOp, Op};
 use crate::qconfig::QConfig;
 
 /// 2-D max pooling with a square window.
@@ -35,11 +36,20 @@ impl MaxPool2d {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
             self.common.check_input(x, "MaxPool2d")?;
-            return Ok(x.max_pool2d_with_stride(self.kernel_size, self.stride)?);
+            let y = x.max_pool2d_with_stride(self.kernel_size, self.stride)?;
+            self.common.trace(&[x], &y, || Op::OnCodes(self.op()));
+            return Ok(y);
         }
         let y = x.max_pool2d_with_stride(self.kernel_size, self.stride)?;
         self.common.pass_through(x, &y)?;
+        self.common.trace_float(&[x], &y, || self.op());
         Ok(y)
+    }
+    fn op(&self) -> FloatOp {
+        FloatOp::MaxPool2d {
+            kernel: self.kernel_size,
+            stride: self.stride,
+        }
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
@@ -76,10 +86,15 @@ impl Flatten {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
             self.common.check_input(x, "Flatten")?;
-            return Ok(x.flatten_from(self.start_dim)?);
+            let y = x.flatten_from(self.start_dim)?;
+            self.common
+                .trace(&[x], &y, || Op::OnCodes(FloatOp::Flatten(self.start_dim)));
+            return Ok(y);
         }
         let y = x.flatten_from(self.start_dim)?;
         self.common.pass_through(x, &y)?;
+        self.common
+            .trace_float(&[x], &y, || FloatOp::Flatten(self.start_dim));
         Ok(y)
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {

@@ -46,6 +46,9 @@ macro_rules! simple_module {
             fn int8_state(&self) -> Option<$crate::checkpoint::Int8State> {
                 self.common.int8_state()
             }
+            fn trace_key(&self) -> Option<usize> {
+                Some(&self.common as *const _ as usize)
+            }
             fn load_int8_state(
                 &mut self,
                 state: $crate::checkpoint::Int8State,

@@ -41,7 +41,10 @@ impl QuantStub {
                     "report this as a bug",
                 )
             })?;
-            return crate::quantized::quantize(x, o.scale, o.zero_point, o.quant_min, o.quant_max);
+            let y = crate::quantized::quantize(x, o.scale, o.zero_point, o.quant_min, o.quant_max)?;
+            self.common
+                .trace(&[x], &y, || crate::onnx::trace::Op::Quantize(o));
+            return Ok(y);
         }
         self.common.finish(x.clone())
     }
@@ -60,9 +63,12 @@ impl DeQuantStub {
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.io.is_some() {
-            return self
-                .common
-                .converted_float_op(&[x], "DeQuantStub", |v| Ok(v[0].clone()));
+            return self.common.converted_float_op(
+                &[x],
+                "DeQuantStub",
+                || crate::onnx::trace::FloatOp::Identity,
+                |v| Ok(v[0].clone()),
+            );
         }
         self.common.note_inputs(&[x])?;
         Ok(x.clone())

@@ -12,6 +12,7 @@ use super::conv::ConvConfig;
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
 use crate::model::Stage;
+use crate::onnx::trace::{self, Op, WeightedKind};
 use crate::provenance::IoQParams;
 use crate::qconfig::{Backend, QConfig};
 use crate::qparams::QParams;
@@ -31,6 +32,18 @@ pub(crate) struct IntWeighted {
     pub bias: IntBias,
     pub input: IoQParams,
     pub requant: Requant,
+}
+
+impl IntWeighted {
+    /// The output's scale, zero point and code range.
+    fn requant_io(&self) -> IoQParams {
+        IoQParams {
+            scale: self.requant.scale(),
+            zero_point: self.requant.zero_point(),
+            quant_min: self.requant.quant_min(),
+            quant_max: self.requant.quant_max(),
+        }
+    }
 }
 
 /// The bias as an integer engine adds it: `(acc + int_bias) * (x_scale * w_scale) +
@@ -173,17 +186,33 @@ impl Weighted {
     }
 
     /// Runs the layer; `op(x, w)` is the bare convolution or matmul (no bias) and `dim` the
-    /// channel dim of its output. `int_op` names the integer op, used in eval mode to compute
-    /// exactly what the converted model will (see below).
+    /// channel dim of its output. `kind` says which op it is: its integer form is used in eval
+    /// mode to compute exactly what the converted model will (see below), and the ONNX
+    /// exporter records it.
     pub fn forward(
         &self,
         x: &Tensor,
         dim: impl Fn(usize) -> usize,
         op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
-        int_op: Option<IntOp>,
+        kind: WeightedKind,
     ) -> Result<Tensor> {
+        let int_op = match &kind {
+            WeightedKind::Linear => Some(IntOp::Linear),
+            WeightedKind::Conv { config, rank: 2 } => Some(IntOp::Conv2d(config)),
+            WeightedKind::Conv { .. } => None,
+        };
         if let Some(int) = &self.int {
-            return self.forward_int(int, x, int_op);
+            let y = self.forward_int(int, x, int_op)?;
+            self.common.trace(&[x], &y, || Op::IntWeighted {
+                kind,
+                weight: int.weight.clone(),
+                bias_float: int.bias.float.clone(),
+                bias_int: int.bias.int.clone(),
+                input: int.input,
+                output: int.requant_io(),
+                relu: self.relu,
+            });
+            return Ok(y);
         }
         self.common.check_input(x, "a float layer")?;
         let source = self.common.note_inputs(&[x])?;
@@ -263,6 +292,16 @@ impl Weighted {
             _ => y,
         };
         let y = if self.relu { y.relu()? } else { y };
+        if matches!(self.common.stage, Stage::Float | Stage::Fused) && trace::active() {
+            let (w, _) = self.scaled_weight()?;
+            let bias = self.folded_bias()?;
+            self.common.trace(&[x], &y, || Op::FloatWeighted {
+                kind,
+                weight: w.detach(),
+                bias,
+                relu: self.relu,
+            });
+        }
         self.common.finish(y)
     }
 

@@ -1,0 +1,333 @@
+//! ONNX QDQ export: MnistNet and the residual example's net, trained briefly on the embedded
+//! MNIST subset, converted and exported. This test checks the files' structure (read back
+//! with the generated protobuf types) and the exporter's errors; it also leaves, in
+//! `QAT_ONNX_DIR` (default: a directory under the target dir), the two models, the 1,000
+//! test images and the converted models' outputs on them, which `tests/onnx/check_onnx.py`
+//! (run by `.ci/run`) compares with onnxruntime.
+
+#[path = "../examples/common/idx.rs"]
+mod idx;
+#[path = "../examples/common/mnist_net.rs"]
+mod mnist_net;
+#[path = "../examples/common/residual_net.rs"]
+mod residual_net;
+#[path = "../examples/common/trainer.rs"]
+mod trainer;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_qat::onnx::proto::{tensor_proto::DataType, ModelProto, NodeProto};
+use candle_qat::onnx::{export_onnx, to_onnx, ExportOptions};
+use candle_qat::passes::convert;
+use candle_qat::prelude::*;
+use prost::Message;
+
+use idx::Mnist;
+use trainer::{AnyResult, EpochPlan, MomentumSgd, Rng};
+
+fn out_dir() -> PathBuf {
+    std::env::var_os("QAT_ONNX_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("onnx-check"))
+}
+
+/// One epoch of momentum SGD over the training images.
+fn epoch<M: Module>(net: &M, vm: &VarMap, data: &Mnist, lr: f64, seed: u64) -> AnyResult<()> {
+    let mut opt = MomentumSgd::new(vm.all_vars(), lr, 0.9);
+    let plan = EpochPlan {
+        split: &data.train,
+        batch_size: 64,
+        base_lr: lr,
+        first_step: 0,
+        total_steps: trainer::steps_per_epoch(data.train.n, 64),
+        label: "train".into(),
+    };
+    let perm = Rng::new(seed).permutation(data.train.n);
+    trainer::train_epoch(net, &mut opt, &plan, &perm, &Device::Cpu)?;
+    Ok(())
+}
+
+/// A model trained one float epoch; returns its variables.
+fn float_trained<M: Quantizable + Module>(
+    build: impl Fn(VarBuilder) -> candle_qat::Result<M>,
+    data: &Mnist,
+    lr: f64,
+) -> AnyResult<VarMap> {
+    let vm = VarMap::new();
+    let mut net = build(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    trainer::init_weights(&vm, &mut Rng::new(7))?;
+    train(&mut net)?;
+    epoch(&net, &vm, data, lr, 11)?;
+    Ok(vm)
+}
+
+/// From the float weights: one QAT epoch with `mapping`, BN statistics and observers frozen,
+/// one eval pass for the input records, convert.
+fn converted<M: Quantizable + Module>(
+    build: impl Fn(VarBuilder) -> candle_qat::Result<M>,
+    float: &VarMap,
+    mapping: &QConfigMapping,
+    data: &Mnist,
+) -> AnyResult<M> {
+    let dev = Device::Cpu;
+    let mut vm = VarMap::new();
+    let mut net = build(VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    trainer::copy_varmap(float, &mut vm)?;
+    fuse_modules_qat(&mut net)?;
+    prepare_qat(&mut net, mapping)?;
+    train(&mut net)?;
+    epoch(&net, &vm, data, 0.005, 12)?;
+    freeze_bn_stats(&mut net)?;
+    disable_observer(&mut net)?;
+    eval(&mut net)?;
+    let (x, _) = data.test.batch(&(0..64).collect::<Vec<_>>(), &dev)?;
+    net.forward(&x)?;
+    convert(&mut net)?;
+    Ok(net)
+}
+
+fn ops(m: &ModelProto) -> Vec<&NodeProto> {
+    m.graph
+        .as_ref()
+        .map(|g| g.node.iter().collect())
+        .unwrap_or_default()
+}
+
+fn count(m: &ModelProto, op: &str) -> usize {
+    ops(m)
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some(op))
+        .count()
+}
+
+/// The producer of each tensor.
+fn producers(m: &ModelProto) -> HashMap<&str, &NodeProto> {
+    ops(m)
+        .into_iter()
+        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
+        .collect()
+}
+
+/// Checks what any exported converted model must satisfy: opset 13, a float input, every
+/// Conv/Gemm reading dequantized int8 weights (per tensor, per channel on axis 0, or either
+/// when `per_tensor` is `None`)
+/// and an int32 bias, every QuantizeLinear writing uint8.
+fn check_qdq(m: &ModelProto, per_tensor: Option<bool>) {
+    assert_eq!(m.opset_import[0].version, Some(13));
+    let g = m.graph.as_ref().expect("graph");
+    assert_eq!(g.input[0].name.as_deref(), Some("input"));
+    assert_eq!(g.output[0].name.as_deref(), Some("output"));
+    let inits: HashMap<&str, _> = g
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_deref().unwrap_or(""), t))
+        .collect();
+    let prod = producers(m);
+    for n in ops(m) {
+        let op = n.op_type.as_deref().unwrap_or("");
+        if op != "Conv" && op != "Gemm" {
+            continue;
+        }
+        let Some(w) = prod.get(n.input[1].as_str()) else {
+            // A float layer: float weights straight from an initializer.
+            assert_eq!(
+                inits[n.input[1].as_str()].data_type,
+                Some(DataType::Float as i32)
+            );
+            continue;
+        };
+        assert_eq!(w.op_type.as_deref(), Some("DequantizeLinear"));
+        assert_eq!(
+            prod[n.input[0].as_str()].op_type.as_deref(),
+            Some("DequantizeLinear"),
+            "{:?} reads dequantized activations",
+            n.name
+        );
+        let codes = inits[w.input[0].as_str()];
+        assert_eq!(codes.data_type, Some(DataType::Int8 as i32));
+        let scale = inits[w.input[1].as_str()];
+        let axis = w
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some("axis"));
+        match per_tensor {
+            Some(true) => {
+                assert!(scale.dims.is_empty(), "{:?}: per-tensor scale", n.name);
+                assert!(axis.is_none());
+            }
+            Some(false) => {
+                assert_eq!(scale.dims, vec![codes.dims[0]], "{:?}: per-channel", n.name);
+                assert_eq!(axis.and_then(|a| a.i), Some(0));
+            }
+            None => {}
+        }
+        let b = prod[n.input[2].as_str()];
+        assert_eq!(
+            inits[b.input[0].as_str()].data_type,
+            Some(DataType::Int32 as i32)
+        );
+    }
+    for n in ops(m) {
+        if n.op_type.as_deref() == Some("QuantizeLinear") {
+            assert_eq!(
+                inits[n.input[2].as_str()].data_type,
+                Some(DataType::Uint8 as i32)
+            );
+        }
+    }
+}
+
+fn write_outputs<M: Quantizable + Module>(
+    net: &M,
+    name: &str,
+    x: &Tensor,
+    dir: &std::path::Path,
+) -> AnyResult<ModelProto> {
+    let example = x.narrow(0, 0, 2)?;
+    let path = dir.join(format!("{name}.onnx"));
+    let report = export_onnx(
+        net,
+        |m, x| m.forward(x),
+        &example,
+        &path,
+        &ExportOptions::default(),
+    )?;
+    assert!(report.requantized.is_empty());
+    net.forward(x)?
+        .write_npy(dir.join(format!("{name}_reference.npy")))?;
+    let bytes = std::fs::read(&path)?;
+    Ok(ModelProto::decode(bytes.as_slice())?)
+}
+
+#[test]
+fn exports_mnist_net_and_residual_net_for_onnxruntime() -> AnyResult<()> {
+    let data = Mnist::embedded()?;
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir)?;
+    let dev = Device::Cpu;
+    let (x, y) = data
+        .test
+        .batch(&(0..data.test.n).collect::<Vec<_>>(), &dev)?;
+    x.write_npy(dir.join("inputs.npy"))?;
+    y.to_dtype(DType::I64)?.write_npy(dir.join("labels.npy"))?;
+    let presets = [(Backend::X86, "x86"), (Backend::Qnnpack, "qnnpack")];
+
+    let float = float_trained(mnist_net::MnistNet::new, &data, 0.05)?;
+    for (backend, preset) in presets {
+        let mapping = qconfig_mapping! { global => QConfig::default_qat(backend) };
+        let net = converted(mnist_net::MnistNet::new, &float, &mapping, &data)?;
+        let m = write_outputs(&net, &format!("mnist_net_{preset}"), &x, &dir)?;
+        // x86 weights are per channel, qnnpack's per tensor.
+        check_qdq(&m, Some(backend == Backend::Qnnpack));
+        assert_eq!(count(&m, "Conv"), 3);
+        assert_eq!(count(&m, "Gemm"), 2);
+        assert_eq!(count(&m, "Flatten"), 1);
+        if backend == Backend::X86 {
+            // reduce_range: each of the 6 quantized activations (the stub, 3 convs, 2
+            // linears) is quantized, clipped to 0..127 and quantized again.
+            assert_eq!(count(&m, "QuantizeLinear"), 12);
+            assert_eq!(count(&m, "Clip"), 6);
+
+            // Per-tensor weights for tract: every weight scale a scalar, the layers listed.
+            let (pt, report) = to_onnx(
+                &net,
+                |m, x| m.forward(x),
+                &x.narrow(0, 0, 1)?,
+                &ExportOptions::default().per_tensor_weights(true),
+            )?;
+            check_qdq(&pt, Some(true));
+            assert_eq!(
+                report.requantized,
+                vec!["conv1", "conv2", "conv3", "fc1", "fc2"]
+            );
+        } else {
+            // Full range and ReLU at zero point 0: uint8 saturation is the whole clamp.
+            assert_eq!(count(&m, "QuantizeLinear"), 6);
+            assert_eq!(count(&m, "Clip"), 0);
+        }
+    }
+
+    let float = float_trained(residual_net::ResNet::new, &data, 0.01)?;
+    for (backend, preset) in presets {
+        let mapping = residual_net::qconfig_mapping(backend)?;
+        let net = converted(residual_net::ResNet::new, &float, &mapping, &data)?;
+        let r = write_outputs(&net, &format!("residual_{preset}"), &x, &dir)?;
+        check_qdq(&r, None);
+        assert_eq!(count(&r, "Conv"), 5);
+        assert_eq!(count(&r, "Add"), 2);
+        assert_eq!(count(&r, "MaxPool"), 2);
+        // fc1 stays float: a float Gemm and its ReLU between a DeQuantStub and a QuantStub.
+        assert_eq!(count(&r, "Gemm"), 2);
+        let g = r.graph.as_ref().expect("graph");
+        assert!(g
+            .initializer
+            .iter()
+            .any(|t| t.name.as_deref() == Some("fc1.weight")
+                && t.data_type == Some(DataType::Float as i32)));
+    }
+    Ok(())
+}
+
+/// A model whose forward runs a bare candle op between layers.
+#[derive(Clone, Quantizable)]
+struct Reshaped {
+    quant: QuantStub,
+    fc: Linear,
+    dequant: DeQuantStub,
+}
+
+impl Reshaped {
+    fn new(vb: VarBuilder) -> candle_qat::Result<Self> {
+        Ok(Reshaped {
+            quant: QuantStub::new(),
+            fc: Linear::new(8, 4, true, vb.pp("fc"))?,
+            dequant: DeQuantStub::new(),
+        })
+    }
+    fn forward(&self, x: &Tensor, bare: bool) -> candle_core::Result<Tensor> {
+        let x = self.quant.forward(x)?;
+        let x = if bare {
+            x.reshape((2, 2, 4))?.reshape((2, 8))?
+        } else {
+            x
+        };
+        self.dequant.forward(&self.fc.forward(&x)?)
+    }
+}
+
+#[test]
+fn export_errors_name_the_module() -> AnyResult<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let mut net = Reshaped::new(VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let x = Tensor::randn(0f32, 1., (2, 8), &dev)?;
+    prepare_qat(
+        &mut net,
+        &qconfig_mapping! { global => QConfig::default_qat(Backend::X86) },
+    )?;
+    net.forward(&x, false)?;
+    let opts = ExportOptions::default();
+
+    // A prepared model is not exported: convert first.
+    let err = to_onnx(&net, |m, x| m.forward(x, false), &x, &opts).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("prepared") && msg.contains("convert"), "{msg}");
+
+    eval(&mut net)?;
+    convert(&mut net)?;
+    let (ok, _) = to_onnx(&net, |m, x| m.forward(x, false), &x, &opts)?;
+    assert_eq!(count(&ok, "Gemm"), 1);
+
+    // A reshape between the stub and fc is invisible to the exporter: fc is named.
+    let err = to_onnx(&net, |m, x| m.forward(x, true), &x, &opts).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("fc") && msg.contains("did not see"), "{msg}");
+
+    // A codes tensor as the example input.
+    let codes = Tensor::zeros((2, 8), DType::U8, &dev)?;
+    assert!(to_onnx(&net, |m, x| m.forward(x, false), &codes, &opts).is_err());
+    Ok(())
+}
