@@ -310,6 +310,51 @@ pub(crate) fn gemm(
     }
 }
 
+/// Positions up to which a product runs as dot products ([`gemv`]): the kernels' tiles of 16
+/// positions would mostly compute padding (a linear layer at batch 1 fills one of 16).
+pub(crate) const GEMV_MAX: usize = 4;
+
+/// `out[o][p] = sum_k (x[p][k] - x_zp) * w[o][k]` for the few rows of `x` (row-major,
+/// `w.row_len` codes each) as one dot product per weight row and position; `out` is
+/// `(w.rows, m)`. The same integers as [`gemm`].
+pub(crate) fn gemv(path: Path, w: &PackedWeight, x: &[u8], x_zp: i32, out: &mut [i32]) {
+    let k = w.row_len;
+    if k == 0 {
+        out.fill(0);
+        return;
+    }
+    let m = x.len() / k;
+    if m == 0 {
+        return;
+    }
+    let run = |(o, out): (usize, &mut [i32])| {
+        let wrow = &w.codes[o * w.kp..o * w.kp + k];
+        let corr = x_zp.wrapping_mul(w.row_sums[o]);
+        for (acc, xrow) in out.iter_mut().zip(x.chunks_exact(k)) {
+            *acc = dot(path, wrow, xrow).wrapping_sub(corr);
+        }
+    };
+    let out = &mut out[..w.rows * m];
+    if rayon::current_num_threads() > 1 && w.rows * m * k >= PAR_WORK {
+        out.par_chunks_mut(m).enumerate().for_each(run);
+    } else {
+        out.chunks_mut(m).enumerate().for_each(run);
+    }
+}
+
+/// `sum_k x[k] * w[k]`, exact (wrapping) in i32.
+fn dot(path: Path, w: &[i8], x: &[u8]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    if path != Path::Portable && has_avx2() {
+        // SAFETY: AVX2 is present (checked above); `dot` reads only inside both slices.
+        return unsafe { x86::dot(w, x, path == Path::Avx2Wide) };
+    }
+    let _ = path;
+    w.iter()
+        .zip(x)
+        .fold(0i32, |a, (&w, &x)| a.wrapping_add(w as i32 * x as i32))
+}
+
 /// One block of weight rows over every position, on the calling thread.
 fn run_block(
     path: Path,
@@ -382,6 +427,47 @@ mod x86 {
         ldo: usize,
         /// Positions to store (the rest of the tile is padding).
         cols: usize,
+    }
+
+    /// `sum_k x[k] * w[k]` over the common length: 32 codes per `vpmaddubsw` (activations
+    /// <= 127), or 16 per `vpmaddwd` on codes widened to i16 (`wide`, any activations).
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot(w: &[i8], x: &[u8], wide: bool) -> i32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = _mm256_setzero_si256();
+        let mut i = 0;
+        if wide {
+            while i + 16 <= n {
+                let xv = _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(i).cast()));
+                let wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(i).cast()));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(xv, wv));
+                i += 16;
+            }
+        } else {
+            let ones = _mm256_set1_epi16(1);
+            while i + 32 <= n {
+                let xv = _mm256_loadu_si256(xp.add(i).cast());
+                let wv = _mm256_loadu_si256(wp.add(i).cast());
+                let pairs = _mm256_maddubs_epi16(xv, wv);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+                i += 32;
+            }
+        }
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256::<1>(acc),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        let mut total = _mm_cvtsi128_si32(s);
+        for j in i..n {
+            total = total.wrapping_add(w[j] as i32 * x[j] as i32);
+        }
+        total
     }
 
     /// Every tile of a block of rows: positions in steps of a tile (the panel slice stays in
@@ -608,9 +694,13 @@ pub fn gemm_u8_i8(
 /// `(m, out)` sums of `m` rows of codes with a given path.
 pub(crate) fn gemm_rows(path: Path, x: &[u8], x_zp: i32, w: &PackedWeight) -> Vec<i32> {
     let m = x.len() / w.row_len;
-    let panel = Panel::from_rows(x, m, w.row_len);
     let mut acc_t = vec![0i32; w.rows * m];
-    gemm(path, w, 0..w.rows, &panel, x_zp, &mut acc_t);
+    if m <= GEMV_MAX {
+        gemv(path, w, x, x_zp, &mut acc_t);
+    } else {
+        let panel = Panel::from_rows(x, m, w.row_len);
+        gemm(path, w, 0..w.rows, &panel, x_zp, &mut acc_t);
+    }
     let mut acc = vec![0i32; m * w.rows];
     for (o, row) in acc_t.chunks_exact(m.max(1)).enumerate() {
         for (mi, &v) in row.iter().enumerate() {
@@ -678,6 +768,11 @@ mod tests {
             (130, 70, 66),
             (19, 1031, 23),
             (50, 515, 9),
+            // Up to GEMV_MAX positions: dot products (32- and 16-code steps, then a tail).
+            (1, 3136, 12),
+            (2, 1031, 5),
+            (4, 97, 33),
+            (GEMV_MAX + 1, 70, 6),
         ];
         for &(m, k, o) in &shapes {
             for &(amax, zp_kind) in &[
@@ -742,11 +837,14 @@ mod tests {
         if has_avx2() {
             assert_eq!(Kernel::Avx2.path(255).unwrap(), Path::Avx2Wide);
             assert_eq!(Kernel::Avx2.path(127).unwrap(), Path::Avx2Madd);
-            let x = vec![255u8; 8];
-            let codes = vec![-128i8; 8];
-            let w = QuantizedWeight::from_codes(codes.clone(), &[1, 8], &[1.0]).unwrap();
-            let sat = gemm_rows(Path::Avx2Madd, &x, 0, w.packed());
-            assert_ne!(sat, naive(&x, 0, &codes, 1, 8));
+            // One position (dot products) and 8 positions (tiles).
+            for (m, k) in [(1, 32), (8, 8)] {
+                let x = vec![255u8; m * k];
+                let codes = vec![-128i8; k];
+                let w = QuantizedWeight::from_codes(codes.clone(), &[1, k], &[1.0]).unwrap();
+                let sat = gemm_rows(Path::Avx2Madd, &x, 0, w.packed());
+                assert_ne!(sat, naive(&x, 0, &codes, 1, k), "m = {m}");
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 use candle_core::{Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::gemm::{gemm, Kernel, Panel};
+use super::gemm::{gemm, gemv, Kernel, Panel, GEMV_MAX};
 use super::qtensor::{max_code, on_u8};
 use super::requant::{Affine, Epilogue, Requant};
 use super::weight::QuantizedWeight;
@@ -119,9 +119,13 @@ fn linear_with<E: Epilogue>(
     let y = on_u8(x, "the int8 linear input", |xs| {
         let m = xs.len() / k;
         let path = Kernel::Auto.path(max_code(xs))?;
-        let panel = Panel::from_rows(xs, m, k);
         let mut acc = vec![0i32; o * m];
-        gemm(path, w.packed(), 0..o, &panel, x_zero_point, &mut acc);
+        if m <= GEMV_MAX {
+            gemv(path, w.packed(), xs, x_zero_point, &mut acc);
+        } else {
+            let panel = Panel::from_rows(xs, m, k);
+            gemm(path, w.packed(), 0..o, &panel, x_zero_point, &mut acc);
+        }
         let zero = <E::Out as WithDType>::from_f64(0.0);
         if m == 0 {
             return Ok(Vec::new());
