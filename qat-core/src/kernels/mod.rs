@@ -4,7 +4,9 @@
 //!   col2im for the input gradient (skipped for inputs that need none), GEMM for the weight
 //!   gradient;
 //! - [`batch_norm`]: BatchNorm statistics, normalisation and backward in a few passes with
-//!   PyTorch's CPU arithmetic.
+//!   PyTorch's CPU arithmetic;
+//! - [`channel`]: per-channel bias add and division with a per-channel backward;
+//! - [`relu`]: ReLU whose backward is one pass over the output.
 //!
 //! They take contiguous CPU f32 tensors; the layers keep candle's ops for other devices and
 //! dtypes. Threads follow rayon's pool (`RAYON_NUM_THREADS`), as candle's own kernels do.
@@ -14,6 +16,7 @@ pub(crate) mod channel;
 pub(crate) mod conv;
 mod im2col;
 mod matmul;
+pub(crate) mod relu;
 
 /// Threads the kernels may use.
 pub(crate) fn num_threads() -> usize {

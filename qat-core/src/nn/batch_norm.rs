@@ -299,7 +299,7 @@ macro_rules! batch_norm {
                 inner.common.note_inputs(&[x])?;
                 let mut y = core.forward(x, inner.common.training && !inner.frozen)?;
                 if inner.relu {
-                    y = y.relu()?;
+                    y = crate::kernels::relu::relu(&y)?;
                 }
                 inner
                     .common

@@ -291,7 +291,11 @@ impl Weighted {
             }
             _ => y,
         };
-        let y = if self.relu { y.relu()? } else { y };
+        let y = if self.relu {
+            crate::kernels::relu::relu(&y)?
+        } else {
+            y
+        };
         if matches!(self.common.stage, Stage::Float | Stage::Fused) && trace::active() {
             let (w, _) = self.scaled_weight()?;
             let bias = self.folded_bias()?;

@@ -1,0 +1,133 @@
+//! ReLU with a one-pass backward: `grad * (y > 0)` read straight from the output, as
+//! PyTorch's `threshold_backward`. candle's ReLU backward builds the mask with a comparison,
+//! a dtype cast and a multiply, three passes and two fresh buffers per activation.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Elements per parallel chunk.
+const CHUNK: usize = 1 << 16;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let v = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("relu: input is not contiguous"),
+    }
+}
+
+/// `f` over `x` into a new vector, in parallel chunks when large.
+fn map(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    if x.len() < 2 * CHUNK {
+        f(x, &mut out);
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, x)| f(x, o));
+    }
+    out
+}
+
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = map(slice(s, l)?, |x, o| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = x.max(0.0);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(grad.apply_op2_no_bwd(y, &ReluGrad)?))
+    }
+}
+
+/// `grad * (y > 0)`.
+struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, y) = (slice(gs, gl)?, slice(ys, yl)?);
+        if g.len() != y.len() {
+            candle_core::bail!("relu-grad: {} gradients for {} outputs", g.len(), y.len());
+        }
+        let mut out = vec![0f32; g.len()];
+        let body = |(o, (g, y)): (&mut [f32], (&[f32], &[f32]))| {
+            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                *o = if y > 0.0 { g } else { 0.0 };
+            }
+        };
+        if g.len() < 2 * CHUNK {
+            body((&mut out, (g, y)));
+        } else {
+            out.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .for_each(body);
+        }
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// `max(x, 0)`; on contiguous CPU f32 tensors with the one-pass backward, elsewhere candle's.
+pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
+    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.is_contiguous() {
+        Ok(x.apply_op1(Relu)?)
+    } else {
+        Ok(x.relu()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// Values and gradients equal candle's away from 0, and PyTorch's at 0 (no gradient).
+    #[test]
+    fn matches_candle_and_pytorch_at_zero() {
+        for n in [5usize, 3 * CHUNK + 7] {
+            let v: Vec<f32> = (0..n)
+                .map(|i| match i % 4 {
+                    0 => 0.0,
+                    1 => -(i as f32) / 7.0,
+                    _ => i as f32 / 3.0,
+                })
+                .collect();
+            let x = Var::from_vec(v.clone(), n, &Device::Cpu).unwrap();
+            let w = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
+            let ours = relu(x.as_tensor()).unwrap();
+            let theirs = x.as_tensor().relu().unwrap();
+            assert_eq!(
+                ours.to_vec1::<f32>().unwrap(),
+                theirs.to_vec1::<f32>().unwrap()
+            );
+            let g = ours.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+            let got = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            for (i, (&gi, &vi)) in got.iter().zip(&v).enumerate() {
+                let want = if vi > 0.0 { i as f32 } else { 0.0 };
+                assert_eq!(gi, want, "element {i} of {n}");
+            }
+        }
+    }
+}
