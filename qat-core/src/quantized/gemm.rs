@@ -25,6 +25,9 @@
 //!   many multiplies per product as the saturating path, but one add per 16 products
 //!   instead of per 32 (about 25% slower on the machines we measured).
 //! - Portable: plain Rust over the same layout, for CPUs without AVX2 and other targets.
+//! - Dot products ([`gemv`]) for products of at most [`GEMV_MAX`] activation rows (a linear
+//!   layer at batch 1), where a 16-position tile would mostly compute padding: each weight row
+//!   against each activation row, 32 codes per `vpmaddubsw` or 16 per widened `vpmaddwd`.
 //!
 //! The AVX2 kernels walk k in blocks of `K_BLOCK` k-groups (a tile's panel slice stays
 //! in L1 while the block's weight rows stream by), positions in tiles of 16 and weight rows
