@@ -3,8 +3,10 @@
 //! float and 40% of a QAT training step of MnistNet.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::host::{with_cpu_f32, CHUNK};
 
 /// Channel of element `i` for `inner` elements per channel run and `c` channels.
 fn runs(dims: &[usize], dim: usize) -> (usize, usize) {
@@ -30,6 +32,24 @@ struct ChannelOp {
     dim: usize,
 }
 
+/// Channel runs per rayon task: about `CHUNK` elements each.
+fn min_runs(inner: usize) -> usize {
+    (CHUNK / inner.max(1)).max(1)
+}
+
+/// Folds per-run sums into per-channel sums (run `r` belongs to channel `r % c`).
+fn channel_sums(rows: Vec<f64>, c: usize) -> Vec<f64> {
+    let mut sums = vec![0f64; c];
+    for (r, v) in rows.into_iter().enumerate() {
+        sums[r % c] += v;
+    }
+    sums
+}
+
+fn no_f32(what: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{what}: expected a contiguous f32 CPU tensor"))
+}
+
 impl CustomOp2 for ChannelOp {
     fn name(&self) -> &'static str {
         match self.kind {
@@ -47,14 +67,19 @@ impl CustomOp2 for ChannelOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, p) = (slice(s1, l1)?, slice(s2, l2)?);
         let (c, inner) = runs(l1.dims(), self.dim);
-        let mut out = Vec::with_capacity(y.len());
-        for (r, run) in y.chunks(inner).enumerate() {
-            let v = p[r % c];
-            match self.kind {
-                Kind::Add => out.extend(run.iter().map(|&a| a + v)),
-                Kind::Div => out.extend(run.iter().map(|&a| a / v)),
-            }
-        }
+        let mut out = vec![0f32; y.len()];
+        let kind = self.kind;
+        out.par_chunks_mut(inner)
+            .zip(y.par_chunks(inner))
+            .enumerate()
+            .with_min_len(min_runs(inner))
+            .for_each(|(r, (o, run))| {
+                let v = p[r % c];
+                match kind {
+                    Kind::Add => o.iter_mut().zip(run).for_each(|(o, &a)| *o = a + v),
+                    Kind::Div => o.iter_mut().zip(run).for_each(|(o, &a)| *o = a / v),
+                }
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -66,34 +91,50 @@ impl CustomOp2 for ChannelOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (c, inner) = runs(y.dims(), self.dim);
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.contiguous()?;
         let pv = p.to_vec1::<f32>()?;
-        let mut sums = vec![0f64; c];
-        let (dy, dp) = match self.kind {
+        let (dy, sums) = match self.kind {
             Kind::Add => {
-                for (r, run) in g.chunks(inner).enumerate() {
-                    sums[r % c] += run.iter().map(|&v| v as f64).sum::<f64>();
-                }
-                (grad.clone(), sums)
+                let rows = with_cpu_f32(&grad, |g| {
+                    g.par_chunks(inner)
+                        .with_min_len(min_runs(inner))
+                        .map(|run| run.iter().map(|&v| v as f64).sum::<f64>())
+                        .collect::<Vec<f64>>()
+                })
+                .ok_or_else(|| no_f32("channel-add backward"))?;
+                (grad.clone(), channel_sums(rows, c))
             }
             Kind::Div => {
                 // d/dy (y / s) = 1 / s;  d/ds = -sum(dy * y) / s^2 = -sum(dy * out) / s.
-                let o = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let mut dy = Vec::with_capacity(g.len());
-                for (r, (gr, orun)) in g.chunks(inner).zip(o.chunks(inner)).enumerate() {
-                    let s = pv[r % c];
-                    dy.extend(gr.iter().map(|&v| v / s));
-                    sums[r % c] -= gr
-                        .iter()
-                        .zip(orun)
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum::<f64>()
-                        / s as f64;
-                }
-                (Tensor::from_vec(dy, y.shape(), y.device())?, sums)
+                let res = res.contiguous()?;
+                let mut dy = vec![0f32; grad.elem_count()];
+                let rows = with_cpu_f32(&grad, |g| {
+                    with_cpu_f32(&res, |o| {
+                        dy.par_chunks_mut(inner)
+                            .zip(g.par_chunks(inner).zip(o.par_chunks(inner)))
+                            .enumerate()
+                            .with_min_len(min_runs(inner))
+                            .map(|(r, (d, (gr, orun)))| {
+                                let s = pv[r % c];
+                                d.iter_mut().zip(gr).for_each(|(d, &v)| *d = v / s);
+                                -gr.iter()
+                                    .zip(orun)
+                                    .map(|(&a, &b)| a as f64 * b as f64)
+                                    .sum::<f64>()
+                                    / s as f64
+                            })
+                            .collect::<Vec<f64>>()
+                    })
+                })
+                .flatten()
+                .ok_or_else(|| no_f32("channel-div backward"))?;
+                (
+                    Tensor::from_vec(dy, y.shape(), y.device())?,
+                    channel_sums(rows, c),
+                )
             }
         };
-        let dp: Vec<f32> = dp.into_iter().map(|v| v as f32).collect();
+        let dp: Vec<f32> = sums.into_iter().map(|v| v as f32).collect();
         Ok((Some(dy), Some(Tensor::from_vec(dp, p.shape(), p.device())?)))
     }
 }

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::Window;
@@ -550,6 +550,97 @@ impl CustomOp2 for Conv2dOp {
     }
 }
 
+/// Elements per rayon task in the bias passes.
+const BIAS_CHUNK: usize = 1 << 15;
+
+/// Adds `b[o]` to every run of `cols` outputs of channel `o` in `y` (`(N, O, cols)`).
+fn add_bias(y: &mut [f32], b: &[f32], cols: usize) {
+    let o = b.len();
+    if cols == 0 || o == 0 {
+        return;
+    }
+    y.par_chunks_mut(cols)
+        .enumerate()
+        .with_min_len((BIAS_CHUNK / cols).max(1))
+        .for_each(|(r, run)| {
+            let v = b[r % o];
+            run.iter_mut().for_each(|y| *y += v);
+        });
+}
+
+/// The bias gradient: per-channel sums of `dy` (`(N, O, cols)`), in f64.
+fn bias_grad(dy: &[f32], o: usize, cols: usize) -> Vec<f32> {
+    let mut sums = vec![0f64; o];
+    if cols == 0 || o == 0 {
+        return vec![0.0; o];
+    }
+    let runs: Vec<f64> = dy
+        .par_chunks(cols)
+        .with_min_len((BIAS_CHUNK / cols).max(1))
+        .map(|run| run.iter().map(|&v| v as f64).sum::<f64>())
+        .collect();
+    for (r, v) in runs.into_iter().enumerate() {
+        sums[r % o] += v;
+    }
+    sums.into_iter().map(|v| v as f32).collect()
+}
+
+/// The conv2d op with a bias on (input, weight, bias `[O]`): the bias is added in place to
+/// the convolution's output and its gradient summed from the output gradient, without the
+/// extra node (and candle's zero-fill and add on its gradient edge) of a separate add.
+struct Conv2dBiasOp(Conv2dParams);
+
+impl CustomOp3 for Conv2dBiasOp {
+    fn name(&self) -> &'static str {
+        "qat-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), &self.0)?;
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let b = f32_slice(s3, l3, "bias")?;
+        if b.len() != g.o {
+            candle_core::bail!(
+                "conv2d: {} bias values for {} output channels",
+                b.len(),
+                g.o
+            );
+        }
+        let mut y = forward(x, w, &g);
+        add_bias(&mut y, b, g.win.cols());
+        Ok((CpuStorage::F32(y), Shape::from(g.out_shape().to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = CustomOp2::bwd(&Conv2dOp(self.0), x, w, y, dy)?;
+        if !b.track_op() {
+            return Ok((dx, dw, None));
+        }
+        let g = Geom::new(x.dims(), w.dims(), &self.0)?;
+        let dy = dy.to_dtype(DType::F32)?.contiguous()?;
+        let Some(db) = cpu_f32(&dy, |d| bias_grad(d, g.o, g.win.cols())) else {
+            candle_core::bail!("conv2d backward: the output gradient is not CPU f32");
+        };
+        Ok((dx, dw, Some(Tensor::from_vec(db, b.shape(), b.device())?)))
+    }
+}
+
 /// Whether the fused kernels take these tensors (CPU, f32, non-empty).
 pub(crate) fn supported(x: &Tensor, w: &Tensor) -> bool {
     x.device().is_cpu()
@@ -567,11 +658,24 @@ pub(crate) fn conv2d(x: &Tensor, w: &Tensor, p: Conv2dParams) -> candle_core::Re
     x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp(p))
 }
 
+/// [`conv2d`] plus a bias `b (O,)`, in one op; gradients flow to all three.
+pub(crate) fn conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    p: Conv2dParams,
+) -> candle_core::Result<Tensor> {
+    Geom::new(x.dims(), w.dims(), &p)?;
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2dBiasOp(p))
+}
+
 /// 1-D convolution of `x (N, C, L)` with `w (O, C/groups, K)`: a conv2d of height 1 (padding
 /// along the length only).
 pub(crate) fn conv1d(
     x: &Tensor,
     w: &Tensor,
+    b: Option<&Tensor>,
     padding: usize,
     stride: usize,
     dilation: usize,
@@ -585,7 +689,11 @@ pub(crate) fn conv1d(
         dilation: [1, dilation],
         groups,
     };
-    let y = conv2d(&x.reshape((n, c, 1, l))?, &w.reshape((o, cg, 1, k))?, p)?;
+    let (x, w) = (x.reshape((n, c, 1, l))?, w.reshape((o, cg, 1, k))?);
+    let y = match b {
+        Some(b) => conv2d_bias(&x, &w, b, p)?,
+        None => conv2d(&x, &w, p)?,
+    };
     let ol = y.dim(3)?;
     y.reshape((n, o, ol))
 }
@@ -736,6 +844,63 @@ mod tests {
         );
     }
 
+    /// The conv op with a bias equals our conv plus a broadcast add, values and gradients of
+    /// input, weight and bias, in 2-D and 1-D, with groups and strides; and a constant bias
+    /// (not a variable) gets no gradient.
+    #[test]
+    fn conv_with_bias_matches_conv_plus_add() {
+        let dev = Device::Cpu;
+        for (n, c, o, h, wd, k, p) in [
+            (2, 4, 6, 7, 6, 3, Conv2dParams::square(1, 1, 1, 1)),
+            (3, 4, 4, 9, 9, 3, Conv2dParams::square(1, 2, 1, 2)),
+            (1, 2, 3, 1, 11, 1, Conv2dParams::square(0, 1, 1, 1)),
+            (64, 2, 8, 12, 12, 3, Conv2dParams::square(1, 1, 2, 1)),
+        ] {
+            let x = Var::randn(0f32, 1., (n, c, h, wd), &dev).unwrap();
+            let w = Var::randn(0f32, 1., (o, c / p.groups, k, k), &dev).unwrap();
+            let b = Var::randn(0f32, 1., o, &dev).unwrap();
+            let ours = conv2d_bias(x.as_tensor(), w.as_tensor(), b.as_tensor(), p).unwrap();
+            let plain = conv2d(x.as_tensor(), w.as_tensor(), p).unwrap();
+            let theirs = plain
+                .broadcast_add(&b.as_tensor().reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
+            let what = format!("n{n} c{c} o{o} {h}x{wd} k{k} {p:?}");
+            close(&format!("y {what}"), &ours, &theirs);
+            let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("dx", &x), ("dw", &w), ("db", &b)] {
+                close(
+                    &format!("{name} {what}"),
+                    g1.get(v).unwrap(),
+                    g2.get(v).unwrap(),
+                );
+            }
+            // 1-D: the same op on height-1 maps.
+            if h == 1 {
+                let x1 = x.as_tensor().squeeze(2).unwrap();
+                let w1 = w.as_tensor().squeeze(2).unwrap();
+                let y1 = conv1d(&x1, &w1, Some(b.as_tensor()), 0, 1, 1, 1).unwrap();
+                close(&format!("1d {what}"), &y1, &theirs.squeeze(2).unwrap());
+            }
+            // A constant bias: no gradient for it, the others unchanged.
+            let cb = b.as_tensor().detach();
+            let y = conv2d_bias(x.as_tensor(), w.as_tensor(), &cb, p).unwrap();
+            let g3 = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(g3.get(&cb).is_none());
+            close(
+                &format!("dw const-b {what}"),
+                g3.get(&w).unwrap(),
+                g2.get(&w).unwrap(),
+            );
+        }
+    }
+
     #[test]
     fn conv2d_matches_candle_on_all_options() {
         let mut seed = 12345u64;
@@ -828,7 +993,7 @@ mod tests {
         ] {
             let x = Var::randn(0f32, 1., (n, c, l), &dev).unwrap();
             let w = Var::randn(0f32, 1., (o, c, k), &dev).unwrap();
-            let ours = conv1d(x.as_tensor(), w.as_tensor(), pad, stride, dil, 1).unwrap();
+            let ours = conv1d(x.as_tensor(), w.as_tensor(), None, pad, stride, dil, 1).unwrap();
             let theirs = x
                 .as_tensor()
                 .conv1d(w.as_tensor(), pad, stride, dil, 1)

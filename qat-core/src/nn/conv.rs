@@ -172,7 +172,14 @@ macro_rules! conv {
                 &self.config
             }
 
-            pub(crate) fn conv(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+            /// The convolution of `x` with `w`, plus the bias `b` when given (inside the fused
+            /// kernel's op on the CPU).
+            pub(crate) fn conv(
+                &self,
+                x: &Tensor,
+                w: &Tensor,
+                b: Option<&Tensor>,
+            ) -> Result<Tensor> {
                 let c = &self.config;
                 if x.rank() != $rank + 2 {
                     return Err(Error::tensor(
@@ -181,22 +188,31 @@ macro_rules! conv {
                     ));
                 }
                 // CPU f32: the fused im2col + GEMM kernels with their own backward.
-                let fused = crate::kernels::conv::supported(x, w);
-                Ok(match $rank {
-                    1 if fused => crate::kernels::conv::conv1d(
-                        x, w, c.padding, c.stride, c.dilation, c.groups,
-                    )?,
-                    2 if fused => crate::kernels::conv::conv2d(
-                        x,
-                        w,
-                        crate::kernels::conv::Conv2dParams::square(
+                let fused = crate::kernels::conv::supported(x, w)
+                    && b.is_none_or(|b| b.device().is_cpu() && b.dtype() == w.dtype());
+                let y = match $rank {
+                    1 if fused => {
+                        return Ok(crate::kernels::conv::conv1d(
+                            x, w, b, c.padding, c.stride, c.dilation, c.groups,
+                        )?)
+                    }
+                    2 if fused => {
+                        let p = crate::kernels::conv::Conv2dParams::square(
                             c.padding, c.stride, c.dilation, c.groups,
-                        ),
-                    )?,
+                        );
+                        return Ok(match b {
+                            Some(b) => crate::kernels::conv::conv2d_bias(x, w, b, p)?,
+                            None => crate::kernels::conv::conv2d(x, w, p)?,
+                        });
+                    }
                     1 => x.conv1d(w, c.padding, c.stride, c.dilation, c.groups)?,
                     2 => x.conv2d(w, c.padding, c.stride, c.dilation, c.groups)?,
                     _ => conv3d(x, w, c)?,
-                })
+                };
+                match b {
+                    Some(b) => crate::kernels::channel::add_channel(&y, b, 1),
+                    None => Ok(y),
+                }
             }
 
             fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
@@ -204,7 +220,7 @@ macro_rules! conv {
                     config: self.config,
                     rank: $rank,
                 };
-                self.w.forward(x, |_| 1, |x, w| self.conv(x, w), kind)
+                self.w.forward(x, |_| 1, |x, w, b| self.conv(x, w, b), kind)
             }
         }
 

@@ -88,7 +88,13 @@ impl Linear {
         self.w.forward(
             x,
             |rank| rank - 1,
-            Self::matmul,
+            |x, w, b| {
+                let y = Self::matmul(x, w)?;
+                match b {
+                    Some(b) => crate::kernels::channel::add_channel(&y, b, y.rank() - 1),
+                    None => Ok(y),
+                }
+            },
             crate::onnx::trace::WeightedKind::Linear,
         )
     }

@@ -185,7 +185,8 @@ impl Weighted {
         })
     }
 
-    /// Runs the layer; `op(x, w)` is the bare convolution or matmul (no bias) and `dim` the
+    /// Runs the layer; `op(x, w, b)` is the convolution or matmul, plus the bias `b` when
+    /// given (the QAT path with a live BN adds it itself, after rescaling), and `dim` the
     /// channel dim of its output. `kind` says which op it is: its integer form is used in eval
     /// mode to compute exactly what the converted model will (see below), and the ONNX
     /// exporter records it.
@@ -193,7 +194,7 @@ impl Weighted {
         &self,
         x: &Tensor,
         dim: impl Fn(usize) -> usize,
-        op: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        op: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
         kind: WeightedKind,
     ) -> Result<Tensor> {
         let int_op = match &kind {
@@ -223,25 +224,23 @@ impl Weighted {
             }
         };
         let bn_training = self.common.training && !self.bn_frozen;
+        let bias = self.bias.as_ref();
         let (y, w_fq) = match (&self.bn, &self.weight_fq) {
             (Some(bn), Some(wfq)) => {
                 let (w, sf) = self.scaled_weight()?;
                 let w = lock(wfq)?.forward(&w)?;
-                let y = op(x, &w)?;
+                let y = op(x, &w, None)?;
                 let sf =
                     sf.ok_or_else(|| Error::state("no BN scale factor", "report this as a bug"))?;
                 let y = crate::kernels::channel::div_channel(&y, &sf, dim(y.rank()))?;
                 (bn.forward(&add_bias(y)?, bn_training)?, Some(w))
             }
-            (Some(bn), None) => (
-                bn.forward(&add_bias(op(x, &self.weight)?)?, bn_training)?,
-                None,
-            ),
+            (Some(bn), None) => (bn.forward(&op(x, &self.weight, bias)?, bn_training)?, None),
             (None, Some(wfq)) => {
                 let w = lock(wfq)?.forward(&self.weight)?;
-                (add_bias(op(x, &w)?)?, Some(w))
+                (op(x, &w, bias)?, Some(w))
             }
-            (None, None) => (add_bias(op(x, &self.weight)?)?, None),
+            (None, None) => (op(x, &self.weight, bias)?, None),
         };
         // Frozen (eval mode; weight and output observers off, fake quantization on), a prepared layer whose input
         // came from a fake-quant computes its value with the converted model's integer
