@@ -158,7 +158,14 @@ fn step(model: &dyn Module, opt: &mut SGD, x: &Tensor, y: &Tensor) -> candle_cor
     opt.backward_step(&l)
 }
 
+#[path = "../examples/common/alloc.rs"]
+mod alloc;
+
 fn bench(c: &mut Criterion) {
+    if USE_MIMALLOC {
+        alloc::keep_freed_memory();
+        assert_eq!(alloc::purge_delay(), -1, "mimalloc's purge delay option");
+    }
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
     let alloc = if USE_MIMALLOC { "mimalloc" } else { "system" };
     let mut g = c.benchmark_group(format!("qat_step/threads={threads}/{alloc}"));

@@ -22,6 +22,8 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "common/alloc.rs"]
+mod alloc;
 #[path = "common/idx.rs"]
 mod idx;
 #[path = "common/mnist_net.rs"]
@@ -189,6 +191,7 @@ impl Phases {
 }
 
 fn main() {
+    alloc::keep_freed_memory();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -17,6 +17,8 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "common/alloc.rs"]
+mod alloc;
 #[path = "common/idx.rs"]
 mod idx;
 #[path = "common/residual_net.rs"]
@@ -108,6 +110,7 @@ fn sqnr_db(f: &Tensor, q: &Tensor) -> AnyResult<f64> {
 }
 
 fn main() {
+    alloc::keep_freed_memory();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);
