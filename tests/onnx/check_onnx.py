@@ -96,6 +96,11 @@ def main():
                 f"output codes equal {100 * exact:.2f}% (max |diff| {int(diff.max())} code), "
                 f"accuracy {100 * acc_ort:.2f}% (candle-qat int8 {100 * acc_ours:.2f}%)"
             )
+            flips = np.nonzero(y.argmax(1) != ours.argmax(1))[0]
+            if len(flips):
+                top2 = np.sort(q_ours[flips], axis=1)[:, -2:]
+                margins = sorted(int(m) for m in top2[:, 1] - top2[:, 0])
+                print(f"{'':17} differing predictions: images {[int(i) for i in flips]}, top-2 margins {margins} codes")
             if optimize:
                 qops = {k: v for k, v in sorted(fused.items()) if k.startswith("QLinear") or k.startswith("QGemm")}
                 print(f"{'':17} onnxruntime's integer kernels after fusion: {qops or 'none'}")
