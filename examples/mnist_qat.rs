@@ -200,23 +200,7 @@ fn main() {
 
 fn run(args: Args) -> AnyResult<()> {
     let total = Instant::now();
-    if let Some(n) = args.threads {
-        if n == 0 {
-            return Err("--threads must be at least 1".into());
-        }
-        // candle's CPU kernels size their work by RAYON_NUM_THREADS; rayon's pool is built
-        // here, before anything runs on it.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(|e| format!("building the rayon pool: {e}"))?;
-    }
-    if args.batch_size < 2 {
-        return Err(
-            "--batch-size must be at least 2 (BatchNorm trains on batch statistics)".into(),
-        );
-    }
+    trainer::setup(args.threads, args.batch_size)?;
     let dev = Device::Cpu;
     let mut phases = Phases(Vec::new());
     let qc = qconfig(args.preset, args.weight_bits)?;

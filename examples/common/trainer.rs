@@ -15,6 +15,28 @@ use super::idx::Split;
 pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
 pub type AnyResult<T> = std::result::Result<T, AnyError>;
 
+/// Checks the options every example shares and sizes the thread pool: `threads` (default: all
+/// cores) for rayon's pool and candle's CPU kernels, which size their work by
+/// `RAYON_NUM_THREADS`; the pool is built here, before anything runs on it.
+pub fn setup(threads: Option<usize>, batch_size: usize) -> AnyResult<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            return Err("--threads must be at least 1".into());
+        }
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| format!("building the rayon pool: {e}"))?;
+    }
+    if batch_size < 2 {
+        return Err(
+            "--batch-size must be at least 2 (BatchNorm trains on batch statistics)".into(),
+        );
+    }
+    Ok(())
+}
+
 /// SplitMix64: a tiny deterministic generator (same seed, same sequence, on every platform).
 #[derive(Clone, Debug)]
 pub struct Rng(u64);

@@ -6,9 +6,6 @@ use candle_nn::VarBuilder;
 
 use super::weighted::Weighted;
 use crate::error::{Error, Result};
-use crate::fake_quant::FakeQuantize;
-use crate::model::{QuantModule, Stage};
-use crate::qconfig::QConfig;
 
 /// Convolution settings, the same along every spatial dim (as candle's convolutions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,49 +227,7 @@ macro_rules! conv {
             }
         }
 
-        impl QuantModule for $name {
-            fn kind(&self) -> String {
-                self.w.kind("Conv", $suffix)
-            }
-            fn type_name(&self) -> &'static str {
-                stringify!($name)
-            }
-            fn stage(&self) -> Stage {
-                self.w.common.stage
-            }
-            fn set_training(&mut self, training: bool) {
-                self.w.common.training = training;
-            }
-            fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
-                self.w.prepare(qconfig)
-            }
-            fn qconfig(&self) -> Option<&QConfig> {
-                self.w.common.qconfig.as_ref()
-            }
-            fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
-                self.w.for_each_fake_quant(f)
-            }
-            fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
-                self.w.fake_quants()
-            }
-            fn set_bn_frozen(&mut self, frozen: bool) {
-                self.w.bn_frozen = frozen;
-            }
-            fn convert(&mut self) -> Result<()> {
-                let kind = self.kind();
-                self.w.convert(&kind, $rank == 2)
-            }
-            fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
-                self.w.int8_state()
-            }
-            fn trace_key(&self) -> Option<usize> {
-                Some(&self.w.common as *const _ as usize)
-            }
-            fn load_int8_state(&mut self, state: crate::checkpoint::Int8State) -> Result<()> {
-                let kind = self.kind();
-                self.w.load_int8_state(&kind, state)
-            }
-        }
+        super::weighted::weighted_module!($name, "Conv", $suffix, int8: $rank == 2);
 
         crate::model::leaf_quantizable!($name);
     };

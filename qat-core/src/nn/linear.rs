@@ -5,9 +5,6 @@ use candle_nn::VarBuilder;
 
 use super::weighted::Weighted;
 use crate::error::{Error, Result};
-use crate::fake_quant::FakeQuantize;
-use crate::model::{QuantModule, Stage};
-use crate::qconfig::QConfig;
 
 /// `y = x W^T + b` over the last dim of x. Fusable with BatchNorm1d and ReLU.
 #[derive(Clone, Debug)]
@@ -106,48 +103,6 @@ impl Module for Linear {
     }
 }
 
-impl QuantModule for Linear {
-    fn kind(&self) -> String {
-        self.w.kind("Linear", "")
-    }
-    fn type_name(&self) -> &'static str {
-        "Linear"
-    }
-    fn stage(&self) -> Stage {
-        self.w.common.stage
-    }
-    fn set_training(&mut self, training: bool) {
-        self.w.common.training = training;
-    }
-    fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
-        self.w.prepare(qconfig)
-    }
-    fn qconfig(&self) -> Option<&QConfig> {
-        self.w.common.qconfig.as_ref()
-    }
-    fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
-        self.w.for_each_fake_quant(f)
-    }
-    fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
-        self.w.fake_quants()
-    }
-    fn set_bn_frozen(&mut self, frozen: bool) {
-        self.w.bn_frozen = frozen;
-    }
-    fn convert(&mut self) -> Result<()> {
-        let kind = self.kind();
-        self.w.convert(&kind, true)
-    }
-    fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
-        self.w.int8_state()
-    }
-    fn trace_key(&self) -> Option<usize> {
-        Some(&self.w.common as *const _ as usize)
-    }
-    fn load_int8_state(&mut self, state: crate::checkpoint::Int8State) -> Result<()> {
-        let kind = self.kind();
-        self.w.load_int8_state(&kind, state)
-    }
-}
+super::weighted::weighted_module!(Linear, "Linear", "", int8: true);
 
 crate::model::leaf_quantizable!(Linear);

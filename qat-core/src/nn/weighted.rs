@@ -510,3 +510,64 @@ impl Weighted {
         }
     }
 }
+
+/// Implements `QuantModule` for a layer struct holding a `w: Weighted` field: `$base` and
+/// `$suffix` make its PyTorch kind (`Conv` + `2d`), `int8` says whether it has an int8
+/// kernel to convert to.
+macro_rules! weighted_module {
+    ($name:ident, $base:literal, $suffix:literal, int8: $int8:expr) => {
+        impl $crate::model::QuantModule for $name {
+            fn kind(&self) -> String {
+                self.w.kind($base, $suffix)
+            }
+            fn type_name(&self) -> &'static str {
+                stringify!($name)
+            }
+            fn stage(&self) -> $crate::model::Stage {
+                self.w.common.stage
+            }
+            fn set_training(&mut self, training: bool) {
+                self.w.common.training = training;
+            }
+            fn prepare_qat(
+                &mut self,
+                qconfig: Option<&$crate::qconfig::QConfig>,
+            ) -> $crate::error::Result<()> {
+                self.w.prepare(qconfig)
+            }
+            fn qconfig(&self) -> Option<&$crate::qconfig::QConfig> {
+                self.w.common.qconfig.as_ref()
+            }
+            fn for_each_fake_quant(
+                &mut self,
+                f: &mut dyn FnMut(&str, &mut $crate::fake_quant::FakeQuantize),
+            ) {
+                self.w.for_each_fake_quant(f)
+            }
+            fn fake_quants(&self) -> Vec<(String, $crate::fake_quant::FakeQuantize)> {
+                self.w.fake_quants()
+            }
+            fn set_bn_frozen(&mut self, frozen: bool) {
+                self.w.bn_frozen = frozen;
+            }
+            fn convert(&mut self) -> $crate::error::Result<()> {
+                let kind = $crate::model::QuantModule::kind(self);
+                self.w.convert(&kind, $int8)
+            }
+            fn int8_state(&self) -> Option<$crate::checkpoint::Int8State> {
+                self.w.int8_state()
+            }
+            fn trace_key(&self) -> Option<usize> {
+                Some(&self.w.common as *const _ as usize)
+            }
+            fn load_int8_state(
+                &mut self,
+                state: $crate::checkpoint::Int8State,
+            ) -> $crate::error::Result<()> {
+                let kind = $crate::model::QuantModule::kind(self);
+                self.w.load_int8_state(&kind, state)
+            }
+        }
+    };
+}
+pub(crate) use weighted_module;
