@@ -19,8 +19,9 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use candle_qat::model::QuantModule;
 use candle_qat::onnx::proto::{tensor_proto::DataType, ModelProto, NodeProto};
-use candle_qat::onnx::{export_onnx, to_onnx, ExportOptions};
+use candle_qat::onnx::{export_onnx, export_onnx_prepared, to_onnx, ExportOptions};
 use candle_qat::passes::convert;
 use candle_qat::prelude::*;
 use prost::Message;
@@ -316,9 +317,20 @@ fn export_errors_name_the_module() -> AnyResult<()> {
     let msg = err.to_string();
     assert!(msg.contains("prepared") && msg.contains("convert"), "{msg}");
 
+    // ... but export_onnx_prepared converts a clone: the same file as converting by hand,
+    // and the prepared model is left as it was.
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("prepared.onnx");
+    export_onnx_prepared(&net, |m, x| m.forward(x, false), &x, &path, &opts)?;
+    assert_eq!(net.fc.stage(), Stage::Prepared);
+
+    disable_observer(&mut net)?;
     eval(&mut net)?;
+    net.forward(&x, false)?;
     convert(&mut net)?;
     let (ok, _) = to_onnx(&net, |m, x| m.forward(x, false), &x, &opts)?;
+    assert_eq!(std::fs::read(&path)?, ok.encode_to_vec());
     assert_eq!(count(&ok, "Gemm"), 1);
 
     // A reshape between the stub and fc is invisible to the exporter: fc is named.

@@ -113,7 +113,8 @@ where
                 "export_onnx got a prepared (fake-quant) model: {} ({}) is not converted",
                 info.path, info.kind
             ),
-            "convert the model first (convert a clone to keep training the prepared one)",
+            "convert the model first, or export it with export_onnx_prepared (which converts a \
+             clone)",
         )
         .in_module(info.path.clone()));
     }
@@ -175,6 +176,40 @@ where
         ..Default::default()
     };
     Ok((model, report))
+}
+
+/// Exports a prepared (fake-quant) model as it would convert now, leaving it untouched: a
+/// clone gets its observers disabled (the qparams stay as trained so far), is switched to
+/// eval, runs `forward` once on `example` (so each layer notes its input's fake-quant), is
+/// converted and exported as [`export_onnx`] does. Mid-training checkpoints can so be
+/// deployed without stopping the run.
+///
+/// ```no_run
+/// # use candle_core::{Module, Tensor};
+/// # fn demo(model: &qat_core::nn::Linear, x: &Tensor) -> qat_core::Result<()> {
+/// use qat_core::onnx::{export_onnx_prepared, ExportOptions};
+/// let opts = ExportOptions::default();
+/// export_onnx_prepared(model, |m, x| m.forward(x), x, "epoch3.onnx", &opts)?;
+/// # Ok(()) }
+/// ```
+pub fn export_onnx_prepared<M, F, E>(
+    model: &M,
+    forward: F,
+    example: &Tensor,
+    path: impl AsRef<Path>,
+    options: &ExportOptions,
+) -> Result<ExportReport>
+where
+    M: Quantizable + Clone,
+    F: Fn(&M, &Tensor) -> std::result::Result<Tensor, E>,
+    Error: From<E>,
+{
+    let mut converted = model.clone();
+    crate::passes::disable_observer(&mut converted)?;
+    crate::passes::eval(&mut converted)?;
+    forward(&converted, example)?;
+    crate::passes::convert(&mut converted)?;
+    export_onnx(&converted, forward, example, path, options)
 }
 
 /// Exports a converted model to an ONNX file in the QDQ format (opset 13): each activation

@@ -14,4 +14,4 @@ pub(crate) mod trace;
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto;
 
-pub use export::{export_onnx, to_onnx, ExportOptions, ExportReport, OPSET};
+pub use export::{export_onnx, export_onnx_prepared, to_onnx, ExportOptions, ExportReport, OPSET};
