@@ -121,11 +121,37 @@ pub(crate) fn record<T>(key: &T, inputs: &[&Tensor], output: &Tensor, op: impl F
     })
 }
 
-/// Runs `f` with a trace active and returns what it recorded (also when `f` fails, the trace
-/// is switched off).
+/// Switches the trace off when dropped, so that a forward that fails or panics leaves no
+/// trace recording behind it.
+struct Active;
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        TRACE.with(|t| t.borrow_mut().take());
+    }
+}
+
+/// Runs `f` with a trace active and returns what it recorded; the trace is off again
+/// afterwards, whatever `f` did.
 pub(crate) fn capture<R>(f: impl FnOnce() -> R) -> (R, Vec<Event>) {
     TRACE.with(|t| *t.borrow_mut() = Some(Vec::new()));
+    let _active = Active;
     let r = f();
     let events = TRACE.with(|t| t.borrow_mut().take()).unwrap_or_default();
     (r, events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_switches_the_trace_off_even_after_a_panic() {
+        let caught = std::panic::catch_unwind(|| capture(|| -> () { panic!("forward failed") }));
+        assert!(caught.is_err());
+        assert!(!active());
+        let (_, events) = capture(|| assert!(active()));
+        assert!(events.is_empty());
+        assert!(!active());
+    }
 }
