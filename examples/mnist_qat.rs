@@ -94,8 +94,9 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Write float.safetensors (the float VarMap), qat.safetensors (qat-core's QAT
-    /// checkpoint: VarMap and every fake-quant's state) and int8.safetensors (qat-core's
-    /// int8 checkpoint: weight codes, scales, biases, activation qparams) here.
+    /// checkpoint: VarMap and every fake-quant's state), int8.safetensors (qat-core's
+    /// int8 checkpoint: weight codes, scales, biases, activation qparams) and int8.onnx (the
+    /// int8 model in ONNX QDQ form, for onnxruntime and other runtimes) here.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Load the float checkpoint from --out instead of training in float.
@@ -422,6 +423,19 @@ fn run(args: Args) -> AnyResult<()> {
         let check = compare(&int8_logits, &reloaded.forward(&xs)?)?;
         if keep {
             println!("int8: saved {}", path.display());
+            let onnx = path.with_extension("onnx");
+            let report = candle_qat::onnx::export_onnx(
+                &int8,
+                |m, x| m.forward(x),
+                &xs.narrow(0, 0, 1)?,
+                &onnx,
+                &Default::default(),
+            )?;
+            println!(
+                "int8: exported {} ({} ONNX nodes, dynamic batch)",
+                onnx.display(),
+                report.nodes
+            );
         } else {
             let _ = std::fs::remove_file(&path);
         }
