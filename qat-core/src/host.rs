@@ -21,6 +21,20 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option
     }
 }
 
+/// The f32 data of a contiguous CPU storage, for `CustomOp`s (`what` names the op in the
+/// error for other dtypes and layouts).
+pub(crate) fn cpu_f32_slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let v = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: input is not contiguous"),
+    }
+}
+
 /// Maps chunks of `inp` to partial results and combines them, in parallel when large.
 pub(crate) fn par_reduce<T, M, R>(inp: &[f32], map: M, reduce: R) -> T
 where

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::host::{with_cpu_f32, CHUNK};
+use crate::host::{cpu_f32_slice, with_cpu_f32, CHUNK};
 
 /// Channel of element `i` for `inner` elements per channel run and `c` channels.
 fn runs(dims: &[usize], dim: usize) -> (usize, usize) {
@@ -14,11 +14,7 @@ fn runs(dims: &[usize], dim: usize) -> (usize, usize) {
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let v = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("per-channel op: input is not contiguous"),
-    }
+    cpu_f32_slice(s, l, "per-channel op")
 }
 
 #[derive(Clone, Copy)]

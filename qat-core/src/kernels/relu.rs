@@ -6,16 +6,10 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape
 use rayon::prelude::*;
 
 use crate::error::Result;
-
-/// Elements per parallel chunk.
-const CHUNK: usize = 1 << 16;
+use crate::host::{cpu_f32_slice, CHUNK};
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let v = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("relu: input is not contiguous"),
-    }
+    cpu_f32_slice(s, l, "relu")
 }
 
 /// `f` over `x` into a new vector, in parallel chunks when large.
