@@ -153,7 +153,12 @@ fn candle_nn_model() -> candle_core::Result<(CandleNet, SGD)> {
     Ok((model, opt))
 }
 
-fn step(model: &dyn Module, opt: &mut SGD, x: &Tensor, y: &Tensor) -> candle_core::Result<()> {
+fn step(
+    model: &(dyn Module + Sync),
+    opt: &mut SGD,
+    x: &Tensor,
+    y: &Tensor,
+) -> candle_core::Result<()> {
     let l = loss::cross_entropy(&model.forward(x)?, y)?;
     opt.backward_step(&l)
 }
@@ -166,6 +171,14 @@ fn bench(c: &mut Criterion) {
         alloc::keep_freed_memory();
         assert_eq!(alloc::purge_delay(), -1, "mimalloc's purge delay option");
     }
+    // As the examples run (`examples/common/trainer.rs`, `thread_pool`): every measured call on
+    // a worker of the pool, candle's elementwise pool not spinning between ops.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .build()
+        .expect("the bench's rayon pool");
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
     let alloc = if USE_MIMALLOC { "mimalloc" } else { "system" };
     let mut g = c.benchmark_group(format!("qat_step/threads={threads}/{alloc}"));
@@ -177,24 +190,24 @@ fn bench(c: &mut Criterion) {
 
     match candle_nn_model() {
         Ok((model, mut opt)) => g.bench_function("step/candle_nn", |b| {
-            b.iter(|| step(&model, &mut opt, &x64, &y64).expect("candle-nn step"))
+            b.iter(|| pool.install(|| step(&model, &mut opt, &x64, &y64).expect("candle-nn step")))
         }),
         Err(e) => panic!("candle-nn setup failed: {e}"),
     };
     for (name, qat) in [("float", false), ("qat_x86", true)] {
         let (mut model, mut opt) = ours(qat).unwrap_or_else(|e| panic!("setup {name}: {e}"));
         g.bench_function(format!("step/{name}"), |b| {
-            b.iter(|| step(&model, &mut opt, &x64, &y64).expect("step"))
+            b.iter(|| pool.install(|| step(&model, &mut opt, &x64, &y64).expect("step")))
         });
         for (batch, x) in [(64, &x64), (1, &x1)] {
             g.bench_function(format!("fwd_train_b{batch}/{name}"), |b| {
-                b.iter(|| model.forward(x).expect("forward"))
+                b.iter(|| pool.install(|| model.forward(x).expect("forward")))
             });
         }
         eval(&mut model).expect("eval");
         for (batch, x) in [(64, &x64), (1, &x1)] {
             g.bench_function(format!("fwd_eval_b{batch}/{name}"), |b| {
-                b.iter(|| model.forward(x).expect("forward"))
+                b.iter(|| pool.install(|| model.forward(x).expect("forward")))
             });
         }
     }

@@ -111,7 +111,9 @@ fn sqnr_db(f: &Tensor, q: &Tensor) -> AnyResult<f64> {
 
 fn main() {
     alloc::keep_freed_memory();
-    if let Err(e) = run(Args::parse()) {
+    let args = Args::parse();
+    let result = trainer::thread_pool(args.threads).and_then(|pool| pool.install(|| run(args)));
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
@@ -119,7 +121,7 @@ fn main() {
 
 fn run(args: Args) -> AnyResult<()> {
     let total = Instant::now();
-    trainer::setup(args.threads, args.batch_size)?;
+    trainer::check_batch_size(args.batch_size)?;
     let dev = Device::Cpu;
     let backend = match args.preset {
         Preset::Fbgemm => Backend::Fbgemm,
