@@ -39,28 +39,11 @@ use candle_nn::{VarBuilder, VarMap};
 use candle_qat::checkpoint;
 use candle_qat::passes::{convert, for_each_layer};
 use candle_qat::prelude::*;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 use idx::Mnist;
 use mnist_net::MnistNet;
-use trainer::{AnyResult, EpochPlan, MomentumSgd, Rng};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Preset {
-    Fbgemm,
-    X86,
-    Qnnpack,
-}
-
-impl Preset {
-    fn backend(self) -> Backend {
-        match self {
-            Preset::Fbgemm => Backend::Fbgemm,
-            Preset::X86 => Backend::X86,
-            Preset::Qnnpack => Backend::Qnnpack,
-        }
-    }
-}
+use trainer::{AnyResult, EpochPlan, MomentumSgd, Preset, Rng};
 
 /// QAT of a small CNN on MNIST with candle-qat: float training, PTQ baseline, QAT, int8.
 #[derive(Parser, Debug)]

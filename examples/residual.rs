@@ -33,18 +33,11 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_qat::passes::convert;
 use candle_qat::prelude::*;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 use idx::Mnist;
 use residual_net::{ResNet, Tap, Taps};
-use trainer::{AnyResult, EpochPlan, MomentumSgd, Rng};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Preset {
-    Fbgemm,
-    X86,
-    Qnnpack,
-}
+use trainer::{AnyResult, EpochPlan, MomentumSgd, Preset, Rng};
 
 /// A residual CNN through float training, PTQ, QAT and int8, with per-path qconfigs.
 #[derive(Parser, Debug)]
@@ -123,11 +116,7 @@ fn run(args: Args) -> AnyResult<()> {
     let total = Instant::now();
     trainer::check_batch_size(args.batch_size)?;
     let dev = Device::Cpu;
-    let backend = match args.preset {
-        Preset::Fbgemm => Backend::Fbgemm,
-        Preset::X86 => Backend::X86,
-        Preset::Qnnpack => Backend::Qnnpack,
-    };
+    let backend = args.preset.backend();
     let mapping = residual_net::qconfig_mapping(backend)?;
 
     let data = match &args.data {

@@ -51,6 +51,25 @@ pub fn check_batch_size(batch_size: usize) -> AnyResult<()> {
     Ok(())
 }
 
+/// The `--preset` option: PyTorch's QAT qconfig presets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    Fbgemm,
+    X86,
+    Qnnpack,
+}
+
+impl Preset {
+    pub fn backend(self) -> candle_qat::qconfig::Backend {
+        use candle_qat::qconfig::Backend;
+        match self {
+            Preset::Fbgemm => Backend::Fbgemm,
+            Preset::X86 => Backend::X86,
+            Preset::Qnnpack => Backend::Qnnpack,
+        }
+    }
+}
+
 /// SplitMix64: a tiny deterministic generator (same seed, same sequence, on every platform).
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
