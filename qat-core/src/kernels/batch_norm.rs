@@ -407,13 +407,7 @@ mod tests {
     const TOL: f32 = 2e-5;
 
     fn close(what: &str, got: &Tensor, want: &Tensor) {
-        assert_eq!(got.dims(), want.dims(), "{what}: shape");
-        let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-        let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-        let scale = 1.0 + w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-            assert!((a - b).abs() <= TOL * scale, "{what}[{i}]: {a} vs {b}");
-        }
+        crate::kernels::assert_close(what, got, want, TOL)
     }
 
     /// The composite of candle ops BatchNorm was built from before (batch statistics when

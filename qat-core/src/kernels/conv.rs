@@ -707,16 +707,7 @@ mod tests {
     const TOL: f32 = 1e-5;
 
     fn close(what: &str, got: &Tensor, want: &Tensor) {
-        assert_eq!(got.dims(), want.dims(), "{what}: shape");
-        let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-        let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-        let scale = 1.0 + w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-            assert!(
-                (a - b).abs() <= TOL * scale,
-                "{what}[{i}]: {a} vs {b} (scale {scale})"
-            );
-        }
+        crate::kernels::assert_close(what, got, want, TOL)
     }
 
     /// Direct loops in f64: `(y, dx, dw)` of `y = conv(x, w)` for the upstream gradient `r`.

@@ -22,3 +22,24 @@ pub(crate) mod relu;
 pub(crate) fn num_threads() -> usize {
     rayon::current_num_threads().max(1)
 }
+
+/// Test helper of the kernels: `got` equals `want` in shape, and element by element within
+/// `tol * (1 + max |want|)` (f32 sums in different orders).
+#[cfg(test)]
+pub(crate) fn assert_close(
+    what: &str,
+    got: &candle_core::Tensor,
+    want: &candle_core::Tensor,
+    tol: f32,
+) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+    let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = 1.0 + w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{what}[{i}]: {a} vs {b} (scale {scale})"
+        );
+    }
+}
