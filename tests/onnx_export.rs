@@ -343,3 +343,47 @@ fn export_errors_name_the_module() -> AnyResult<()> {
     assert!(to_onnx(&net, |m, x| m.forward(x, false), &codes, &opts).is_err());
     Ok(())
 }
+
+/// A ReLU left unfused, converted: it runs on codes (`max(q, zero point)`), exported as
+/// DequantizeLinear -> Relu -> QuantizeLinear with its input's qparams and no Clip (its codes
+/// already lie in the trained range).
+#[derive(Clone, Quantizable)]
+struct LoneRelu {
+    quant: QuantStub,
+    fc: Linear,
+    relu: ReLU,
+    dequant: DeQuantStub,
+}
+
+#[test]
+fn a_lone_relu_on_codes_exports_without_a_clip() -> AnyResult<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let mut net = LoneRelu {
+        quant: QuantStub::new(),
+        fc: Linear::new(8, 4, true, vb.pp("fc"))?,
+        relu: ReLU::new(),
+        dequant: DeQuantStub::new(),
+    };
+    let fwd = |m: &LoneRelu, x: &Tensor| -> candle_core::Result<Tensor> {
+        let x = m.fc.forward(&m.quant.forward(x)?)?;
+        m.dequant.forward(&m.relu.forward(&x)?)
+    };
+    prepare_qat(
+        &mut net,
+        &qconfig_mapping! { global => QConfig::default_qat(Backend::X86) },
+    )?;
+    let x = Tensor::randn(0f32, 1., (16, 8), &dev)?;
+    fwd(&net, &x)?;
+    disable_observer(&mut net)?;
+    eval(&mut net)?;
+    fwd(&net, &x)?;
+    convert(&mut net)?;
+    let (m, _) = to_onnx(&net, fwd, &x, &ExportOptions::default())?;
+    assert_eq!(count(&m, "Relu"), 1);
+    // The stub and fc: quantize, clip to 0..127, quantize again; the ReLU: quantize once.
+    assert_eq!(count(&m, "QuantizeLinear"), 5);
+    assert_eq!(count(&m, "Clip"), 2);
+    Ok(())
+}

@@ -350,11 +350,18 @@ impl GraphBuilder {
             Op::OnCodes(op) => {
                 let (xq, qp) = self.quant_input(e.inputs[0], layer)?;
                 let name = match op {
-                    // max(q, zero point): dequantize, ReLU, quantize with the same qparams.
+                    // max(q, zero point): dequantize, ReLU, quantize with the same qparams. The
+                    // codes already lie in the trained range, so uint8 saturation needs no
+                    // Clip behind it.
                     FloatOp::Relu => {
                         let x = self.dequantize(&xq, &qp);
                         let y = self.float_op(path, op, &[x], &e.output_dims, layer)?;
-                        self.quantize(path, &y, &qp, false)
+                        let full = IoQParams {
+                            quant_min: 0,
+                            quant_max: 255,
+                            ..qp
+                        };
+                        self.quantize(path, &y, &full, false)
                     }
                     // Max pooling and reshapes commute with dequantization: run on the codes.
                     _ => self.float_op(path, op, &[xq], &e.output_dims, layer)?,
