@@ -21,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use super::sums::sum_f64;
 use crate::host::{with_cpu_f32, CHUNK};
 
 /// `(images, channels, elements per channel and image)` of an `(N, C, ...)` shape.
@@ -40,24 +41,6 @@ pub(crate) fn supported(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
         && x.elem_count() > 0
         && weight.dims() == [c.unwrap_or(0)]
         && bias.dims() == [c.unwrap_or(0)]
-}
-
-/// `sum(x)` in f64 (eight independent accumulators, so that it vectorises).
-#[multiversion(targets("x86_64+avx2"))]
-fn sum_f64(x: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for ch in chunks {
-        for i in 0..8 {
-            acc[i] += ch[i] as f64;
-        }
-    }
-    let mut s: f64 = acc.iter().sum();
-    for &v in rest {
-        s += v as f64;
-    }
-    s
 }
 
 /// `sum((x - mean)^2)` with the square in f32, summed in f64.

@@ -5,8 +5,9 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::sums::{dot_f64, sum_f64};
 use crate::error::Result;
-use crate::host::{cpu_f32_slice, with_cpu_f32, CHUNK};
+use crate::host::{cpu_f32_slice, new_f32, with_cpu_f32, CHUNK};
 
 /// Channel of element `i` for `inner` elements per channel run and `c` channels.
 fn runs(dims: &[usize], dim: usize) -> (usize, usize) {
@@ -63,19 +64,24 @@ impl CustomOp2 for ChannelOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, p) = (slice(s1, l1)?, slice(s2, l2)?);
         let (c, inner) = runs(l1.dims(), self.dim);
-        let mut out = vec![0f32; y.len()];
         let kind = self.kind;
-        out.par_chunks_mut(inner)
-            .zip(y.par_chunks(inner))
-            .enumerate()
-            .with_min_len(min_runs(inner))
-            .for_each(|(r, (o, run))| {
-                let v = p[r % c];
-                match kind {
-                    Kind::Add => o.iter_mut().zip(run).for_each(|(o, &a)| *o = a + v),
-                    Kind::Div => o.iter_mut().zip(run).for_each(|(o, &a)| *o = a / v),
-                }
-            });
+        let out = new_f32(y.len(), |out| {
+            out.par_chunks_mut(inner)
+                .zip(y.par_chunks(inner))
+                .enumerate()
+                .with_min_len(min_runs(inner))
+                .for_each(|(r, (o, run))| {
+                    let v = p[r % c];
+                    match kind {
+                        Kind::Add => o.iter_mut().zip(run).for_each(|(o, &a)| {
+                            o.write(a + v);
+                        }),
+                        Kind::Div => o.iter_mut().zip(run).for_each(|(o, &a)| {
+                            o.write(a / v);
+                        }),
+                    }
+                })
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -94,7 +100,7 @@ impl CustomOp2 for ChannelOp {
                 let rows = with_cpu_f32(&grad, |g| {
                     g.par_chunks(inner)
                         .with_min_len(min_runs(inner))
-                        .map(|run| run.iter().map(|&v| v as f64).sum::<f64>())
+                        .map(sum_f64)
                         .collect::<Vec<f64>>()
                 })
                 .ok_or_else(|| no_f32("channel-add backward"))?;
@@ -103,23 +109,25 @@ impl CustomOp2 for ChannelOp {
             Kind::Div => {
                 // d/dy (y / s) = 1 / s;  d/ds = -sum(dy * y) / s^2 = -sum(dy * out) / s.
                 let res = res.contiguous()?;
-                let mut dy = vec![0f32; grad.elem_count()];
-                let rows = with_cpu_f32(&grad, |g| {
+                let (dy, rows) = with_cpu_f32(&grad, |g| {
                     with_cpu_f32(&res, |o| {
-                        dy.par_chunks_mut(inner)
-                            .zip(g.par_chunks(inner).zip(o.par_chunks(inner)))
-                            .enumerate()
-                            .with_min_len(min_runs(inner))
-                            .map(|(r, (d, (gr, orun)))| {
-                                let s = pv[r % c];
-                                d.iter_mut().zip(gr).for_each(|(d, &v)| *d = v / s);
-                                -gr.iter()
-                                    .zip(orun)
-                                    .map(|(&a, &b)| a as f64 * b as f64)
-                                    .sum::<f64>()
-                                    / s as f64
-                            })
-                            .collect::<Vec<f64>>()
+                        let mut rows = Vec::new();
+                        let dy = new_f32(g.len(), |dy| {
+                            rows = dy
+                                .par_chunks_mut(inner)
+                                .zip(g.par_chunks(inner).zip(o.par_chunks(inner)))
+                                .enumerate()
+                                .with_min_len(min_runs(inner))
+                                .map(|(r, (d, (gr, orun)))| {
+                                    let s = pv[r % c];
+                                    d.iter_mut().zip(gr).for_each(|(d, &v)| {
+                                        d.write(v / s);
+                                    });
+                                    -dot_f64(gr, orun) / s as f64
+                                })
+                                .collect::<Vec<f64>>()
+                        });
+                        (dy, rows)
                     })
                 })
                 .flatten()

@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use super::im2col::Window;
 use super::matmul::{parallelism, sgemm, sgemm_strided, View};
 use super::num_threads;
+use super::sums::sum_f64;
 use crate::host::with_cpu_f32 as cpu_f32;
 
 /// Multiply-adds below which a convolution runs on the calling thread.
@@ -577,7 +578,7 @@ fn bias_grad(dy: &[f32], o: usize, cols: usize) -> Vec<f32> {
     let runs: Vec<f64> = dy
         .par_chunks(cols)
         .with_min_len((BIAS_CHUNK / cols).max(1))
-        .map(|run| run.iter().map(|&v| v as f64).sum::<f64>())
+        .map(sum_f64)
         .collect();
     for (r, v) in runs.into_iter().enumerate() {
         sums[r % o] += v;

@@ -17,6 +17,7 @@ pub(crate) mod conv;
 mod im2col;
 mod matmul;
 pub(crate) mod relu;
+mod sums;
 
 /// Threads the kernels may use.
 pub(crate) fn num_threads() -> usize {

@@ -2,27 +2,29 @@
 //! PyTorch's `threshold_backward`. candle's ReLU backward builds the mask with a comparison,
 //! a dtype cast and a multiply, three passes and two fresh buffers per activation.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::host::{cpu_f32_slice, CHUNK};
+use crate::host::{cpu_f32_slice, new_f32, CHUNK};
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     cpu_f32_slice(s, l, "relu")
 }
 
 /// `f` over `x` into a new vector, in parallel chunks when large.
-fn map(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    if x.len() < 2 * CHUNK {
-        f(x, &mut out);
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| f(x, o));
-    }
-    out
+fn map(x: &[f32], f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    new_f32(x.len(), |out| {
+        if x.len() < 2 * CHUNK {
+            f(x, out);
+        } else {
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(o, x)| f(x, o));
+        }
+    })
 }
 
 struct Relu;
@@ -35,7 +37,7 @@ impl CustomOp1 for Relu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = map(slice(s, l)?, |x, o| {
             for (o, &x) in o.iter_mut().zip(x) {
-                *o = x.max(0.0);
+                o.write(x.max(0.0));
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -66,19 +68,20 @@ impl CustomOp2 for ReluGrad {
         if g.len() != y.len() {
             candle_core::bail!("relu-grad: {} gradients for {} outputs", g.len(), y.len());
         }
-        let mut out = vec![0f32; g.len()];
-        let body = |(o, (g, y)): (&mut [f32], (&[f32], &[f32]))| {
+        let body = |o: &mut [MaybeUninit<f32>], g: &[f32], y: &[f32]| {
             for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                *o = if y > 0.0 { g } else { 0.0 };
+                o.write(if y > 0.0 { g } else { 0.0 });
             }
         };
-        if g.len() < 2 * CHUNK {
-            body((&mut out, (g, y)));
-        } else {
-            out.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                .for_each(body);
-        }
+        let out = new_f32(g.len(), |out| {
+            if g.len() < 2 * CHUNK {
+                body(out, g, y);
+            } else {
+                out.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                    .for_each(|(o, (g, y))| body(o, g, y));
+            }
+        });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }
