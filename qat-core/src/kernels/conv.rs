@@ -32,6 +32,11 @@ const PAR_MIN_MACS: usize = 1 << 16;
 const GEMM_PAR_MIN_MACS: usize = 1 << 20;
 /// Columns (output positions, all images of a chunk) a GEMM should get at least.
 const TARGET_COLS: usize = 512;
+/// Input channels per group from which the channels-last column matrix is used (see
+/// `Window::im2col_cl`): its rows copy runs of `kw * c` values, the tap-major matrix's runs
+/// are output rows (7 values in MnistNet's conv3), so the tap-major one wins only for few
+/// channels (MnistNet's conv1 has one).
+const CL_MIN_CHANNELS: usize = 8;
 
 /// Convolution options per spatial dim (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +125,11 @@ impl Geom {
     fn wg(&self) -> usize {
         self.og() * self.win.rows()
     }
+    /// Whether the column matrix is channels-last (`cols x rows`, taps in `(kernel row,
+    /// kernel column, channel)` order, weights permuted to match) rather than tap-major.
+    fn channels_last(&self) -> bool {
+        !self.pointwise() && self.win.c >= CL_MIN_CHANNELS
+    }
     /// No im2col needed: the image is its own column matrix.
     fn pointwise(&self) -> bool {
         let w = &self.win;
@@ -163,28 +173,44 @@ struct Scratch {
     dcol: Vec<f32>,
     /// Output (or output gradient) of a chunk, images side by side.
     out: Vec<f32>,
+    /// One image, padded and channels-last (or its gradient).
+    xt: Vec<f32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Runs `f` with this thread's scratch buffers, sized `[col, dcol, out]`. The buffers are
-/// taken out of the thread-local while `f` runs, so a nested call gets fresh ones.
-fn with_scratch<R>(lens: [usize; 3], f: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]) -> R) -> R {
+/// Runs `f` with this thread's scratch buffers, sized `[col, dcol, out, xt]`. The buffers
+/// are taken out of the thread-local while `f` runs, so a nested call gets fresh ones.
+fn with_scratch<R>(lens: [usize; 4], f: impl FnOnce(&mut [&mut [f32]; 4]) -> R) -> R {
     let mut s = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    for (v, len) in [&mut s.col, &mut s.dcol, &mut s.out].into_iter().zip(lens) {
+    for (v, len) in [&mut s.col, &mut s.dcol, &mut s.out, &mut s.xt]
+        .into_iter()
+        .zip(lens)
+    {
         if v.len() < len {
             v.resize(len, 0.0);
         }
     }
-    let r = f(
+    let r = f(&mut [
         &mut s.col[..lens[0]],
         &mut s.dcol[..lens[1]],
         &mut s.out[..lens[2]],
-    );
+        &mut s.xt[..lens[3]],
+    ]);
     SCRATCH.with(|t| *t.borrow_mut() = s);
     r
+}
+
+/// The weights in the channels-last tap order, per group: `w_cl[o][r] = w[o][tap_major(r)]`.
+fn weights_cl(w: &[f32], g: &Geom) -> Vec<f32> {
+    let rows = g.win.rows();
+    let mut out = Vec::with_capacity(w.len());
+    for wo in w.chunks_exact(rows) {
+        out.extend((0..rows).map(|r| wo[g.win.tap_major(r)]));
+    }
+    out
 }
 
 /// Splits `0..n` into `tasks` contiguous ranges of near-equal length, each a multiple of
@@ -212,6 +238,26 @@ fn chunk_im2col(x: &[f32], g: &Geom, gi: usize, n0: usize, m: usize, col: &mut [
     }
 }
 
+/// The channels-last column matrix of images `n0..n0 + m`, group `gi`, into `colt`
+/// (`m*cols x rows`), through the padded channels-last image `xt`.
+fn chunk_im2col_cl(
+    x: &[f32],
+    g: &Geom,
+    gi: usize,
+    n0: usize,
+    m: usize,
+    colt: &mut [f32],
+    xt: &mut [f32],
+) {
+    let win = g.win;
+    let (hw, per) = (g.hw(), win.cols() * win.rows());
+    for k in 0..m {
+        let xg = &x[((n0 + k) * g.c + gi * win.c) * hw..][..win.c * hw];
+        win.pad_channels_last(xg, xt);
+        win.im2col_cl(xt, &mut colt[k * per..][..per]);
+    }
+}
+
 /// The forward: `y (N, O, OH, OW)`.
 fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     let win = g.win;
@@ -220,24 +266,30 @@ fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     let total = g.n * per_image;
     let (per_chunk, tasks, gemm_threads) = g.plan();
     let par = parallelism(gemm_threads);
-    let pointwise = g.pointwise();
+    let (pointwise, cl) = (g.pointwise(), g.channels_last());
+    let w_cl = if cl { weights_cl(w, g) } else { Vec::new() };
+    let wts: &[f32] = if cl { &w_cl } else { w };
     let mut y: Vec<f32> = Vec::with_capacity(total);
     // One chunk: images n0.., outputs `yc` (m images).
-    let chunk = |n0: usize, yc: &mut [MaybeUninit<f32>], s: &mut [&mut [f32]; 3]| {
+    let chunk = |n0: usize, yc: &mut [MaybeUninit<f32>], s: &mut [&mut [f32]; 4]| {
         let m = yc.len() / per_image;
-        let [col, _, out] = s;
+        let ld = m * cols;
+        let [col, _, out, xt] = s;
         for gi in 0..g.groups {
-            let wg = View::rows(&w[gi * g.wg()..], rows);
+            let wg = View::rows(&wts[gi * g.wg()..], rows);
+            // The chunk's column matrix as a `rows x ld` view.
+            let b = if pointwise && m == 1 {
+                View::rows(&x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw], cols)
+            } else if cl {
+                chunk_im2col_cl(x, g, gi, n0, m, col, xt);
+                View::transposed(col, rows)
+            } else {
+                chunk_im2col(x, g, gi, n0, m, col);
+                View::rows(col, ld)
+            };
             if m == 1 {
-                let xg = &x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw];
-                let b = if pointwise {
-                    xg
-                } else {
-                    win.im2col(xg, col, cols);
-                    &col[..]
-                };
                 // SAFETY: `yc` holds this image's `O x cols` outputs, group `gi` its rows
-                // `gi*og..(gi+1)*og`; the views lie inside `w` and `b`.
+                // `gi*og..(gi+1)*og`; the views lie inside `wts` and the column matrix.
                 unsafe {
                     sgemm(
                         og,
@@ -247,27 +299,13 @@ fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
                         cols,
                         false,
                         wg,
-                        View::rows(b, cols),
+                        b,
                         par,
                     )
                 }
             } else {
-                chunk_im2col(x, g, gi, n0, m, col);
-                let ld = m * cols;
-                // SAFETY: `out` holds `og x ld`; the views lie inside `w` and `col`.
-                unsafe {
-                    sgemm(
-                        og,
-                        ld,
-                        rows,
-                        out.as_mut_ptr(),
-                        ld,
-                        false,
-                        wg,
-                        View::rows(col, ld),
-                        par,
-                    )
-                }
+                // SAFETY: `out` holds `og x ld`; the views lie inside `wts` and `col`.
+                unsafe { sgemm(og, ld, rows, out.as_mut_ptr(), ld, false, wg, b, par) }
                 for k in 0..m {
                     for o in 0..og {
                         let dst = &mut yc[k * per_image + (gi * og + o) * cols..][..cols];
@@ -279,10 +317,15 @@ fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
             }
         }
     };
-    let lens = [rows * cols * per_chunk, 0, og * cols * per_chunk];
+    let lens = [
+        rows * cols * per_chunk,
+        0,
+        og * cols * per_chunk,
+        if cl { win.padded_len() } else { 0 },
+    ];
     let spare = &mut y.spare_capacity_mut()[..total];
     let run = |(c, yc): (usize, &mut [MaybeUninit<f32>])| {
-        with_scratch(lens, |a, b, o| chunk(c * per_chunk, yc, &mut [a, b, o]))
+        with_scratch(lens, |s| chunk(c * per_chunk, yc, s))
     };
     if tasks > 1 {
         spare
@@ -313,7 +356,13 @@ fn backward(
     let (og, rows, cols, hw) = (g.og(), win.rows(), win.cols(), g.hw());
     let (per_chunk, tasks, gemm_threads) = g.plan();
     let par = parallelism(gemm_threads);
-    let pointwise = g.pointwise();
+    let (pointwise, cl) = (g.pointwise(), g.channels_last());
+    let w_cl = if cl && need_dx {
+        weights_cl(w, g)
+    } else {
+        Vec::new()
+    };
+    let wts: &[f32] = if cl { &w_cl } else { w };
     let x_image = g.c * hw;
     let y_image = g.o * cols;
     let w_len = g.o * rows;
@@ -337,12 +386,12 @@ fn backward(
                  dw_part: &mut [f32],
                  dxc: Option<&mut [MaybeUninit<f32>]>,
                  base: usize,
-                 s: &mut [&mut [f32]; 3]| {
-        let [col, dcol, dyc] = s;
+                 s: &mut [&mut [f32]; 4]| {
+        let [col, dcol, dyc, xt] = s;
         let ld = m * cols;
         let mut dxc = dxc;
         for gi in 0..g.groups {
-            let wg = &w[gi * g.wg()..][..g.wg()];
+            let wg = &wts[gi * g.wg()..][..g.wg()];
             // This group's output gradient for the chunk, `og x ld`.
             let dyg: &[f32] = if m == 1 {
                 &dy[(n0 * g.o + gi * og) * cols..][..og * cols]
@@ -357,11 +406,15 @@ fn backward(
                 &dyc[..og * ld]
             };
             if need_dw {
-                let b: &[f32] = if m == 1 && pointwise {
-                    &x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw]
+                // The column matrix, transposed: `ld x rows`.
+                let b = if m == 1 && pointwise {
+                    View::transposed(&x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw], ld)
+                } else if cl {
+                    chunk_im2col_cl(x, g, gi, n0, m, col, xt);
+                    View::rows(col, rows)
                 } else {
                     chunk_im2col(x, g, gi, n0, m, col);
-                    &col[..]
+                    View::transposed(col, ld)
                 };
                 // dW_g (og x rows) += dy_g (og x ld) @ col^T (ld x rows), accumulated
                 // transposed (`rows x og` per group, column-major dW_g): the GEMM then packs
@@ -377,7 +430,7 @@ fn backward(
                         og,
                         true,
                         View::rows(dyg, ld),
-                        View::transposed(b, ld),
+                        b,
                         par,
                     )
                 }
@@ -400,6 +453,32 @@ fn backward(
                             View::rows(dyg, cols),
                             par,
                         )
+                    }
+                } else if cl {
+                    // dcol^T (ld x rows) = dy_g^T (ld x og) @ W_cl,g (og x rows).
+                    // SAFETY: dcol holds `ld x rows`; the views lie inside `dyg` and `wts`.
+                    unsafe {
+                        sgemm(
+                            ld,
+                            rows,
+                            og,
+                            dcol.as_mut_ptr(),
+                            rows,
+                            false,
+                            View::transposed(dyg, ld),
+                            View::rows(wg, rows),
+                            par,
+                        )
+                    }
+                    let per = cols * rows;
+                    for k in 0..m {
+                        xt.fill(0.0);
+                        win.col2im_cl(&dcol[k * per..][..per], xt);
+                        let dxg = &mut dxp[block(k)..][..win.c * hw];
+                        dxg.fill(MaybeUninit::new(0.0));
+                        // SAFETY: just initialised; MaybeUninit<f32> has f32's layout.
+                        let dxg = unsafe { &mut *(dxg as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                        win.unpad_channels_last(xt, dxg);
                     }
                 } else {
                     // SAFETY: dcol holds `rows x ld`.
@@ -431,6 +510,7 @@ fn backward(
         if need_dw { rows * cols * per_chunk } else { 0 },
         if need_dx { rows * cols * per_chunk } else { 0 },
         og * cols * per_chunk,
+        if cl { win.padded_len() } else { 0 },
     ];
     let task = |(a, b): (usize, usize), mut dxs: Option<&mut [MaybeUninit<f32>]>| {
         let mut dw_part = if need_dw {
@@ -438,12 +518,11 @@ fn backward(
         } else {
             Vec::new()
         };
-        with_scratch(lens, |c1, c2, c3| {
-            let mut s = [c1, c2, c3];
+        with_scratch(lens, |s| {
             let mut n0 = a;
             while n0 < b {
                 let m = per_chunk.min(b - n0);
-                chunk(n0, m, &mut dw_part, dxs.as_deref_mut(), a, &mut s);
+                chunk(n0, m, &mut dw_part, dxs.as_deref_mut(), a, s);
                 n0 += m;
             }
         });
@@ -465,7 +544,8 @@ fn backward(
     });
     let dw = need_dw.then(|| {
         // Sum the task partials (in task order), then transpose each group's `rows x og`
-        // block back to the weight's `og x rows`.
+        // block back to the weight's `og x rows` (and its taps back to the weight's order
+        // when the column matrix was channels-last).
         let mut it = dw_parts.into_iter();
         let mut acc = it.next().unwrap_or_else(|| vec![0f32; w_len]);
         for p in it {
@@ -477,7 +557,8 @@ fn backward(
         for (dst, src) in dw.chunks_mut(g.wg()).zip(acc.chunks(g.wg())) {
             for o in 0..og {
                 for r in 0..rows {
-                    dst[o * rows + r] = src[r * og + o];
+                    let t = if cl { win.tap_major(r) } else { r };
+                    dst[o * rows + t] = src[r * og + o];
                 }
             }
         }
@@ -924,6 +1005,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The channels-last path (8 or more input channels per group) on every option mix,
+    /// against candle (square maps) and the direct loops (any map).
+    #[test]
+    fn channels_last_path_matches_candle_on_all_options() {
+        let mut seed = 777u64;
+        let mut pick = |k: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % k
+        };
+        for groups in [1, 2] {
+            for k in [1, 3, 5] {
+                for stride in [1, 2, 3] {
+                    for pad in [0, 1, 2] {
+                        for dil in [1, 2] {
+                            let c = groups * (CL_MIN_CHANNELS + pick(9));
+                            let o = groups * (1 + pick(4));
+                            let p = Conv2dParams::square(pad, stride, dil, groups);
+                            let h = dil * (k - 1) + 1 + pick(7);
+                            let w = dil * (k - 1) + 1 + pick(7);
+                            let n = 1 + pick(3);
+                            let geom = Geom::new(&[n, c, h, w], &[o, c / groups, k, k], &p);
+                            assert!(
+                                geom.unwrap().channels_last() == (k > 1 || stride > 1 || pad > 0)
+                            );
+                            check2d(n, c, o, h, h, k, p);
+                            check_direct(n, c, o, h, w, [k, k], p);
+                        }
+                    }
+                }
+            }
+        }
+        check_direct(
+            2,
+            16,
+            6,
+            7,
+            11,
+            [3, 2],
+            Conv2dParams {
+                pad: [2, 0],
+                stride: [2, 1],
+                dilation: [1, 2],
+                groups: 2,
+            },
+        );
     }
 
     /// Different options per dim and rectangular kernels (conv1d uses them).

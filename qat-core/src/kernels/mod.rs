@@ -18,6 +18,7 @@ mod im2col;
 mod matmul;
 pub(crate) mod relu;
 mod sums;
+mod transpose;
 
 /// Threads the kernels may use.
 pub(crate) fn num_threads() -> usize {
