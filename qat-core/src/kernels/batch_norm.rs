@@ -93,6 +93,80 @@ fn affine(x: &[f32], y: &mut [MaybeUninit<f32>], a: f32, b: f32) {
     }
 }
 
+/// `y = max(x * a + b, 0)`.
+#[multiversion(targets("x86_64+avx2"))]
+fn affine_relu(x: &[f32], y: &mut [MaybeUninit<f32>], a: f32, b: f32) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        o.write((v * a + b).max(0.0));
+    }
+}
+
+/// `g` where `y > 0`, else 0, as a bit mask (a select the compiler vectorises; a branch it
+/// does not).
+#[inline(always)]
+fn relu_mask(g: f32, y: f32) -> f32 {
+    f32::from_bits(g.to_bits() & ((y > 0.0) as u32).wrapping_neg())
+}
+
+/// [`sum_dot_f64`] of the gradient behind a ReLU whose output is `y`: `dy` where `y > 0`,
+/// else 0 (PyTorch's `threshold_backward`). The sums are added per block of 256 values, so
+/// they may differ from [`sum_dot_f64`]'s on the masked gradient in the last f64 bits.
+fn sum_dot_f64_relu(x: &[f32], dy: &[f32], y: &[f32], mean: f32) -> (f64, f64) {
+    // Blocks of masked gradients on the stack, summed by the unmasked kernel.
+    const B: usize = 256;
+    let n = x.len().min(dy.len()).min(y.len());
+    let (mut ss, mut dd) = (0f64, 0f64);
+    let mut g = [0f32; B];
+    for start in (0..n).step_by(B) {
+        let len = B.min(n - start);
+        mask_relu(
+            &dy[start..start + len],
+            &y[start..start + len],
+            &mut g[..len],
+        );
+        let (a, b) = sum_dot_f64(&x[start..start + len], &g[..len], mean);
+        ss += a;
+        dd += b;
+    }
+    (ss, dd)
+}
+
+/// `g = dy` where `y > 0`, else 0.
+#[multiversion(targets("x86_64+avx2"))]
+fn mask_relu(dy: &[f32], y: &[f32], g: &mut [f32]) {
+    for ((o, &d), &yv) in g.iter_mut().zip(dy).zip(y) {
+        *o = relu_mask(d, yv);
+    }
+}
+
+/// [`dx_train`] of the gradient behind a ReLU whose output is `y`.
+#[multiversion(targets("x86_64+avx2"))]
+#[allow(clippy::too_many_arguments)]
+fn dx_train_relu(
+    x: &[f32],
+    dy: &[f32],
+    y: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    mean: f32,
+    k: f32,
+    gm: f32,
+    iw: [f32; 2],
+) {
+    let [invstd, w] = iw;
+    for (((o, &xv), &g), &yv) in dx.iter_mut().zip(x).zip(dy).zip(y) {
+        let g = relu_mask(g, yv);
+        o.write((g - gm - (xv - mean) * k) * invstd * w);
+    }
+}
+
+/// [`dx_eval`] of the gradient behind a ReLU whose output is `y`.
+#[multiversion(targets("x86_64+avx2"))]
+fn dx_eval_relu(dy: &[f32], y: &[f32], dx: &mut [MaybeUninit<f32>], invstd: f32, w: f32) {
+    for ((o, &g), &yv) in dx.iter_mut().zip(dy).zip(y) {
+        o.write(relu_mask(g, yv) * invstd * w);
+    }
+}
+
 /// Training `dx = (dy - gm - (x - mean) * k) * invstd * w`.
 #[multiversion(targets("x86_64+avx2"))]
 fn dx_train(
@@ -226,6 +300,8 @@ struct BatchNormOp {
     invstd: Vec<f32>,
     /// Batch statistics (the mean and variance depend on x) or running ones.
     train: bool,
+    /// A ReLU on the output, in the same pass (and its mask in the backward's passes).
+    relu: bool,
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -265,7 +341,11 @@ impl CustomOp3 for BatchNormOp {
         let alpha: Vec<f32> = (0..c).map(|ch| self.invstd[ch] * w[ch]).collect();
         let beta: Vec<f32> = (0..c).map(|ch| b[ch] - self.mean[ch] * alpha[ch]).collect();
         let y = map_rows(n, c, s, |r, ch, out| {
-            affine(&x[r * s..][..s], out, alpha[ch], beta[ch])
+            if self.relu {
+                affine_relu(&x[r * s..][..s], out, alpha[ch], beta[ch])
+            } else {
+                affine(&x[r * s..][..s], out, alpha[ch], beta[ch])
+            }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -275,7 +355,7 @@ impl CustomOp3 for BatchNormOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (need_dx, need_dw, need_db) = (x.track_op(), w.track_op(), b.track_op());
@@ -286,60 +366,79 @@ impl CustomOp3 for BatchNormOp {
         let count = n * s;
         let dy = dy.to_dtype(DType::F32)?.contiguous()?;
         let (x, w) = (x.contiguous()?, w.contiguous()?);
+        // The output, for the ReLU's mask (an empty tensor without a ReLU).
+        let y = if self.relu {
+            y.contiguous()?
+        } else {
+            Tensor::zeros(0, DType::F32, x.device())?
+        };
         let (mean, invstd) = (&self.mean, &self.invstd);
+        let relu = self.relu;
         let sums_needed = need_dw || need_db || (need_dx && self.train);
         let res = with_cpu_f32(&x, |xs| {
             with_cpu_f32(&w, |ws| {
                 with_cpu_f32(&dy, |dys| {
-                    let sums = if sums_needed {
-                        reduce::<2>(n, c, s, |img, ch| {
-                            let r = (img * c + ch) * s;
-                            let (a, d) = sum_dot_f64(&xs[r..r + s], &dys[r..r + s], mean[ch]);
-                            [a, d]
-                        })
-                    } else {
-                        Vec::new()
-                    };
-                    let dx = need_dx.then(|| {
-                        if self.train {
-                            let coef: Vec<(f32, f32)> = (0..c)
-                                .map(|ch| {
-                                    let [sum, dotp] = sums[ch];
-                                    let k = dotp as f32 * invstd[ch] * invstd[ch] / count as f32;
-                                    let gm = (sum / count as f64) as f32;
-                                    (k, gm)
-                                })
-                                .collect();
-                            map_rows(n, c, s, |r, ch, out| {
-                                let (k, gm) = coef[ch];
-                                dx_train(
-                                    &xs[r * s..][..s],
-                                    &dys[r * s..][..s],
-                                    out,
-                                    mean[ch],
-                                    k,
-                                    gm,
-                                    [invstd[ch], ws[ch]],
-                                )
+                    with_cpu_f32(&y, |ys| {
+                        let sums = if sums_needed {
+                            reduce::<2>(n, c, s, |img, ch| {
+                                let r = (img * c + ch) * s;
+                                let (xr, dr) = (&xs[r..r + s], &dys[r..r + s]);
+                                let (a, d) = if relu {
+                                    sum_dot_f64_relu(xr, dr, &ys[r..r + s], mean[ch])
+                                } else {
+                                    sum_dot_f64(xr, dr, mean[ch])
+                                };
+                                [a, d]
                             })
                         } else {
-                            map_rows(n, c, s, |r, ch, out| {
-                                dx_eval(&dys[r * s..][..s], out, invstd[ch], ws[ch])
-                            })
-                        }
-                    });
-                    let dw = need_dw.then(|| {
-                        (0..c)
-                            .map(|ch| (sums[ch][1] * invstd[ch] as f64) as f32)
-                            .collect::<Vec<f32>>()
-                    });
-                    let db =
-                        need_db.then(|| sums.iter().map(|v| v[0] as f32).collect::<Vec<f32>>());
-                    (dx, dw, db)
+                            Vec::new()
+                        };
+                        let dx = need_dx.then(|| {
+                            if self.train {
+                                let coef: Vec<(f32, f32)> = (0..c)
+                                    .map(|ch| {
+                                        let [sum, dotp] = sums[ch];
+                                        let k =
+                                            dotp as f32 * invstd[ch] * invstd[ch] / count as f32;
+                                        let gm = (sum / count as f64) as f32;
+                                        (k, gm)
+                                    })
+                                    .collect();
+                                map_rows(n, c, s, |r, ch, out| {
+                                    let (k, gm) = coef[ch];
+                                    let (xr, dr) = (&xs[r * s..][..s], &dys[r * s..][..s]);
+                                    let iw = [invstd[ch], ws[ch]];
+                                    if relu {
+                                        let yr = &ys[r * s..][..s];
+                                        dx_train_relu(xr, dr, yr, out, mean[ch], k, gm, iw)
+                                    } else {
+                                        dx_train(xr, dr, out, mean[ch], k, gm, iw)
+                                    }
+                                })
+                            } else {
+                                map_rows(n, c, s, |r, ch, out| {
+                                    let dr = &dys[r * s..][..s];
+                                    if relu {
+                                        dx_eval_relu(dr, &ys[r * s..][..s], out, invstd[ch], ws[ch])
+                                    } else {
+                                        dx_eval(dr, out, invstd[ch], ws[ch])
+                                    }
+                                })
+                            }
+                        });
+                        let dw = need_dw.then(|| {
+                            (0..c)
+                                .map(|ch| (sums[ch][1] * invstd[ch] as f64) as f32)
+                                .collect::<Vec<f32>>()
+                        });
+                        let db =
+                            need_db.then(|| sums.iter().map(|v| v[0] as f32).collect::<Vec<f32>>());
+                        (dx, dw, db)
+                    })
                 })
             })
         });
-        let Some(Some(Some((dx, dw, db)))) = res else {
+        let Some(Some(Some(Some((dx, dw, db))))) = res else {
             candle_core::bail!("batch_norm backward: tensors are not CPU f32");
         };
         let dev = x.device();
@@ -355,9 +454,10 @@ impl CustomOp3 for BatchNormOp {
 }
 
 /// `y = (x - mean) * invstd * weight + bias` per channel, fused, with gradients to x, weight
-/// and bias. `train` says the statistics are the batch's own (`mean`, `invstd` from
-/// [`batch_stats`] and [`inv_std`]), so that the input gradient includes their dependence on
-/// x; otherwise they are constants (running statistics).
+/// and bias; `max(y, 0)` with `relu` (the ReLU's mask folded into the backward's passes).
+/// `train` says the statistics are the batch's own (`mean`, `invstd` from [`batch_stats`]
+/// and [`inv_std`]), so that the input gradient includes their dependence on x; otherwise
+/// they are constants (running statistics).
 pub(crate) fn batch_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -365,20 +465,20 @@ pub(crate) fn batch_norm(
     mean: Vec<f32>,
     invstd: Vec<f32>,
     train: bool,
+    relu: bool,
 ) -> candle_core::Result<Tensor> {
     let c = nc_s(x.dims())?.1;
     if mean.len() != c || invstd.len() != c {
         candle_core::bail!("batch_norm: {} statistics for {c} channels", mean.len());
     }
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        BatchNormOp {
-            mean,
-            invstd,
-            train,
-        },
-    )
+    let (x, weight, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
+    let op = BatchNormOp {
+        mean,
+        invstd,
+        train,
+        relu,
+    };
+    x.apply_op3(&weight, &bias, op)
 }
 
 #[cfg(test)]
@@ -437,7 +537,7 @@ mod tests {
             .unwrap()
     }
 
-    fn check(dims: &[usize], train: bool) {
+    fn check(dims: &[usize], train: bool, relu: bool) {
         let dev = Device::Cpu;
         let c = dims[1];
         let eps = 1e-5;
@@ -463,6 +563,7 @@ mod tests {
                 mean,
                 invstd,
                 true,
+                relu,
             )
             .unwrap();
             (
@@ -479,6 +580,7 @@ mod tests {
                 mean,
                 invstd,
                 false,
+                relu,
             )
             .unwrap();
             (
@@ -492,7 +594,8 @@ mod tests {
                 ),
             )
         };
-        let what = format!("{dims:?} train={train}");
+        let theirs = if relu { theirs.relu().unwrap() } else { theirs };
+        let what = format!("{dims:?} train={train} relu={relu}");
         close(&format!("y {what}"), &ours, &theirs);
         let r = Tensor::randn(0f32, 1., dims, &dev).unwrap();
         let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -522,8 +625,10 @@ mod tests {
             // Large enough for the parallel passes.
             vec![16, 8, 24, 24],
         ] {
-            check(&dims, true);
-            check(&dims, false);
+            for relu in [false, true] {
+                check(&dims, true, relu);
+                check(&dims, false, relu);
+            }
         }
     }
 
@@ -553,7 +658,16 @@ mod tests {
         let w = Tensor::ones(2, DType::F32, &dev).unwrap();
         let b = Tensor::zeros(2, DType::F32, &dev).unwrap();
         let (mean, var) = batch_stats(x.as_tensor()).unwrap();
-        let y = batch_norm(x.as_tensor(), &w, &b, mean, inv_std(&var, 1e-5), true).unwrap();
+        let y = batch_norm(
+            x.as_tensor(),
+            &w,
+            &b,
+            mean,
+            inv_std(&var, 1e-5),
+            true,
+            false,
+        )
+        .unwrap();
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_some());
         assert!(g.get(&w).is_none() && g.get(&b).is_none());

@@ -83,8 +83,9 @@ impl BnCore {
     }
 
     /// Normalises `x` (channels on dim 1) with batch statistics (and updates the running
-    /// ones) when `training`, else with the running statistics.
-    pub fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+    /// ones) when `training`, else with the running statistics; a ReLU follows with `relu`
+    /// (in the same op on CPU f32 tensors).
+    pub fn forward(&self, x: &Tensor, training: bool, relu: bool) -> Result<Tensor> {
         let rank = x.rank();
         if rank < 2 || x.dims()[1] != self.num_features() {
             return Err(Error::tensor(
@@ -97,7 +98,7 @@ impl BnCore {
             ));
         }
         if crate::kernels::batch_norm::supported(x, &self.weight, &self.bias) {
-            return self.forward_fused(x, training);
+            return self.forward_fused(x, training, relu);
         }
         let shape = self.channel_shape(rank);
         let w = self.weight.reshape(shape.as_slice())?;
@@ -130,12 +131,13 @@ impl BnCore {
         };
         let inv_std = (var + self.config.eps)?.sqrt()?.recip()?;
         let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
-        Ok(y.broadcast_mul(&w)?.broadcast_add(&b)?)
+        let y = y.broadcast_mul(&w)?.broadcast_add(&b)?;
+        Ok(if relu { y.relu()? } else { y })
     }
 
     /// [`BnCore::forward`] on CPU f32 tensors: statistics in one pass per moment, the
     /// normalisation in one, and a fused backward (see `kernels::batch_norm`).
-    fn forward_fused(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+    fn forward_fused(&self, x: &Tensor, training: bool, relu: bool) -> Result<Tensor> {
         use crate::kernels::batch_norm as k;
         let x = x.contiguous()?;
         let eps = self.config.eps;
@@ -175,6 +177,7 @@ impl BnCore {
             mean,
             invstd,
             training,
+            relu,
         )?)
     }
 
@@ -289,18 +292,12 @@ macro_rules! batch_norm {
                         &[x],
                         stringify!($name),
                         || core.onnx_op(relu),
-                        |v| {
-                            let y = core.forward(&v[0], false)?;
-                            Ok(if relu { y.relu()? } else { y })
-                        },
+                        |v| core.forward(&v[0], false, relu),
                     );
                 }
                 inner.common.check_input(x, stringify!($name))?;
                 inner.common.note_inputs(&[x])?;
-                let mut y = core.forward(x, inner.common.training && !inner.frozen)?;
-                if inner.relu {
-                    y = crate::kernels::relu::relu(&y)?;
-                }
+                let y = core.forward(x, inner.common.training && !inner.frozen, inner.relu)?;
                 inner
                     .common
                     .trace_float(&[x], &y, || core.onnx_op(inner.relu));

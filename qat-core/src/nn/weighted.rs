@@ -144,6 +144,22 @@ impl Weighted {
 
     /// The weight the weight fake-quant sees: `weight * bn.weight / sqrt(running_var + eps)`
     /// when a BatchNorm is fused in, else the weight.
+    /// Frozen: eval mode with the weight's and the output's observers off and fake
+    /// quantization on, where `forward` computes the value with the converted model's integer
+    /// arithmetic.
+    fn frozen(&self) -> Result<bool> {
+        let settled = |f: &FakeQuantize| !f.observer_enabled() && f.fake_quant_enabled();
+        let weight_settled = match &self.weight_fq {
+            Some(m) => settled(&*lock(m)?),
+            None => false,
+        };
+        let output_settled = match &self.common.act_fq {
+            Some(a) => settled(&*lock(&a.fq)?),
+            None => false,
+        };
+        Ok(!self.common.training && weight_settled && output_settled)
+    }
+
     fn scaled_weight(&self) -> Result<(Tensor, Option<Tensor>)> {
         match &self.bn {
             Some(bn) => {
@@ -225,6 +241,10 @@ impl Weighted {
         };
         let bn_training = self.common.training && !self.bn_frozen;
         let bias = self.bias.as_ref();
+        let frozen = self.frozen()?;
+        // The ReLU runs inside the BatchNorm op, unless the frozen path below changes the
+        // value between the two.
+        let bn_relu = self.relu && !frozen;
         let (y, w_fq) = match (&self.bn, &self.weight_fq) {
             (Some(bn), Some(wfq)) => {
                 let (w, sf) = self.scaled_weight()?;
@@ -233,9 +253,12 @@ impl Weighted {
                 let sf =
                     sf.ok_or_else(|| Error::state("no BN scale factor", "report this as a bug"))?;
                 let y = crate::kernels::channel::div_channel(&y, &sf, dim(y.rank()))?;
-                (bn.forward(&add_bias(y)?, bn_training)?, Some(w))
+                (bn.forward(&add_bias(y)?, bn_training, bn_relu)?, Some(w))
             }
-            (Some(bn), None) => (bn.forward(&op(x, &self.weight, bias)?, bn_training)?, None),
+            (Some(bn), None) => (
+                bn.forward(&op(x, &self.weight, bias)?, bn_training, bn_relu)?,
+                None,
+            ),
             (None, Some(wfq)) => {
                 let w = lock(wfq)?.forward(&self.weight)?;
                 (op(x, &w, bias)?, Some(w))
@@ -249,16 +272,6 @@ impl Weighted {
         // code for code. With observers on, qparams move every batch and the float path
         // (PyTorch's) is used.
 
-        let settled = |f: &FakeQuantize| !f.observer_enabled() && f.fake_quant_enabled();
-        let weight_settled = match &self.weight_fq {
-            Some(m) => settled(&*lock(m)?),
-            None => false,
-        };
-        let output_settled = match &self.common.act_fq {
-            Some(a) => settled(&*lock(&a.fq)?),
-            None => false,
-        };
-        let frozen = !self.common.training && weight_settled && output_settled;
         let y = match (frozen, source, int_op, &self.weight_fq, w_fq) {
             (true, Some(src), Some(iop), Some(wfq), Some(_)) => {
                 let scales = Self::symmetric_weight_scales(&*lock(wfq)?);
@@ -290,7 +303,7 @@ impl Weighted {
             }
             _ => y,
         };
-        let y = if self.relu {
+        let y = if self.relu && !(bn_relu && self.bn.is_some()) {
             crate::kernels::relu::relu(&y)?
         } else {
             y
