@@ -2,11 +2,13 @@
 //!
 //! - [`conv`]: conv2d (and conv1d as a conv2d of height 1) by im2col + GEMM forward, GEMM +
 //!   col2im for the input gradient (skipped for inputs that need none), GEMM for the weight
-//!   gradient;
+//!   gradient; the column matrix tap-major for few channels, channels-last for 8 or more
+//!   (`im2col`, with the tile transposes of `transpose`);
 //! - [`batch_norm`]: BatchNorm statistics, normalisation and backward in a few passes with
-//!   PyTorch's CPU arithmetic;
+//!   PyTorch's CPU arithmetic, optionally with the ReLU that follows it in a fused layer;
 //! - [`channel`]: per-channel bias add and division with a per-channel backward;
-//! - [`relu`]: ReLU whose backward is one pass over the output.
+//! - [`relu`]: ReLU whose backward is one pass over the output;
+//! - `sums`: the vectorised f64 sums the per-channel reductions share.
 //!
 //! They take contiguous CPU f32 tensors; the layers keep candle's ops for other devices and
 //! dtypes. Threads follow rayon's pool (`RAYON_NUM_THREADS`), as candle's own kernels do.
