@@ -258,15 +258,46 @@ fn chunk_im2col_cl(
     }
 }
 
+/// The column matrix of images `n0..n0 + m`, group `gi`, as a `rows x m*cols` view: the
+/// image itself for a pointwise convolution of one image, else built in `col` (channels-last
+/// through `xt`, or tap-major).
+fn columns<'a>(
+    x: &'a [f32],
+    g: &Geom,
+    gi: usize,
+    n0: usize,
+    m: usize,
+    col: &'a mut [f32],
+    xt: &mut [f32],
+) -> View {
+    let (win, hw) = (g.win, g.hw());
+    if g.pointwise() && m == 1 {
+        View::rows(&x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw], win.cols())
+    } else if g.channels_last() {
+        chunk_im2col_cl(x, g, gi, n0, m, col, xt);
+        View::transposed(col, win.rows())
+    } else {
+        chunk_im2col(x, g, gi, n0, m, col);
+        View::rows(col, m * win.cols())
+    }
+}
+
+/// `v` set to zeros, as initialised values.
+fn zeroed(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    v.fill(MaybeUninit::new(0.0));
+    // SAFETY: just initialised; MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// The forward: `y (N, O, OH, OW)`.
 fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     let win = g.win;
-    let (og, rows, cols, hw) = (g.og(), win.rows(), win.cols(), g.hw());
+    let (og, rows, cols) = (g.og(), win.rows(), win.cols());
     let per_image = g.o * cols;
     let total = g.n * per_image;
     let (per_chunk, tasks, gemm_threads) = g.plan();
     let par = parallelism(gemm_threads);
-    let (pointwise, cl) = (g.pointwise(), g.channels_last());
+    let cl = g.channels_last();
     let w_cl = if cl { weights_cl(w, g) } else { Vec::new() };
     let wts: &[f32] = if cl { &w_cl } else { w };
     let mut y: Vec<f32> = Vec::with_capacity(total);
@@ -277,16 +308,7 @@ fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
         let [col, _, out, xt] = s;
         for gi in 0..g.groups {
             let wg = View::rows(&wts[gi * g.wg()..], rows);
-            // The chunk's column matrix as a `rows x ld` view.
-            let b = if pointwise && m == 1 {
-                View::rows(&x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw], cols)
-            } else if cl {
-                chunk_im2col_cl(x, g, gi, n0, m, col, xt);
-                View::transposed(col, rows)
-            } else {
-                chunk_im2col(x, g, gi, n0, m, col);
-                View::rows(col, ld)
-            };
+            let b = columns(x, g, gi, n0, m, col, xt);
             if m == 1 {
                 // SAFETY: `yc` holds this image's `O x cols` outputs, group `gi` its rows
                 // `gi*og..(gi+1)*og`; the views lie inside `wts` and the column matrix.
@@ -407,15 +429,7 @@ fn backward(
             };
             if need_dw {
                 // The column matrix, transposed: `ld x rows`.
-                let b = if m == 1 && pointwise {
-                    View::transposed(&x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw], ld)
-                } else if cl {
-                    chunk_im2col_cl(x, g, gi, n0, m, col, xt);
-                    View::rows(col, rows)
-                } else {
-                    chunk_im2col(x, g, gi, n0, m, col);
-                    View::transposed(col, ld)
-                };
+                let b = columns(x, g, gi, n0, m, col, xt).t();
                 // dW_g (og x rows) += dy_g (og x ld) @ col^T (ld x rows), accumulated
                 // transposed (`rows x og` per group, column-major dW_g): the GEMM then packs
                 // the smaller dy_g rather than the column matrix.
@@ -474,10 +488,7 @@ fn backward(
                     for k in 0..m {
                         xt.fill(0.0);
                         win.col2im_cl(&dcol[k * per..][..per], xt);
-                        let dxg = &mut dxp[block(k)..][..win.c * hw];
-                        dxg.fill(MaybeUninit::new(0.0));
-                        // SAFETY: just initialised; MaybeUninit<f32> has f32's layout.
-                        let dxg = unsafe { &mut *(dxg as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                        let dxg = zeroed(&mut dxp[block(k)..][..win.c * hw]);
                         win.unpad_channels_last(xt, dxg);
                     }
                 } else {
@@ -496,10 +507,7 @@ fn backward(
                         )
                     }
                     for k in 0..m {
-                        let dxg = &mut dxp[block(k)..][..win.c * hw];
-                        dxg.fill(MaybeUninit::new(0.0));
-                        // SAFETY: just initialised; MaybeUninit<f32> has f32's layout.
-                        let dxg = unsafe { &mut *(dxg as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                        let dxg = zeroed(&mut dxp[block(k)..][..win.c * hw]);
                         win.col2im(&dcol[k * cols..], ld, dxg);
                     }
                 }
@@ -974,15 +982,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn conv2d_matches_candle_on_all_options() {
-        let mut seed = 12345u64;
-        let mut pick = |k: usize| {
+    /// A deterministic pseudo-random `pick(k)` in `0..k` (an LCG), for test shapes.
+    fn picker(mut seed: u64) -> impl FnMut(usize) -> usize {
+        move |k| {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             (seed >> 33) as usize % k
-        };
+        }
+    }
+
+    #[test]
+    fn conv2d_matches_candle_on_all_options() {
+        let mut pick = picker(12345);
         for batch in [1, 3] {
             for groups in [1, 2, 4] {
                 for k in [1, 3, 5] {
@@ -1011,13 +1023,7 @@ mod tests {
     /// against candle (square maps) and the direct loops (any map).
     #[test]
     fn channels_last_path_matches_candle_on_all_options() {
-        let mut seed = 777u64;
-        let mut pick = |k: usize| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as usize % k
-        };
+        let mut pick = picker(777);
         for groups in [1, 2] {
             for k in [1, 3, 5] {
                 for stride in [1, 2, 3] {

@@ -303,6 +303,22 @@ mod tests {
         (len + 2 * p - d * (k - 1) - 1) / s + 1
     }
 
+    /// The window of a `k x k` kernel with the same padding, stride and dilation on both dims.
+    fn square(c: usize, h: usize, w: usize, k: usize, p: usize, s: usize, d: usize) -> Window {
+        Window {
+            c,
+            h,
+            w,
+            kh: k,
+            kw: k,
+            oh: out(h, k, p, s, d),
+            ow: out(w, k, p, s, d),
+            pad: [p, p],
+            stride: [s, s],
+            dilation: [d, d],
+        }
+    }
+
     /// im2col against the definition, and col2im as its adjoint (<col2im(g), x> == <g,
     /// im2col(x)>) on every option mix.
     #[test]
@@ -315,18 +331,7 @@ mod tests {
             (1, 8, 3, 1, 0, 2, 1),
             (2, 9, 9, 3, 1, 3, 2),
         ] {
-            let win = Window {
-                c,
-                h,
-                w,
-                kh: k,
-                kw: k,
-                oh: out(h, k, p, s, d),
-                ow: out(w, k, p, s, d),
-                pad: [p, p],
-                stride: [s, s],
-                dilation: [d, d],
-            };
+            let win = square(c, h, w, k, p, s, d);
             let x: Vec<f32> = (0..c * h * w).map(|i| (i as f32 * 0.7).sin()).collect();
             // Two images side by side (leading dimension > cols): the second half stays NaN.
             let ld = 2 * win.cols();
@@ -383,18 +388,7 @@ mod tests {
             (2, 9, 9, 3, 1, 3, 2),
             (5, 10, 7, 2, 0, 3, 1),
         ] {
-            let win = Window {
-                c,
-                h,
-                w,
-                kh: k,
-                kw: k,
-                oh: out(h, k, p, s, d),
-                ow: out(w, k, p, s, d),
-                pad: [p, p],
-                stride: [s, s],
-                dilation: [d, d],
-            };
+            let win = square(c, h, w, k, p, s, d);
             let x: Vec<f32> = (0..c * h * w).map(|i| (i as f32 * 0.7).sin()).collect();
             let (rows, cols) = (win.rows(), win.cols());
             let mut col = vec![f32::NAN; rows * cols];

@@ -21,6 +21,15 @@ impl View {
         }
     }
 
+    /// This view's transpose.
+    pub fn t(self) -> View {
+        View {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
     /// The transpose of a row-major `(rows, cols)` matrix stored at the start of `data`, seen
     /// as a `(cols, rows)` matrix.
     pub fn transposed(data: &[f32], cols: usize) -> View {
