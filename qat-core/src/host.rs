@@ -23,17 +23,20 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option
     }
 }
 
-/// The f32 data of a contiguous CPU storage, for `CustomOp`s (`what` names the op in the
-/// error for other dtypes and layouts).
+/// The f32 data of a contiguous CPU storage, for `CustomOp`s (`what` names the operand in
+/// the error for other dtypes and layouts, e.g. "conv2d: weight").
 pub(crate) fn cpu_f32_slice<'a>(
     s: &'a candle_core::CpuStorage,
     l: &candle_core::Layout,
     what: &str,
 ) -> candle_core::Result<&'a [f32]> {
-    let v = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: input is not contiguous"),
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (candle_core::CpuStorage::F32(_), None) => candle_core::bail!("{what} is not contiguous"),
+        _ => candle_core::bail!(
+            "{what} is {:?}, not f32",
+            candle_core::backend::BackendStorage::dtype(s)
+        ),
     }
 }
 
@@ -57,11 +60,29 @@ where
 /// A new vector of `len` f32s that `fill` writes, without zero-filling it first (a zeroed
 /// buffer that is then overwritten costs a memset per op, 6% of a training step). `fill`
 /// must write every element.
-pub(crate) fn new_f32(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+pub(crate) fn alloc_with(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(len);
     fill(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: `fill` wrote all `len` elements (every caller in this crate writes its whole
-    // slice: elementwise maps over an input of the same length).
+    // slice), and f32 has no invalid bit patterns.
     unsafe { v.set_len(len) };
     v
+}
+
+/// [`alloc_with`] filled chunk by chunk with `fill(offset, chunk)`, chunks of [`CHUNK`] in
+/// parallel when large.
+pub(crate) fn alloc_fill<F>(n: usize, fill: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+{
+    alloc_with(n, |spare| {
+        if n < 2 * CHUNK {
+            fill(0, spare);
+        } else {
+            spare
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(i, c)| fill(i * CHUNK, c));
+        }
+    })
 }

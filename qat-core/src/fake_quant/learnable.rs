@@ -110,7 +110,7 @@ impl CustomOp3 for Lsq {
         };
         let grids = super::op::Grids::build(&self.qparams(&scale, &zp), &self.range, l1.dims())
             .map_err(candle_core::Error::wrap)?;
-        let y = super::op::alloc_fill(x.len(), |off, out| {
+        let y = crate::host::alloc_fill(x.len(), |off, out| {
             let n = out.len();
             grids.for_runs(off, n, |g, a, b| {
                 kernel::forward(&x[off + a..off + b], &mut out[a..b], g)

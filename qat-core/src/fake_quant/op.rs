@@ -10,11 +10,10 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::kernel::{self, Grid};
 use crate::error::{Error, Result};
-use crate::host::CHUNK;
+use crate::host::alloc_fill;
 use crate::qparams::{QParams, QuantRange};
 
 /// Where the grids apply: one for the whole tensor, or one per slice along an axis.
@@ -88,27 +87,6 @@ impl Grids {
             }
         }
     }
-}
-
-/// Allocates `n` f32 and fills them with `fill(offset, chunk)`, chunks in parallel when large.
-pub(crate) fn alloc_fill<F>(n: usize, fill: F) -> Vec<f32>
-where
-    F: Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
-{
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    let spare = &mut out.spare_capacity_mut()[..n];
-    if n < 2 * CHUNK {
-        fill(0, spare);
-    } else {
-        spare
-            .par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, c)| fill(i * CHUNK, c));
-    }
-    // SAFETY: `fill` wrote every one of the first `n` elements (each kernel writes its whole
-    // output slice), and f32 has no invalid bit patterns.
-    unsafe { out.set_len(n) };
-    out
 }
 
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {

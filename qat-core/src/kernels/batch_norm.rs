@@ -22,7 +22,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::sums::sum_f64;
-use crate::host::{with_cpu_f32, CHUNK};
+use crate::host::{alloc_with, cpu_f32_slice, with_cpu_f32, CHUNK};
 
 /// `(images, channels, elements per channel and image)` of an `(N, C, ...)` shape.
 fn nc_s(dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
@@ -252,8 +252,6 @@ fn map_rows(
     f: impl Fn(usize, usize, &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
     let total = n * c * s;
-    let mut out: Vec<f32> = Vec::with_capacity(total);
-    let spare = &mut out.spare_capacity_mut()[..total];
     let rows_per = (CHUNK / s.max(1)).max(1);
     let run = |(i, chunk): (usize, &mut [MaybeUninit<f32>])| {
         for (j, row) in chunk.chunks_mut(s).enumerate() {
@@ -261,14 +259,14 @@ fn map_rows(
             f(r, r % c, row);
         }
     };
-    if total < 2 * CHUNK || super::num_threads() == 1 {
-        spare.chunks_mut(rows_per * s).enumerate().for_each(run);
-    } else {
-        spare.par_chunks_mut(rows_per * s).enumerate().for_each(run);
-    }
-    // SAFETY: every row of every chunk was written by `f` (each writes its whole row).
-    unsafe { out.set_len(total) };
-    out
+    // Every row of every chunk is written by `f` (each writes its whole row).
+    alloc_with(total, |spare| {
+        if total < 2 * CHUNK || super::num_threads() == 1 {
+            spare.chunks_mut(rows_per * s).enumerate().for_each(run);
+        } else {
+            spare.par_chunks_mut(rows_per * s).enumerate().for_each(run);
+        }
+    })
 }
 
 /// Per-channel batch mean and biased variance of a contiguous CPU f32 `(N, C, ...)` tensor,
@@ -305,10 +303,7 @@ struct BatchNormOp {
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("batch_norm: {what} is not a contiguous f32 tensor"),
-    }
+    cpu_f32_slice(s, l, &format!("batch_norm: {what}"))
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -366,12 +361,8 @@ impl CustomOp3 for BatchNormOp {
         let count = n * s;
         let dy = dy.to_dtype(DType::F32)?.contiguous()?;
         let (x, w) = (x.contiguous()?, w.contiguous()?);
-        // The output, for the ReLU's mask (an empty tensor without a ReLU).
-        let y = if self.relu {
-            y.contiguous()?
-        } else {
-            Tensor::zeros(0, DType::F32, x.device())?
-        };
+        // The output, for the ReLU's mask (read only with a ReLU).
+        let y = y.contiguous()?;
         let (mean, invstd) = (&self.mean, &self.invstd);
         let relu = self.relu;
         let sums_needed = need_dw || need_db || (need_dx && self.train);
@@ -597,21 +588,8 @@ mod tests {
         let theirs = if relu { theirs.relu().unwrap() } else { theirs };
         let what = format!("{dims:?} train={train} relu={relu}");
         close(&format!("y {what}"), &ours, &theirs);
-        let r = Tensor::randn(0f32, 1., dims, &dev).unwrap();
-        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, v) in [("dx", &x), ("dw", &w), ("db", &b)] {
-            close(
-                &format!("{name} {what}"),
-                g1.get(v).unwrap(),
-                g2.get(v).unwrap(),
-            );
-        }
+        let vars = [("dx", &x), ("dw", &w), ("db", &b)];
+        crate::kernels::assert_same_grads(&what, &ours, &theirs, &vars, TOL);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::sums::{dot_f64, sum_f64};
 use crate::error::Result;
-use crate::host::{cpu_f32_slice, new_f32, with_cpu_f32, CHUNK};
+use crate::host::{alloc_with, cpu_f32_slice, with_cpu_f32, CHUNK};
 
 /// Channel of element `i` for `inner` elements per channel run and `c` channels.
 fn runs(dims: &[usize], dim: usize) -> (usize, usize) {
@@ -65,7 +65,7 @@ impl CustomOp2 for ChannelOp {
         let (y, p) = (slice(s1, l1)?, slice(s2, l2)?);
         let (c, inner) = runs(l1.dims(), self.dim);
         let kind = self.kind;
-        let out = new_f32(y.len(), |out| {
+        let out = alloc_with(y.len(), |out| {
             out.par_chunks_mut(inner)
                 .zip(y.par_chunks(inner))
                 .enumerate()
@@ -112,7 +112,7 @@ impl CustomOp2 for ChannelOp {
                 let (dy, rows) = with_cpu_f32(&grad, |g| {
                     with_cpu_f32(&res, |o| {
                         let mut rows = Vec::new();
-                        let dy = new_f32(g.len(), |dy| {
+                        let dy = alloc_with(g.len(), |dy| {
                             rows = dy
                                 .par_chunks_mut(inner)
                                 .zip(g.par_chunks(inner).zip(o.par_chunks(inner)))

@@ -16,7 +16,6 @@
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -24,7 +23,7 @@ use super::im2col::Window;
 use super::matmul::{parallelism, sgemm, sgemm_strided, View};
 use super::num_threads;
 use super::sums::sum_f64;
-use crate::host::with_cpu_f32 as cpu_f32;
+use crate::host::{alloc_with, cpu_f32_slice, with_cpu_f32 as cpu_f32};
 
 /// Multiply-adds below which a convolution runs on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 16;
@@ -300,7 +299,6 @@ fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     let cl = g.channels_last();
     let w_cl = if cl { weights_cl(w, g) } else { Vec::new() };
     let wts: &[f32] = if cl { &w_cl } else { w };
-    let mut y: Vec<f32> = Vec::with_capacity(total);
     // One chunk: images n0.., outputs `yc` (m images).
     let chunk = |n0: usize, yc: &mut [MaybeUninit<f32>], s: &mut [&mut [f32]; 4]| {
         let m = yc.len() / per_image;
@@ -345,24 +343,23 @@ fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
         og * cols * per_chunk,
         if cl { win.padded_len() } else { 0 },
     ];
-    let spare = &mut y.spare_capacity_mut()[..total];
     let run = |(c, yc): (usize, &mut [MaybeUninit<f32>])| {
         with_scratch(lens, |s| chunk(c * per_chunk, yc, s))
     };
-    if tasks > 1 {
-        spare
-            .par_chunks_mut(per_chunk * per_image)
-            .enumerate()
-            .for_each(run);
-    } else {
-        spare
-            .chunks_mut(per_chunk * per_image)
-            .enumerate()
-            .for_each(run);
-    }
-    // SAFETY: every chunk wrote all of its images' `O x cols` outputs.
-    unsafe { y.set_len(total) };
-    y
+    // Every chunk writes all of its images' `O x cols` outputs.
+    alloc_with(total, |spare| {
+        if tasks > 1 {
+            spare
+                .par_chunks_mut(per_chunk * per_image)
+                .enumerate()
+                .for_each(run);
+        } else {
+            spare
+                .chunks_mut(per_chunk * per_image)
+                .enumerate()
+                .for_each(run);
+        }
+    })
 }
 
 /// The backward: `(dx, dw)`, each only when asked for.
@@ -579,11 +576,21 @@ fn backward(
 struct Conv2dOp(Conv2dParams);
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        (CpuStorage::F32(_), None) => candle_core::bail!("conv2d: {what} is not contiguous"),
-        _ => candle_core::bail!("conv2d: {what} is {:?}, not f32", s.dtype()),
-    }
+    cpu_f32_slice(s, l, &format!("conv2d: {what}"))
+}
+
+/// The forward of both conv ops on (input, weight): the geometry and the output.
+fn conv_fwd(
+    p: &Conv2dParams,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(Geom, Vec<f32>)> {
+    let g = Geom::new(l1.dims(), l2.dims(), p)?;
+    let x = f32_slice(s1, l1, "input")?;
+    let w = f32_slice(s2, l2, "weight")?;
+    Ok((g, forward(x, w, &g)))
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -598,10 +605,7 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), &self.0)?;
-        let x = f32_slice(s1, l1, "input")?;
-        let w = f32_slice(s2, l2, "weight")?;
-        let y = forward(x, w, &g);
+        let (g, y) = conv_fwd(&self.0, s1, l1, s2, l2)?;
         Ok((CpuStorage::F32(y), Shape::from(g.out_shape().to_vec())))
     }
 
@@ -694,18 +698,12 @@ impl CustomOp3 for Conv2dBiasOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), &self.0)?;
-        let x = f32_slice(s1, l1, "input")?;
-        let w = f32_slice(s2, l2, "weight")?;
         let b = f32_slice(s3, l3, "bias")?;
-        if b.len() != g.o {
-            candle_core::bail!(
-                "conv2d: {} bias values for {} output channels",
-                b.len(),
-                g.o
-            );
+        let o = l2.dims().first().copied().unwrap_or(0);
+        if b.len() != o {
+            candle_core::bail!("conv2d: {} bias values for {o} output channels", b.len());
         }
-        let mut y = forward(x, w, &g);
+        let (g, mut y) = conv_fwd(&self.0, s1, l1, s2, l2)?;
         add_bias(&mut y, b, g.win.cols());
         Ok((CpuStorage::F32(y), Shape::from(g.out_shape().to_vec())))
     }
@@ -905,24 +903,8 @@ mod tests {
             .unwrap();
         let what = format!("n{n} c{c} o{o} {h}x{wd} k{k} {p:?}");
         close(&format!("y {what}"), &ours, &theirs);
-        let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        close(
-            &format!("dx {what}"),
-            g1.get(&x).unwrap(),
-            g2.get(&x).unwrap(),
-        );
-        close(
-            &format!("dw {what}"),
-            g1.get(&w).unwrap(),
-            g2.get(&w).unwrap(),
-        );
+        let vars = [("dx", &x), ("dw", &w)];
+        crate::kernels::assert_same_grads(&what, &ours, &theirs, &vars, TOL);
     }
 
     /// The conv op with a bias equals our conv plus a broadcast add, values and gradients of
@@ -947,21 +929,8 @@ mod tests {
                 .unwrap();
             let what = format!("n{n} c{c} o{o} {h}x{wd} k{k} {p:?}");
             close(&format!("y {what}"), &ours, &theirs);
-            let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, v) in [("dx", &x), ("dw", &w), ("db", &b)] {
-                close(
-                    &format!("{name} {what}"),
-                    g1.get(v).unwrap(),
-                    g2.get(v).unwrap(),
-                );
-            }
+            let vars = [("dx", &x), ("dw", &w), ("db", &b)];
+            let (r, g2) = crate::kernels::assert_same_grads(&what, &ours, &theirs, &vars, TOL);
             // 1-D: the same op on height-1 maps.
             if h == 1 {
                 let x1 = x.as_tensor().squeeze(2).unwrap();

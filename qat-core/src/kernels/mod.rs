@@ -47,3 +47,29 @@ pub(crate) fn assert_close(
         );
     }
 }
+
+/// Test helper of the kernels: the gradients of `sum(ours * r)` and `sum(theirs * r)`, for one
+/// random upstream gradient `r`, agree within `tol` (as [`assert_close`]) for each named
+/// variable. Returns `r` and the reference gradients for further checks.
+#[cfg(test)]
+pub(crate) fn assert_same_grads(
+    what: &str,
+    ours: &candle_core::Tensor,
+    theirs: &candle_core::Tensor,
+    vars: &[(&str, &candle_core::Var)],
+    tol: f32,
+) -> (candle_core::Tensor, candle_core::backprop::GradStore) {
+    let r = candle_core::Tensor::randn(0f32, 1., ours.dims(), ours.device()).unwrap();
+    let loss = |y: &candle_core::Tensor| (y * &r).unwrap().sum_all().unwrap();
+    let g1 = loss(ours).backward().unwrap();
+    let g2 = loss(theirs).backward().unwrap();
+    for (name, v) in vars {
+        assert_close(
+            &format!("{name} {what}"),
+            g1.get(v).unwrap(),
+            g2.get(v).unwrap(),
+            tol,
+        );
+    }
+    (r, g2)
+}

@@ -5,10 +5,9 @@
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::host::{cpu_f32_slice, new_f32, CHUNK};
+use crate::host::{alloc_fill, cpu_f32_slice};
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     cpu_f32_slice(s, l, "relu")
@@ -16,15 +15,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
 
 /// `f` over `x` into a new vector, in parallel chunks when large.
 fn map(x: &[f32], f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
-    new_f32(x.len(), |out| {
-        if x.len() < 2 * CHUNK {
-            f(x, out);
-        } else {
-            out.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
-                .for_each(|(o, x)| f(x, o));
-        }
-    })
+    alloc_fill(x.len(), |off, out| f(&x[off..off + out.len()], out))
 }
 
 struct Relu;
@@ -68,18 +59,10 @@ impl CustomOp2 for ReluGrad {
         if g.len() != y.len() {
             candle_core::bail!("relu-grad: {} gradients for {} outputs", g.len(), y.len());
         }
-        let body = |o: &mut [MaybeUninit<f32>], g: &[f32], y: &[f32]| {
-            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+        let out = alloc_fill(g.len(), |off, out| {
+            let n = out.len();
+            for ((o, &g), &y) in out.iter_mut().zip(&g[off..off + n]).zip(&y[off..off + n]) {
                 o.write(if y > 0.0 { g } else { 0.0 });
-            }
-        };
-        let out = new_f32(g.len(), |out| {
-            if g.len() < 2 * CHUNK {
-                body(out, g, y);
-            } else {
-                out.par_chunks_mut(CHUNK)
-                    .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                    .for_each(|(o, (g, y))| body(o, g, y));
             }
         });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
@@ -103,7 +86,7 @@ mod tests {
     /// Values and gradients equal candle's away from 0, and PyTorch's at 0 (no gradient).
     #[test]
     fn matches_candle_and_pytorch_at_zero() {
-        for n in [5usize, 3 * CHUNK + 7] {
+        for n in [5usize, 3 * crate::host::CHUNK + 7] {
             let v: Vec<f32> = (0..n)
                 .map(|i| match i % 4 {
                     0 => 0.0,
