@@ -142,8 +142,6 @@ impl Weighted {
         self.weight.dims()[0]
     }
 
-    /// The weight the weight fake-quant sees: `weight * bn.weight / sqrt(running_var + eps)`
-    /// when a BatchNorm is fused in, else the weight.
     /// Frozen: eval mode with the weight's and the output's observers off and fake
     /// quantization on, where `forward` computes the value with the converted model's integer
     /// arithmetic.
@@ -160,6 +158,8 @@ impl Weighted {
         Ok(!self.common.training && weight_settled && output_settled)
     }
 
+    /// The weight the weight fake-quant sees: `weight * bn.weight / sqrt(running_var + eps)`
+    /// when a BatchNorm is fused in, else the weight.
     fn scaled_weight(&self) -> Result<(Tensor, Option<Tensor>)> {
         match &self.bn {
             Some(bn) => {
@@ -242,9 +242,9 @@ impl Weighted {
         let bn_training = self.common.training && !self.bn_frozen;
         let bias = self.bias.as_ref();
         let frozen = self.frozen()?;
-        // The ReLU runs inside the BatchNorm op, unless the frozen path below changes the
+        // A fused BatchNorm's op runs the ReLU, unless the frozen path below changes the
         // value between the two.
-        let bn_relu = self.relu && !frozen;
+        let bn_relu = self.relu && !frozen && self.bn.is_some();
         let (y, w_fq) = match (&self.bn, &self.weight_fq) {
             (Some(bn), Some(wfq)) => {
                 let (w, sf) = self.scaled_weight()?;
@@ -303,7 +303,7 @@ impl Weighted {
             }
             _ => y,
         };
-        let y = if self.relu && !(bn_relu && self.bn.is_some()) {
+        let y = if self.relu && !bn_relu {
             crate::kernels::relu::relu(&y)?
         } else {
             y
