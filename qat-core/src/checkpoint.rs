@@ -18,26 +18,9 @@ use crate::fake_quant::FakeQuantizeState;
 use crate::model::{ModulePath, Quantizable, Stage};
 use crate::observer::ObserverState;
 use crate::passes::for_each_layer;
-use crate::provenance::IoQParams;
+use crate::record::IoQParams;
 
-/// What a converted layer needs to run.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Int8State {
-    /// Weight codes (weighted layers), row-major.
-    pub weight_codes: Vec<i8>,
-    /// Weight shape.
-    pub weight_shape: Vec<usize>,
-    /// Weight scales (one, or one per output channel); zero points are 0.
-    pub weight_scales: Vec<f32>,
-    /// Float bias added after rescaling.
-    pub bias: Vec<f32>,
-    /// Int32 bias added to the sums (qnnpack's arithmetic; zeros otherwise).
-    pub bias_int32: Vec<i32>,
-    /// Qparams of each input.
-    pub inputs: Vec<IoQParams>,
-    /// Qparams of the output.
-    pub output: Option<IoQParams>,
-}
+pub use crate::record::Int8State;
 
 const FORMAT_KEY: &str = "format";
 const QAT_FORMAT: &str = "candle-qat/qat-state/1";

@@ -3,6 +3,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod fake_quant;
 pub mod fuse;
+pub mod geometry;
 mod host;
 pub(crate) mod kernels;
 pub mod model;
@@ -15,6 +16,8 @@ pub mod qconfig;
 pub mod qconfig_mapping;
 pub mod qparams;
 pub mod quantized;
+mod record;
+mod sync;
 
 pub use error::{Error, Result};
 pub use qparams::{calculate_qparams, QDType, QParams, QScheme, QuantRange};

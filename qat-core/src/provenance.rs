@@ -14,8 +14,9 @@ use candle_core::{Tensor, TensorId};
 
 use crate::error::Result;
 use crate::fake_quant::FakeQuantize;
-use crate::nn::common::lock;
 use crate::qparams::QParams;
+pub use crate::record::IoQParams;
+use crate::sync::lock;
 
 const HISTORY: usize = 1024;
 
@@ -50,19 +51,6 @@ impl ActFq {
             quant_max: r.quant_max(),
         })
     }
-}
-
-/// Scale, zero point and code range of an activation.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct IoQParams {
-    /// Step between codes.
-    pub scale: f32,
-    /// Code of 0.0.
-    pub zero_point: i32,
-    /// Lowest code the activation trained with.
-    pub quant_min: i32,
-    /// Highest code the activation trained with.
-    pub quant_max: i32,
 }
 
 thread_local! {

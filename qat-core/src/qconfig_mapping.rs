@@ -140,30 +140,3 @@ macro_rules! qconfig_mapping {
         $crate::qconfig_mapping!(@acc $crate::qconfig_mapping::QConfigMapping::new() ; $($rest)*)
     };
 }
-
-macro_rules! named {
-    ($($t:ident),*) => {$(
-        impl Named for crate::nn::$t {
-            const TYPE_NAME: &'static str = stringify!($t);
-        }
-    )*};
-}
-
-named!(
-    Conv1d,
-    Conv2d,
-    Conv3d,
-    Linear,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    ReLU,
-    Sigmoid,
-    Tanh,
-    Identity,
-    QuantStub,
-    DeQuantStub,
-    FloatFunctional,
-    MaxPool2d,
-    Flatten
-);

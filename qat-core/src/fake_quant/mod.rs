@@ -5,6 +5,7 @@ mod kernel;
 mod learnable;
 mod module;
 mod op;
+pub(crate) mod spec;
 
 pub use learnable::fake_quantize_learnable;
 pub use module::{FakeQuantize, FakeQuantizeState};

@@ -3,10 +3,10 @@
 
 use candle_core::{Device, Tensor, Var};
 
+use super::spec::FakeQuantizeSpec;
 use super::{fake_quantize, fake_quantize_learnable};
 use crate::error::{Error, Result};
 use crate::observer::{Observer, ObserverState};
-use crate::qconfig::FakeQuantizeSpec;
 use crate::qparams::{QParams, QuantRange};
 
 #[derive(Clone, Debug)]

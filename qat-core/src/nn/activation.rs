@@ -5,8 +5,8 @@ use candle_core::Tensor;
 use super::common::Common;
 use super::simple::simple_module;
 use crate::error::Result;
-use crate::onnx::trace::{FloatOp, Op};
 use crate::qconfig::{FakeQuantizeSpec, QConfig};
+use crate::record::{FloatOp, Op};
 
 macro_rules! activation {
     ($name:ident, $doc:literal) => {

@@ -63,9 +63,9 @@ impl BnCore {
 
     /// The inference computation as the ONNX exporter writes it (running statistics). A
     /// parameter that cannot be read comes out empty, which the exporter reports.
-    pub(crate) fn onnx_op(&self, relu: bool) -> crate::onnx::trace::FloatOp {
+    pub(crate) fn onnx_op(&self, relu: bool) -> crate::record::FloatOp {
         let read = |t: &Tensor| t.detach().to_vec1::<f32>().unwrap_or_default();
-        crate::onnx::trace::FloatOp::BatchNorm {
+        crate::record::FloatOp::BatchNorm {
             weight: read(&self.weight),
             bias: read(&self.bias),
             mean: read(self.running_mean.as_tensor()),
@@ -337,13 +337,13 @@ macro_rules! batch_norm {
             fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
                 self.0.common.fake_quants()
             }
-            fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
+            fn int8_state(&self) -> Option<crate::record::Int8State> {
                 self.0.common.int8_state()
             }
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.0.common as *const _ as usize)
             }
-            fn load_int8_state(&mut self, state: crate::checkpoint::Int8State) -> Result<()> {
+            fn load_int8_state(&mut self, state: crate::record::Int8State) -> Result<()> {
                 self.0.common.load_int8_state(&state)
             }
             fn convert(&mut self) -> Result<()> {

@@ -1,26 +1,18 @@
 //! State every quantizable layer shares: stage, train flag, qconfig, output fake-quant, and
 //! the fusion-order trace (a fused group's head and its identity placeholders).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Tensor, TensorId};
 
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
+use crate::model::hook as trace;
 use crate::model::Stage;
-use crate::onnx::trace::{self, FloatOp, Op};
 use crate::provenance::{self, ActFq, IoQParams, Source};
 use crate::qconfig::QConfig;
-
-/// Locks a layer's mutex; a poisoned lock (a panic elsewhere mid-update) is an error.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
-    m.lock().map_err(|_| {
-        Error::state(
-            "a fake-quant's lock was poisoned by a panic in another thread",
-            "rebuild or reload the model",
-        )
-    })
-}
+use crate::record::{FloatOp, Op};
+pub(crate) use crate::sync::lock;
 
 /// The record of one fused group, shared by its head and its placeholders, used to check in
 /// training that the forward applies the members one after another.
@@ -220,8 +212,8 @@ impl Common {
     }
 
     /// The saved form of a converted simple layer.
-    pub fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
-        self.io.as_ref().map(|io| crate::checkpoint::Int8State {
+    pub fn int8_state(&self) -> Option<crate::record::Int8State> {
+        self.io.as_ref().map(|io| crate::record::Int8State {
             inputs: io.inputs.clone(),
             output: io.output,
             ..Default::default()
@@ -229,7 +221,7 @@ impl Common {
     }
 
     /// Restores a converted simple layer.
-    pub fn load_int8_state(&mut self, s: &crate::checkpoint::Int8State) -> Result<()> {
+    pub fn load_int8_state(&mut self, s: &crate::record::Int8State) -> Result<()> {
         self.io = Some(ConvertedIo {
             inputs: s.inputs.clone(),
             output: s.output,

@@ -6,30 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::weighted::Weighted;
 use crate::error::{Error, Result};
-
-/// Convolution settings, the same along every spatial dim (as candle's convolutions).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvConfig {
-    /// Zero padding on each side.
-    pub padding: usize,
-    /// Step between windows.
-    pub stride: usize,
-    /// Spacing between kernel taps.
-    pub dilation: usize,
-    /// Channel groups (in and out channels must divide by it).
-    pub groups: usize,
-}
-
-impl Default for ConvConfig {
-    fn default() -> Self {
-        ConvConfig {
-            padding: 0,
-            stride: 1,
-            dilation: 1,
-            groups: 1,
-        }
-    }
-}
+pub use crate::geometry::ConvConfig;
 
 /// 3-D convolution from 2-D ones: one conv2d per kernel depth tap on the input depth slices
 /// it reads, summed.
@@ -213,7 +190,7 @@ macro_rules! conv {
             }
 
             fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-                let kind = crate::onnx::trace::WeightedKind::Conv {
+                let kind = crate::record::WeightedKind::Conv {
                     config: self.config,
                     rank: $rank,
                 };

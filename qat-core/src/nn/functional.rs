@@ -7,8 +7,8 @@ use candle_core::Tensor;
 use super::common::Common;
 use super::simple::simple_module;
 use crate::error::{Error, Result};
-use crate::onnx::trace::FloatOp;
 use crate::qconfig::QConfig;
+use crate::record::FloatOp;
 
 /// `add`, `add_relu`, `mul`, `cat` whose outputs are fake-quantized once prepared.
 ///

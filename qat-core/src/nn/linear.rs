@@ -92,7 +92,7 @@ impl Linear {
                     None => Ok(y),
                 }
             },
-            crate::onnx::trace::WeightedKind::Linear,
+            crate::record::WeightedKind::Linear,
         )
     }
 }

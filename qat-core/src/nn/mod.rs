@@ -21,3 +21,31 @@ pub use functional::FloatFunctional;
 pub use linear::Linear;
 pub use pool::{Flatten, MaxPool2d};
 pub use stubs::{DeQuantStub, QuantStub};
+
+/// Each layer's name for mapping qconfigs by type ([`crate::qconfig_mapping::Named`]).
+macro_rules! named {
+    ($($t:ident),*) => {$(
+        impl crate::qconfig_mapping::Named for $t {
+            const TYPE_NAME: &'static str = stringify!($t);
+        }
+    )*};
+}
+
+named!(
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    Linear,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    ReLU,
+    Sigmoid,
+    Tanh,
+    Identity,
+    QuantStub,
+    DeQuantStub,
+    FloatFunctional,
+    MaxPool2d,
+    Flatten
+);

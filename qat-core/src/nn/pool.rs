@@ -6,8 +6,8 @@ use candle_core::Tensor;
 use super::common::Common;
 use super::simple::simple_module;
 use crate::error::{Error, Result};
-use crate::onnx::trace::{FloatOp, Op};
 use crate::qconfig::QConfig;
+use crate::record::{FloatOp, Op};
 
 /// 2-D max pooling with a square window.
 #[derive(Clone, Debug)]

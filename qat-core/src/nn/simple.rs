@@ -43,7 +43,7 @@ macro_rules! simple_module {
             fn convert(&mut self) -> $crate::error::Result<()> {
                 self.convert_with()
             }
-            fn int8_state(&self) -> Option<$crate::checkpoint::Int8State> {
+            fn int8_state(&self) -> Option<$crate::record::Int8State> {
                 self.common.int8_state()
             }
             fn trace_key(&self) -> Option<usize> {
@@ -51,7 +51,7 @@ macro_rules! simple_module {
             }
             fn load_int8_state(
                 &mut self,
-                state: $crate::checkpoint::Int8State,
+                state: $crate::record::Int8State,
             ) -> $crate::error::Result<()> {
                 self.common.load_int8_state(&state)
             }

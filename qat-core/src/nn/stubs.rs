@@ -43,7 +43,7 @@ impl QuantStub {
             })?;
             let y = crate::quantized::quantize(x, o.scale, o.zero_point, o.quant_min, o.quant_max)?;
             self.common
-                .trace(&[x], &y, || crate::onnx::trace::Op::Quantize(o));
+                .trace(&[x], &y, || crate::record::Op::Quantize(o));
             return Ok(y);
         }
         self.common.finish(x.clone())
@@ -66,7 +66,7 @@ impl DeQuantStub {
             return self.common.converted_float_op(
                 &[x],
                 "DeQuantStub",
-                || crate::onnx::trace::FloatOp::Identity,
+                || crate::record::FloatOp::Identity,
                 |v| Ok(v[0].clone()),
             );
         }

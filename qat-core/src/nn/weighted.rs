@@ -11,12 +11,13 @@ use super::common::{lock, Common};
 use super::conv::ConvConfig;
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
+use crate::model::hook as trace;
 use crate::model::Stage;
-use crate::onnx::trace::{self, Op, WeightedKind};
-use crate::provenance::IoQParams;
+use crate::record::IoQParams;
 use crate::qconfig::{Backend, QConfig};
 use crate::qparams::QParams;
 use crate::quantized::{QuantizedWeight, Requant};
+use crate::record::{Op, WeightedKind};
 
 /// The integer op behind a weighted layer.
 #[derive(Clone, Copy, Debug)]
@@ -222,7 +223,7 @@ impl Weighted {
             let y = self.forward_int(int, x, int_op)?;
             self.common.trace(&[x], &y, || Op::IntWeighted {
                 kind,
-                weight: int.weight.clone(),
+                weight: int.weight.to_record(),
                 bias_float: int.bias.float.clone(),
                 bias_int: int.bias.int.clone(),
                 input: int.input,
@@ -412,9 +413,9 @@ impl Weighted {
     }
 
     /// The saved form of a converted layer.
-    pub fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
+    pub fn int8_state(&self) -> Option<crate::record::Int8State> {
         let int = self.int.as_ref()?;
-        Some(crate::checkpoint::Int8State {
+        Some(crate::record::Int8State {
             weight_codes: int.weight.codes().to_vec(),
             weight_shape: int.weight.shape().to_vec(),
             weight_scales: int.weight.scales().to_vec(),
@@ -426,7 +427,7 @@ impl Weighted {
     }
 
     /// Restores a converted layer (fused as when it was saved).
-    pub fn load_int8_state(&mut self, what: &str, s: crate::checkpoint::Int8State) -> Result<()> {
+    pub fn load_int8_state(&mut self, what: &str, s: crate::record::Int8State) -> Result<()> {
         if s.weight_shape != self.weight.dims() {
             return Err(Error::state(
                 format!(
@@ -567,7 +568,7 @@ macro_rules! weighted_module {
                 let kind = $crate::model::QuantModule::kind(self);
                 self.w.convert(&kind, $int8)
             }
-            fn int8_state(&self) -> Option<$crate::checkpoint::Int8State> {
+            fn int8_state(&self) -> Option<$crate::record::Int8State> {
                 self.w.int8_state()
             }
             fn trace_key(&self) -> Option<usize> {
@@ -575,7 +576,7 @@ macro_rules! weighted_module {
             }
             fn load_int8_state(
                 &mut self,
-                state: $crate::checkpoint::Int8State,
+                state: $crate::record::Int8State,
             ) -> $crate::error::Result<()> {
                 let kind = $crate::model::QuantModule::kind(self);
                 self.w.load_int8_state(&kind, state)

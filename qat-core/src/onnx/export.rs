@@ -9,8 +9,8 @@ use prost::Message;
 
 use super::graph::{value_info, GraphBuilder, LayerInfo};
 use super::proto::{tensor_proto::DataType, ModelProto, OperatorSetIdProto};
-use super::trace;
 use crate::error::{Error, Result};
+use crate::model::hook as trace;
 use crate::model::{ModulePath, ModuleVisitor, QuantModule, Quantizable, Stage};
 
 /// The ONNX operator set the exporter writes (per-axis `DequantizeLinear` needs 13).

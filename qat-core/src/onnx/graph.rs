@@ -14,10 +14,10 @@ use super::proto::{
     AttributeProto, GraphProto, NodeProto, TensorProto, TensorShapeProto, TypeProto,
     ValueInfoProto,
 };
-use super::trace::{Event, FloatOp, Op, WeightedKind};
 use crate::error::{Error, Result};
-use crate::provenance::IoQParams;
-use crate::quantized::QuantizedWeight;
+use crate::model::hook::Event;
+use crate::record::IoQParams;
+use crate::record::{FloatOp, Op, WeightCodes, WeightedKind};
 
 /// A tensor of the exported graph.
 #[derive(Clone, Debug)]
@@ -385,7 +385,7 @@ impl GraphBuilder {
     fn int_weight(
         &mut self,
         path: &str,
-        weight: &QuantizedWeight,
+        weight: &WeightCodes,
         bias_float: &[f32],
         bias_int: &[i32],
         input: &IoQParams,
@@ -394,10 +394,10 @@ impl GraphBuilder {
         let (codes, scales): (Vec<i8>, Vec<f32>) =
             if self.per_tensor_weights && weight.is_per_channel() {
                 // One scale, the largest channel's: every code stays in range.
-                let s = weight.scales().iter().copied().fold(0f32, f32::max);
+                let s = weight.scales.iter().copied().fold(0f32, f32::max);
                 let row = weight.row_len();
                 let codes = weight
-                    .codes()
+                    .codes
                     .iter()
                     .enumerate()
                     .map(|(i, &q)| (q as f32 * (weight.scale(i / row) / s)).round_ties_even() as i8)
@@ -405,13 +405,13 @@ impl GraphBuilder {
                 self.requantized.push(path.to_string());
                 (codes, vec![s])
             } else {
-                (weight.codes().to_vec(), weight.scales().to_vec())
+                (weight.codes.to_vec(), weight.scales.to_vec())
             };
         let per_channel = scales.len() > 1;
         let scale_dims: &[usize] = if per_channel { &[o] } else { &[] };
         let wq = self.init(
             &format!("{path}.weight_quantized"),
-            weight.shape(),
+            &weight.shape,
             DataType::Int8,
             codes.iter().map(|&c| c as u8).collect(),
         );

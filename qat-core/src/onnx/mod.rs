@@ -7,7 +7,6 @@
 
 mod export;
 mod graph;
-pub(crate) mod trace;
 
 /// The ONNX protobuf messages, generated with prost from the schema of the `onnx` package
 /// (`qat-core/proto/onnx.proto`), for reading an exported file back.

@@ -9,7 +9,7 @@ use super::qtensor::{max_code, on_u8};
 use super::requant::{Affine, Epilogue, Requant};
 use super::weight::QuantizedWeight;
 use crate::error::{Error, Result};
-use crate::nn::ConvConfig;
+use crate::geometry::ConvConfig;
 
 /// Multiply-adds below which the images of a batch run on the calling thread.
 const PAR_WORK: usize = 1 << 21;

@@ -149,6 +149,15 @@ impl QuantizedWeight {
         &self.shape
     }
 
+    /// The codes and scales as a plain record (for the ONNX exporter's trace).
+    pub(crate) fn to_record(&self) -> crate::record::WeightCodes {
+        crate::record::WeightCodes {
+            codes: self.codes.clone(),
+            shape: self.shape.clone(),
+            scales: self.scales.clone(),
+        }
+    }
+
     /// Whether there is more than one scale (one per output channel).
     pub fn is_per_channel(&self) -> bool {
         self.scales.len() > 1

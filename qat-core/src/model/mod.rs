@@ -6,6 +6,8 @@ use crate::error::Result;
 use crate::fake_quant::FakeQuantize;
 use crate::qconfig::QConfig;
 
+pub(crate) mod hook;
+
 /// A dotted module path as PyTorch writes it (`blocks.0.conv1`), built while walking a model.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModulePath {
@@ -93,12 +95,12 @@ pub trait QuantModule {
     /// and the input qparams noted by the last prepared forward; float layers stay float.
     fn convert(&mut self) -> Result<()>;
     /// What a converted layer needs to run, to save (`None` unless converted).
-    fn int8_state(&self) -> Option<crate::checkpoint::Int8State> {
+    fn int8_state(&self) -> Option<crate::record::Int8State> {
         None
     }
     /// Restores a converted layer saved with [`QuantModule::int8_state`] (the model must be
     /// fused as when it was saved).
-    fn load_int8_state(&mut self, _state: crate::checkpoint::Int8State) -> Result<()> {
+    fn load_int8_state(&mut self, _state: crate::record::Int8State) -> Result<()> {
         Err(crate::error::Error::state(
             format!("{} has no int8 form", self.kind()),
             "load int8 checkpoints into models of the same structure",
