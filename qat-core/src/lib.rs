@@ -1,4 +1,8 @@
 //! qat-core: quantization-aware training numerics on candle.
+//!
+//! The modules form layers (leaf data, numerics and kernels, model, layers, consumers); each
+//! imports only its own layer or those below, without cycles. ARCHITECTURE.md at the
+//! repository root maps them, and `tests/layering.rs` checks it from the `use` lines.
 pub mod checkpoint;
 pub mod error;
 pub mod fake_quant;
