@@ -91,6 +91,11 @@ pub trait QuantModule {
     fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize));
     /// Reads each fake-quant the layer owns.
     fn fake_quants(&self) -> Vec<(String, FakeQuantize)>;
+    /// Whether `convert` can give the layer an integer form when it is prepared with a
+    /// qconfig (`prepare_qat` refuses a qconfig on a layer without one, e.g. Conv3d).
+    fn has_int8_form(&self) -> bool {
+        true
+    }
     /// Switches a prepared layer to integer arithmetic with the qparams its fake-quants hold
     /// and the input qparams noted by the last prepared forward; float layers stay float.
     fn convert(&mut self) -> Result<()>;
