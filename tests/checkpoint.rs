@@ -7,6 +7,9 @@ use candle_qat::checkpoint::{load_int8, load_qat_checkpoint, save_int8, save_qat
 use candle_qat::passes::convert;
 use candle_qat::prelude::*;
 
+#[path = "../examples/common/residual_net.rs"]
+mod residual_net;
+
 #[derive(Clone, Quantizable)]
 #[qat(fuse(conv, bn, relu), fuse(fc1, relu1))]
 struct Net {
@@ -161,5 +164,282 @@ fn int8_model_round_trips() -> candle_qat::Result<()> {
         let e = load_int8(&mut c, &file).unwrap_err().to_string();
         assert!(e.contains("shape"), "{e}");
     }
+    Ok(())
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("candle-qat-ckpt2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(name)
+}
+
+/// The residual example's net (fc1 kept float between a DeQuantStub and a QuantStub),
+/// calibrated and converted.
+fn converted_resnet(backend: Backend) -> candle_qat::Result<residual_net::ResNet> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let mut m = residual_net::ResNet::new(VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    fuse_modules_qat(&mut m)?;
+    prepare_qat(&mut m, &residual_net::qconfig_mapping(backend)?)?;
+    for s in 0..3 {
+        m.forward(&(Tensor::randn(0f32, 1., (8, 1, 28, 28), &dev)? * (1.0 + s as f64))?)?;
+    }
+    disable_observer(&mut m)?;
+    freeze_bn_stats(&mut m)?;
+    eval(&mut m)?;
+    m.forward(&Tensor::randn(0f32, 1., (2, 1, 28, 28), &dev)?)?;
+    convert(&mut m)?;
+    Ok(m)
+}
+
+fn fresh_resnet() -> candle_qat::Result<residual_net::ResNet> {
+    let mut m = residual_net::ResNet::new(VarBuilder::zeros(DType::F32, &Device::Cpu))?;
+    fuse_modules_qat(&mut m)?;
+    Ok(m)
+}
+
+fn outputs<M: Module>(m: &M) -> candle_qat::Result<Vec<f32>> {
+    let x = Tensor::randn(0f32, 1., (4, 1, 28, 28), &Device::Cpu)?;
+    let x = (x * 2.0)?;
+    Ok(m.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The int8 file is the whole deployed model: loaded into a model built from
+/// `VarBuilder::zeros`, the float fc1 gets its weights back and the outputs are exact.
+#[test]
+fn int8_file_restores_float_layers_into_a_zero_model() -> candle_qat::Result<()> {
+    for backend in [Backend::X86, Backend::Qnnpack] {
+        let a = converted_resnet(backend)?;
+        let mut a2 = a.clone();
+        let file = tmp(&format!("resnet-{backend:?}.safetensors"));
+        save_int8(&mut a2, &file)?;
+        let mut b = fresh_resnet()?;
+        load_int8(&mut b, &file)?;
+        let x = (Tensor::randn(0f32, 1., (6, 1, 28, 28), &Device::Cpu)? * 2.0)?;
+        let ya = a.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let yb = b.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(ya, yb, "{backend:?}");
+        // Not trivially: the outputs vary from image to image (a zero fc1 would give every
+        // image the same logits).
+        assert!(ya.chunks(10).any(|r| r != &ya[..10]));
+        // The loaded model saves and loads again, with the same outputs.
+        let again = tmp(&format!("resnet-{backend:?}-again.safetensors"));
+        save_int8(&mut b, &again)?;
+        let mut c = fresh_resnet()?;
+        load_int8(&mut c, &again)?;
+        assert_eq!(ya, c.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(())
+}
+
+/// Rewrites a safetensors file: `edit` may change any tensor's bytes (same length) and the
+/// metadata; the checksum is recomputed as candle-qat defines it (64-bit FNV-1a over each
+/// tensor in name order: name, 0xff, dtype, rank and dims as u64 LE, byte count as u64 LE,
+/// bytes; then each metadata entry but `checksum` in key order: key, 0xff, value, 0xff)
+/// unless `keep_checksum`.
+fn rewrite(
+    path: &std::path::Path,
+    out: &std::path::Path,
+    keep_checksum: bool,
+    edit: impl Fn(&str, &mut [u8]),
+    edit_meta: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut data = bytes[8 + n..].to_vec();
+    let mut names: Vec<String> = header
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect();
+    names.sort();
+    for name in &names {
+        let o = &header[name]["data_offsets"];
+        let (b, e) = (
+            o[0].as_u64().unwrap() as usize,
+            o[1].as_u64().unwrap() as usize,
+        );
+        edit(name, &mut data[b..e]);
+    }
+    let meta = header
+        .get_mut("__metadata__")
+        .and_then(|m| m.as_object_mut())
+        .unwrap();
+    edit_meta(meta);
+    if !keep_checksum {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut put = |bs: &[u8]| {
+            for &b in bs {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for name in &names {
+            let t = &header[name];
+            let o = &t["data_offsets"];
+            let (b, e) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
+            put(name.as_bytes());
+            put(&[0xff]);
+            put(t["dtype"].as_str().unwrap().as_bytes());
+            let shape = t["shape"].as_array().unwrap();
+            put(&(shape.len() as u64).to_le_bytes());
+            for d in shape {
+                put(&d.as_u64().unwrap().to_le_bytes());
+            }
+            put(&((e - b) as u64).to_le_bytes());
+            put(&data[b..e]);
+        }
+        let meta = header["__metadata__"].as_object().unwrap();
+        let mut keys: Vec<&String> = meta.keys().filter(|k| *k != "checksum").collect();
+        keys.sort();
+        for k in keys {
+            put(k.as_bytes());
+            put(&[0xff]);
+            put(meta[k].as_str().unwrap().as_bytes());
+            put(&[0xff]);
+        }
+        header["__metadata__"]["checksum"] = format!("fnv1a64:{h:016x}").into();
+    }
+    let mut head = serde_json::to_vec(&header).unwrap();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(head);
+    bytes.extend(data);
+    std::fs::write(out, bytes).unwrap();
+}
+
+fn set_f32(bytes: &mut [u8], i: usize, v: f32) {
+    bytes[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Asserts `load_int8` into a fresh model fails with a message holding every `needle`, and
+/// leaves the model unconverted and still running in float.
+fn refused(file: &std::path::Path, needles: &[&str]) -> candle_qat::Result<()> {
+    let mut b = fresh_resnet()?;
+    let before = outputs(&b)?;
+    let e = load_int8(&mut b, file).unwrap_err().to_string();
+    for n in needles {
+        assert!(e.contains(n), "{n:?} not in: {e}");
+    }
+    for info in named_modules(&b)? {
+        assert_ne!(info.stage, Stage::Converted, "{}", info.path);
+    }
+    assert_eq!(before, outputs(&b)?);
+    Ok(())
+}
+
+#[test]
+fn int8_load_refuses_damaged_and_invalid_files() -> candle_qat::Result<()> {
+    let mut a = converted_resnet(Backend::X86)?;
+    let good = tmp("good.safetensors");
+    save_int8(&mut a, &good)?;
+    let bad = tmp("bad.safetensors");
+    let none = |_: &mut serde_json::Map<String, serde_json::Value>| {};
+    // One flipped bit in fc2's weight codes: the checksum no longer matches.
+    rewrite(
+        &good,
+        &bad,
+        true,
+        |n, b| {
+            if n == "fc2.weight" {
+                b[3] ^= 0x10;
+            }
+        },
+        none,
+    );
+    refused(&bad, &["checksum", "damaged"])?;
+    // A truncated file.
+    let bytes = std::fs::read(&good).map_err(candle_core::Error::wrap)?;
+    std::fs::write(&bad, &bytes[..bytes.len() - 100]).map_err(candle_core::Error::wrap)?;
+    refused(&bad, &["bad.safetensors"])?;
+    std::fs::write(&bad, &bytes[..5]).map_err(candle_core::Error::wrap)?;
+    refused(&bad, &["bad.safetensors"])?;
+    // Values no converted model holds, with a valid checksum.
+    rewrite(
+        &good,
+        &bad,
+        false,
+        |n, b| {
+            if n == "fc2.bias" {
+                set_f32(b, 3, f32::NAN);
+            }
+        },
+        none,
+    );
+    refused(&bad, &["fc2.bias", "NaN"])?;
+    rewrite(
+        &good,
+        &bad,
+        false,
+        |n, b| {
+            if n == "stem.weight_scale" {
+                set_f32(b, 0, f32::INFINITY);
+            }
+        },
+        none,
+    );
+    refused(&bad, &["stem.weight_scale", "inf"])?;
+    rewrite(
+        &good,
+        &bad,
+        false,
+        |n, b| {
+            if n == "fc1.weight" {
+                set_f32(b, 7, f32::NAN);
+            }
+        },
+        none,
+    );
+    refused(&bad, &["fc1.weight", "NaN"])?;
+    rewrite(
+        &good,
+        &bad,
+        false,
+        |n, b| {
+            if n == "quant.output_qrange" {
+                b[..4].copy_from_slice(&300i32.to_le_bytes());
+            }
+        },
+        none,
+    );
+    refused(&bad, &["quant.output", "zero point 300"])?;
+    // fc2's input qparams no longer those quant_fc2 outputs.
+    rewrite(
+        &good,
+        &bad,
+        false,
+        |n, b| {
+            if n == "fc2.input_scale" {
+                let v = f32::from_le_bytes(b[..4].try_into().unwrap());
+                set_f32(b, 0, v * 1.5);
+            }
+        },
+        none,
+    );
+    refused(&bad, &["input 0 of `fc2`", "quant_fc2"])?;
+    // A first-version file is refused with a message to save it again.
+    rewrite(
+        &good,
+        &bad,
+        false,
+        |_, _| {},
+        |m| {
+            m.insert("format".into(), "candle-qat/int8/1".into());
+        },
+    );
+    refused(
+        &bad,
+        &["candle-qat/int8/1", "save the model again", "save_int8"],
+    )?;
+    // The untouched file still loads (the rewrite itself is faithful).
+    rewrite(&good, &bad, false, |_, _| {}, none);
+    load_int8(&mut fresh_resnet()?, &bad)?;
     Ok(())
 }

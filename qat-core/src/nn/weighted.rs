@@ -569,6 +569,18 @@ macro_rules! weighted_module {
             fn set_bn_frozen(&mut self, frozen: bool) {
                 self.w.bn_frozen = frozen;
             }
+            fn float_params(&self) -> Vec<(&'static str, candle_core::Tensor)> {
+                self.w.float_params()
+            }
+            fn load_float_params(
+                &mut self,
+                params: Vec<(String, candle_core::Tensor)>,
+            ) -> $crate::error::Result<()> {
+                self.w.load_float_params(params)
+            }
+            fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
+                self.w.common.producer_keys()
+            }
             fn has_int8_form(&self) -> bool {
                 $int8
             }
