@@ -443,3 +443,328 @@ fn int8_load_refuses_damaged_and_invalid_files() -> candle_qat::Result<()> {
     load_int8(&mut fresh_resnet()?, &bad)?;
     Ok(())
 }
+
+/// `Net` with one more layer at the end.
+#[derive(Clone, Quantizable)]
+#[qat(fuse(conv, bn, relu), fuse(fc1, relu1))]
+struct NetExtra {
+    quant: QuantStub,
+    conv: Conv2d,
+    bn: BatchNorm2d,
+    relu: ReLU,
+    pool: MaxPool2d,
+    flatten: Flatten,
+    fc1: Linear,
+    relu1: ReLU,
+    fc2: Linear,
+    dequant: DeQuantStub,
+    extra: Linear,
+}
+
+/// `Net` without its DeQuantStub.
+#[derive(Clone, Quantizable)]
+#[qat(fuse(conv, bn, relu), fuse(fc1, relu1))]
+struct NetMissing {
+    quant: QuantStub,
+    conv: Conv2d,
+    bn: BatchNorm2d,
+    relu: ReLU,
+    pool: MaxPool2d,
+    flatten: Flatten,
+    fc1: Linear,
+    relu1: ReLU,
+    fc2: Linear,
+}
+
+/// `Net` with `fc2` named `head`.
+#[derive(Clone, Quantizable)]
+#[qat(fuse(conv, bn, relu), fuse(fc1, relu1))]
+struct NetRenamed {
+    quant: QuantStub,
+    conv: Conv2d,
+    bn: BatchNorm2d,
+    relu: ReLU,
+    pool: MaxPool2d,
+    flatten: Flatten,
+    fc1: Linear,
+    relu1: ReLU,
+    head: Linear,
+    dequant: DeQuantStub,
+}
+
+impl NetExtra {
+    fn new(vb: VarBuilder) -> candle_qat::Result<Self> {
+        let n = Net::new(vb.clone(), 4)?;
+        Ok(NetExtra {
+            quant: n.quant,
+            conv: n.conv,
+            bn: n.bn,
+            relu: n.relu,
+            pool: n.pool,
+            flatten: n.flatten,
+            fc1: n.fc1,
+            relu1: n.relu1,
+            fc2: n.fc2,
+            dequant: n.dequant,
+            extra: Linear::new(4, 4, true, vb.pp("extra"))?,
+        })
+    }
+}
+
+impl NetMissing {
+    fn new(vb: VarBuilder) -> candle_qat::Result<Self> {
+        let n = Net::new(vb, 4)?;
+        Ok(NetMissing {
+            quant: n.quant,
+            conv: n.conv,
+            bn: n.bn,
+            relu: n.relu,
+            pool: n.pool,
+            flatten: n.flatten,
+            fc1: n.fc1,
+            relu1: n.relu1,
+            fc2: n.fc2,
+        })
+    }
+}
+
+impl NetRenamed {
+    fn new(vb: VarBuilder) -> candle_qat::Result<Self> {
+        let n = Net::new(vb, 4)?;
+        Ok(NetRenamed {
+            quant: n.quant,
+            conv: n.conv,
+            bn: n.bn,
+            relu: n.relu,
+            pool: n.pool,
+            flatten: n.flatten,
+            fc1: n.fc1,
+            relu1: n.relu1,
+            head: n.fc2,
+            dequant: n.dequant,
+        })
+    }
+}
+
+/// The stage of every layer, to check a failed load changed nothing.
+fn stages<M: Quantizable>(m: &M) -> candle_qat::Result<Vec<(String, Stage, String)>> {
+    Ok(named_modules(m)?
+        .into_iter()
+        .map(|i| (i.path, i.stage, i.kind))
+        .collect())
+}
+
+/// Loads `file` into `m` expecting an error holding every needle; `m` must be unchanged.
+fn load_fails<M: Quantizable>(
+    m: &mut M,
+    load: impl Fn(&mut M) -> candle_qat::Result<()>,
+    needles: &[&str],
+) -> candle_qat::Result<()> {
+    let before = stages(m)?;
+    let e = load(m).unwrap_err().to_string();
+    for n in needles {
+        assert!(e.contains(n), "{n:?} not in: {e}");
+    }
+    assert_eq!(before, stages(m)?);
+    Ok(())
+}
+
+#[test]
+fn loads_into_another_structure_name_the_first_difference() -> candle_qat::Result<()> {
+    let dev = Device::Cpu;
+    let zeros = || VarBuilder::zeros(DType::F32, &dev);
+    let va = VarMap::new();
+    let mut a = prepared(&va, 4, Backend::X86)?;
+    steps(&a, &va, 0, 2)?;
+    let qat_file = tmp("structure-qat.safetensors");
+    save_qat_checkpoint(&mut a, &va, &qat_file)?;
+    eval(&mut a)?;
+    a.forward(&data(0)?.0)?;
+    convert(&mut a)?;
+    let int8_file = tmp("structure-int8.safetensors");
+    save_int8(&mut a, &int8_file)?;
+    let int8 = |m: &mut _| load_int8(m, &int8_file);
+
+    // Not fused.
+    let mut m = Net::new(zeros(), 4)?;
+    load_fails(
+        &mut m,
+        int8,
+        &["`conv`", "is ConvBnReLU2d in the file but Conv2d", "fuse"],
+    )?;
+    // Fused the other way (BN folded, so no BN in the kind).
+    let mut m = Net::new(zeros(), 4)?;
+    fuse_modules(&mut m)?;
+    load_fails(&mut m, int8, &["ConvBnReLU2d in the file but ConvReLU2d"])?;
+    // Prepared.
+    let vm = VarMap::new();
+    let mut m = prepared(&vm, 4, Backend::X86)?;
+    load_fails(
+        &mut m,
+        int8,
+        &[
+            "`quant`",
+            "was saved Converted, the model's is Prepared",
+            "not prepared",
+        ],
+    )?;
+    // Converted already.
+    let mut m = a.clone();
+    load_fails(&mut m, int8, &["already converted"])?;
+    // Extra, missing and renamed layers.
+    let mut m = NetExtra::new(zeros())?;
+    fuse_modules_qat(&mut m)?;
+    load_fails(
+        &mut m,
+        |m| load_int8(m, &int8_file),
+        &["the file has no `extra`"],
+    )?;
+    let mut m = NetMissing::new(zeros())?;
+    fuse_modules_qat(&mut m)?;
+    load_fails(
+        &mut m,
+        |m| load_int8(m, &int8_file),
+        &["the model has no `dequant`"],
+    )?;
+    let mut m = NetRenamed::new(zeros())?;
+    fuse_modules_qat(&mut m)?;
+    load_fails(
+        &mut m,
+        |m| load_int8(m, &int8_file),
+        &["`fc2` (Linear) in the file but `head` (Linear) in the model"],
+    )?;
+    // Other layer sizes.
+    let mut m = Net::new(zeros(), 6)?;
+    fuse_modules_qat(&mut m)?;
+    load_fails(&mut m, int8, &["conv.weight", "shape"])?;
+    // The right structure loads.
+    let mut m = Net::new(zeros(), 4)?;
+    fuse_modules_qat(&mut m)?;
+    load_int8(&mut m, &int8_file)?;
+
+    // The QAT checkpoint: into a fused but unprepared model, an unfused prepared one, and
+    // one with an extra layer; the VarMap is left as it was.
+    let qat = |vm: &VarMap| {
+        let vm = vm.clone();
+        let f = qat_file.clone();
+        move |m: &mut Net| load_qat_checkpoint(m, &vm, &f)
+    };
+    let vm = VarMap::new();
+    let mut m = Net::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), 4)?;
+    fuse_modules_qat(&mut m)?;
+    let w0 = m.conv.weight().flatten_all()?.to_vec1::<f32>()?;
+    load_fails(
+        &mut m,
+        qat(&vm),
+        &[
+            "`quant`",
+            "saved Prepared, the model's is Float",
+            "prepare_qat",
+        ],
+    )?;
+    assert_eq!(w0, m.conv.weight().flatten_all()?.to_vec1::<f32>()?);
+    let vm = VarMap::new();
+    let mut m = Net::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), 4)?;
+    prepare_qat(
+        &mut m,
+        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
+    )?;
+    load_fails(&mut m, qat(&vm), &["ConvBnReLU2d in the file but Conv2d"])?;
+    let vm = VarMap::new();
+    let mut m = NetExtra::new(VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    fuse_modules_qat(&mut m)?;
+    prepare_qat(
+        &mut m,
+        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
+    )?;
+    load_fails(
+        &mut m,
+        |m| load_qat_checkpoint(m, &vm, &qat_file),
+        &["the file has no `extra`"],
+    )?;
+    // A flipped byte in the QAT file.
+    let bad = tmp("structure-qat-bad.safetensors");
+    let mut bytes = std::fs::read(&qat_file).map_err(candle_core::Error::wrap)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&bad, bytes).map_err(candle_core::Error::wrap)?;
+    let vm = VarMap::new();
+    let mut m = prepared(&vm, 4, Backend::X86)?;
+    load_fails(&mut m, |m| load_qat_checkpoint(m, &vm, &bad), &["checksum"])?;
+    Ok(())
+}
+
+/// A 1-D model with a float head: Conv1d converts to int8 and saves; the loaded model's
+/// outputs are exact.
+#[derive(Clone, Quantizable)]
+#[qat(fuse(conv, bn, relu))]
+struct Seq1d {
+    quant: QuantStub,
+    conv: Conv1d,
+    bn: BatchNorm1d,
+    relu: ReLU,
+    flatten: Flatten,
+    dequant: DeQuantStub,
+    norm: BatchNorm1d,
+    head: Linear,
+}
+
+impl Seq1d {
+    fn new(vb: VarBuilder) -> candle_qat::Result<Self> {
+        let c = ConvConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        Ok(Seq1d {
+            quant: QuantStub::new(),
+            conv: Conv1d::new(2, 4, 3, c, true, vb.pp("conv"))?,
+            bn: BatchNorm1d::new(4, BatchNormConfig::default(), vb.pp("bn"))?,
+            relu: ReLU::new(),
+            flatten: Flatten::new(1),
+            dequant: DeQuantStub::new(),
+            norm: BatchNorm1d::new(32, BatchNormConfig::default(), vb.pp("norm"))?,
+            head: Linear::new(32, 3, true, vb.pp("head"))?,
+        })
+    }
+}
+
+impl Module for Seq1d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.quant.forward(x)?;
+        let x = self
+            .relu
+            .forward(&self.bn.forward(&self.conv.forward(&x)?)?)?;
+        let x = self.dequant.forward(&self.flatten.forward(&x)?)?;
+        self.head.forward(&self.norm.forward(&x)?)
+    }
+}
+
+#[test]
+fn conv1d_model_with_float_head_round_trips() -> candle_qat::Result<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let mut a = Seq1d::new(VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    fuse_modules_qat(&mut a)?;
+    let mapping = QConfigMapping::global(QConfig::default_qat(Backend::X86))
+        .set_path("norm", None)
+        .set_path("head", None);
+    prepare_qat(&mut a, &mapping)?;
+    for _ in 0..3 {
+        a.forward(&Tensor::randn(0f32, 1., (8, 2, 16), &dev)?)?;
+    }
+    disable_observer(&mut a)?;
+    eval(&mut a)?;
+    a.forward(&Tensor::randn(0f32, 1., (2, 2, 16), &dev)?)?;
+    convert(&mut a)?;
+    let file = tmp("seq1d.safetensors");
+    save_int8(&mut a, &file)?;
+    let mut b = Seq1d::new(VarBuilder::zeros(DType::F32, &dev))?;
+    fuse_modules_qat(&mut b)?;
+    load_int8(&mut b, &file)?;
+    let x = Tensor::randn(0f32, 1., (5, 2, 16), &dev)?;
+    let ya = a.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(ya, b.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
+    assert!(ya.chunks(3).any(|r| r != &ya[..3]));
+    Ok(())
+}

@@ -213,10 +213,8 @@ pub(super) fn compare(
         if f.kind != m.kind {
             return Err(Error::state(
                 format!(
-                    "`{}` is {} in the file but {} in the model",
-                    shown(&f.path),
-                    f.kind,
-                    m.kind
+                    "the layer is {} in the file but {} in the model",
+                    f.kind, m.kind
                 ),
                 "build and fuse the model as the saved one was (fuse_modules_qat or \
                  fuse_modules, before loading)",
@@ -226,10 +224,8 @@ pub(super) fn compare(
         if let Some(fix) = stage_fits(f.stage, m.stage) {
             return Err(Error::state(
                 format!(
-                    "`{}` was saved {:?}, the model's is {:?}",
-                    shown(&f.path),
-                    f.stage,
-                    m.stage
+                    "the layer was saved {:?}, the model's is {:?}",
+                    f.stage, m.stage
                 ),
                 fix,
             )
