@@ -277,6 +277,13 @@ fn prepare_refuses_a_layer_without_int8_form() -> candle_qat::Result<()> {
     }
     prepare_qat(&mut m, &QConfigMapping::global(qc).set_type::<Conv3d>(None))?;
     assert_eq!(m.quant.stage(), Stage::Prepared);
+    // A second prepare is refused before it changes anything.
+    let before = summary(&m)?;
+    let e = prepare_qat(&mut m, &QConfigMapping::global(qc).set_type::<Conv3d>(None))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`quant`") && e.contains("already run"), "{e}");
+    assert_eq!(before, summary(&m)?);
     assert_eq!(m.conv.stage(), Stage::Float);
     assert_eq!(m.head.stage(), Stage::Prepared);
     // Mapping it by path works too.

@@ -102,8 +102,10 @@ impl Prepare<'_> {
                 ),
             ));
         }
-        qc.activation.build()?;
-        qc.weight.build()?;
+        // The specs build as prepare will build them (a per-channel learnable spec needs a
+        // channel count; any count checks the spec).
+        FakeQuantize::with_channels(&qc.activation, 1)?;
+        FakeQuantize::with_channels(&qc.weight, 1)?;
         Ok(())
     }
 }

@@ -258,3 +258,42 @@ pub(super) fn compare(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_decode_round_trip_and_refuse_garbage() {
+        let layers = vec![
+            Layer {
+                path: String::new(),
+                kind: "Linear".into(),
+                stage: Stage::Converted,
+                int8: true,
+                params: Vec::new(),
+                producers: vec![Some(String::new()), None, Some("blocks.0.skip".into())],
+            },
+            Layer {
+                path: "blocks.0.bn".into(),
+                kind: "BatchNorm2d".into(),
+                stage: Stage::Fused,
+                int8: false,
+                params: vec!["weight".into(), "running_var".into()],
+                producers: Vec::new(),
+            },
+        ];
+        let text = encode(&layers).unwrap();
+        assert_eq!(decode(&text).unwrap(), layers);
+        for bad in [
+            "a\tLinear\tConverted\tint8\t-",
+            "a\tLinear\tDone\tint8\t-\t-",
+            "a\tLinear\tFloat\tint4\t-\t-",
+        ] {
+            assert!(decode(bad).is_err(), "{bad}");
+        }
+        let mut odd = layers[1].clone();
+        odd.path = "a,b".into();
+        assert!(encode(&[odd]).is_err());
+    }
+}
