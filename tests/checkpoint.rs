@@ -768,3 +768,42 @@ fn conv1d_model_with_float_head_round_trips() -> candle_qat::Result<()> {
     assert!(ya.chunks(3).any(|r| r != &ya[..3]));
     Ok(())
 }
+
+/// A QAT file with a valid checksum but an invalid fake-quant state is refused before the
+/// VarMap or any fake-quant changes.
+#[test]
+fn qat_load_validates_before_changing_anything() -> candle_qat::Result<()> {
+    let va = VarMap::new();
+    let mut a = prepared(&va, 4, Backend::X86)?;
+    steps(&a, &va, 0, 2)?;
+    let file = tmp("qat-valid.safetensors");
+    save_qat_checkpoint(&mut a, &va, &file)?;
+    let bad = tmp("qat-invalid.safetensors");
+    rewrite(
+        &file,
+        &bad,
+        false,
+        |n, b| {
+            // The last fake-quant loaded, so every earlier one would have been changed by a
+            // load that validates as it goes.
+            if n == "fc2.activation_post_process.scale" {
+                set_f32(b, 0, -1.0);
+            }
+        },
+        |_| {},
+    );
+    let vb = VarMap::new();
+    let mut b = prepared(&vb, 4, Backend::X86)?;
+    let before = summary(&b)?;
+    let w0 = b.conv.weight().flatten_all()?.to_vec1::<f32>()?;
+    let e = load_qat_checkpoint(&mut b, &vb, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fc2.activation_post_process"), "{e}");
+    assert_eq!(before, summary(&b)?);
+    assert_eq!(w0, b.conv.weight().flatten_all()?.to_vec1::<f32>()?);
+    // The good file then loads.
+    load_qat_checkpoint(&mut b, &vb, &file)?;
+    assert_ne!(w0, b.conv.weight().flatten_all()?.to_vec1::<f32>()?);
+    Ok(())
+}
