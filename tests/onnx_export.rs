@@ -387,3 +387,116 @@ fn a_lone_relu_on_codes_exports_without_a_clip() -> AnyResult<()> {
     assert_eq!(count(&m, "Clip"), 2);
     Ok(())
 }
+
+/// A 1-D model: a fused Conv1d+ReLU, a strided, padded, dilated Conv1d, and a float Conv1d
+/// left unquantized between a DeQuantStub and a QuantStub.
+#[derive(Clone, Quantizable)]
+#[qat(fuse(conv1, relu1))]
+struct Seq1d {
+    quant: QuantStub,
+    conv1: Conv1d,
+    relu1: ReLU,
+    conv2: Conv1d,
+    dequant_f: DeQuantStub,
+    float_conv: Conv1d,
+    quant_f: QuantStub,
+    flatten: Flatten,
+    fc: Linear,
+    dequant: DeQuantStub,
+}
+
+impl Seq1d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.quant.forward(x)?;
+        let x = self.relu1.forward(&self.conv1.forward(&x)?)?;
+        let x = self.dequant_f.forward(&self.conv2.forward(&x)?)?;
+        let x = self.quant_f.forward(&self.float_conv.forward(&x)?)?;
+        self.dequant
+            .forward(&self.fc.forward(&self.flatten.forward(&x)?)?)
+    }
+}
+
+#[test]
+fn a_conv1d_model_exports_1d_convs_with_qdq() -> AnyResult<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let c2 = ConvConfig {
+        padding: 2,
+        stride: 2,
+        dilation: 2,
+        groups: 2,
+    };
+    let mut net = Seq1d {
+        quant: QuantStub::new(),
+        conv1: Conv1d::new(2, 4, 3, ConvConfig::default(), true, vb.pp("conv1"))?,
+        relu1: ReLU::new(),
+        conv2: Conv1d::new(4, 6, 3, c2, true, vb.pp("conv2"))?,
+        dequant_f: DeQuantStub::new(),
+        float_conv: Conv1d::new(6, 6, 1, ConvConfig::default(), false, vb.pp("float_conv"))?,
+        quant_f: QuantStub::new(),
+        flatten: Flatten::new(1),
+        fc: Linear::new(6 * 7, 3, true, vb.pp("fc"))?,
+        dequant: DeQuantStub::new(),
+    };
+    fuse_modules_qat(&mut net)?;
+    prepare_qat(
+        &mut net,
+        &QConfigMapping::global(QConfig::default_qat(Backend::X86)).set_path("float_conv", None),
+    )?;
+    let x = Tensor::randn(0f32, 1., (4, 2, 16), &dev)?;
+    net.forward(&x)?;
+    disable_observer(&mut net)?;
+    eval(&mut net)?;
+    let fq_out = net.forward(&x)?;
+    convert(&mut net)?;
+    assert_eq!(
+        fq_out.flatten_all()?.to_vec1::<f32>()?,
+        net.forward(&x)?.flatten_all()?.to_vec1::<f32>()?
+    );
+    let (m, _) = to_onnx(&net, |m, x| m.forward(x), &x, &ExportOptions::default())?;
+    check_qdq(&m, Some(false));
+    let g = m.graph.as_ref().expect("graph");
+    let inits: HashMap<&str, _> = g
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_deref().unwrap_or(""), t))
+        .collect();
+    let prod = producers(&m);
+    let convs: Vec<_> = ops(&m)
+        .into_iter()
+        .filter(|n| n.op_type.as_deref() == Some("Conv"))
+        .collect();
+    assert_eq!(convs.len(), 3);
+    let ints = |n: &NodeProto, name: &str| -> Vec<i64> {
+        n.attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+            .map(|a| a.ints.clone())
+            .unwrap_or_default()
+    };
+    // Every Conv is 1-D: one stride and dilation, two pads, a 3-D weight.
+    for n in &convs {
+        assert_eq!(ints(n, "strides").len(), 1, "{:?}", n.name);
+        assert_eq!(ints(n, "dilations").len(), 1, "{:?}", n.name);
+        assert_eq!(ints(n, "pads").len(), 2, "{:?}", n.name);
+        let w = match prod.get(n.input[1].as_str()) {
+            Some(dq) => inits[dq.input[0].as_str()],
+            None => inits[n.input[1].as_str()],
+        };
+        assert_eq!(w.dims.len(), 3, "{:?}", n.name);
+    }
+    let conv2 = convs[1];
+    assert_eq!(ints(conv2, "strides"), vec![2]);
+    assert_eq!(ints(conv2, "pads"), vec![2, 2]);
+    assert_eq!(ints(conv2, "dilations"), vec![2]);
+    let w2 = inits[prod[conv2.input[1].as_str()].input[0].as_str()];
+    assert_eq!(w2.dims, vec![6, 2, 3]);
+    assert_eq!(w2.data_type, Some(DataType::Int8 as i32));
+    // The float Conv1d reads float weights.
+    assert_eq!(
+        inits[convs[2].input[1].as_str()].data_type,
+        Some(DataType::Float as i32)
+    );
+    Ok(())
+}

@@ -54,6 +54,8 @@ struct Prepare<'a> {
     mapping: &'a QConfigMapping,
     stack: Vec<Option<QConfig>>,
     seen_paths: Vec<String>,
+    /// Prepare the layers (`false`: only check that every layer can be prepared).
+    apply: bool,
 }
 
 impl Prepare<'_> {
@@ -62,6 +64,49 @@ impl Prepare<'_> {
             .last()
             .copied()
             .unwrap_or(self.mapping.global_qconfig().copied())
+    }
+
+    /// What `prepare_qat(qc)` on `module` would refuse, found without changing anything.
+    fn check(module: &dyn QuantModule, qc: Option<&QConfig>) -> Result<()> {
+        match module.stage() {
+            Stage::Float | Stage::Fused => {}
+            Stage::Prepared => {
+                return Err(Error::pass(
+                    "prepare_qat was already run on this layer",
+                    "prepare a model once; load a checkpoint to start over",
+                ))
+            }
+            Stage::Converted => {
+                return Err(Error::pass(
+                    "the layer is already converted",
+                    "prepare_qat a float model, then convert",
+                ))
+            }
+        }
+        let Some(qc) = qc else {
+            return Ok(());
+        };
+        if !module.has_int8_form() {
+            return Err(Error::config(
+                format!(
+                    "{} ({}) has no int8 form, so a model prepared with a qconfig on it could \
+                     not be converted",
+                    module.kind(),
+                    module.type_name()
+                ),
+                format!(
+                    "keep it float: map its path or its type to None (e.g. \
+                     `.set_type::<{}>(None)` or `.set_path(\"<its path>\", None)` on the \
+                     QConfigMapping)",
+                    module.type_name()
+                ),
+            ));
+        }
+        // The specs build as prepare will build them (a per-channel learnable spec needs a
+        // channel count; any count checks the spec).
+        FakeQuantize::with_channels(&qc.activation, 1)?;
+        FakeQuantize::with_channels(&qc.weight, 1)?;
+        Ok(())
     }
 }
 
@@ -91,6 +136,9 @@ impl ModuleVisitorMut for Prepare<'_> {
             .mapping
             .resolve(&dotted, module.type_name(), self.parent().as_ref());
         self.seen_paths.push(dotted.clone());
+        if !self.apply {
+            return Self::check(module, qc.as_ref()).map_err(|e| e.in_module(dotted));
+        }
         module
             .prepare_qat(qc.as_ref())
             .map_err(|e| e.in_module(dotted))
@@ -100,12 +148,35 @@ impl ModuleVisitorMut for Prepare<'_> {
 /// Gives every layer the fake-quants its qconfig asks for (weights of conv/linear, outputs of
 /// weighted layers, fused groups, QuantStub, FloatFunctional, BatchNorm; fixed qparams for
 /// sigmoid and tanh; none for DeQuantStub, a lone ReLU, max pool and flatten): PyTorch's
-/// `prepare_qat`. A path in the mapping that names no module is an error.
+/// `prepare_qat`.
+///
+/// Everything is checked before any layer changes, so an error leaves the model as it was
+/// and `prepare_qat` can run again after the fix: a path in the mapping that names no
+/// module, a layer already prepared or converted, a qconfig that cannot be built, and a
+/// qconfig on a layer that has no int8 form (Conv3d: map it to `None`) are errors naming
+/// the layer.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::VarBuilder;
+/// use qat_core::nn::{Conv3d, ConvConfig};
+/// use qat_core::passes::prepare_qat;
+/// use qat_core::qconfig::{Backend, QConfig};
+/// use qat_core::qconfig_mapping::QConfigMapping;
+/// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+/// let mut conv = Conv3d::new(2, 4, 3, ConvConfig::default(), true, vb)?;
+/// let int8 = QConfigMapping::global(QConfig::default_qat(Backend::X86));
+/// let e = prepare_qat(&mut conv, &int8).unwrap_err().to_string();
+/// assert!(e.contains("has no int8 form"), "{e}");
+/// prepare_qat(&mut conv, &int8.set_type::<Conv3d>(None))?; // stays float
+/// # Ok::<(), qat_core::Error>(())
+/// ```
 pub fn prepare_qat<M: Quantizable>(model: &mut M, mapping: &QConfigMapping) -> Result<()> {
     let mut v = Prepare {
         mapping,
         stack: Vec::new(),
         seen_paths: Vec::new(),
+        apply: false,
     };
     model.visit_mut(&mut ModulePath::root(), &mut v)?;
     for p in mapping.paths() {
@@ -118,7 +189,13 @@ pub fn prepare_qat<M: Quantizable>(model: &mut M, mapping: &QConfigMapping) -> R
             ));
         }
     }
-    Ok(())
+    let mut v = Prepare {
+        mapping,
+        stack: Vec::new(),
+        seen_paths: Vec::new(),
+        apply: true,
+    };
+    model.visit_mut(&mut ModulePath::root(), &mut v)
 }
 
 /// Converts a prepared model to integer arithmetic in place: int8 weights (BN folded),

@@ -7,6 +7,7 @@ use crate::fake_quant::FakeQuantize;
 use crate::qconfig::QConfig;
 
 pub(crate) mod hook;
+pub(crate) mod params;
 
 /// A dotted module path as PyTorch writes it (`blocks.0.conv1`), built while walking a model.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -91,6 +92,11 @@ pub trait QuantModule {
     fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize));
     /// Reads each fake-quant the layer owns.
     fn fake_quants(&self) -> Vec<(String, FakeQuantize)>;
+    /// Whether `convert` can give the layer an integer form when it is prepared with a
+    /// qconfig (`prepare_qat` refuses a qconfig on a layer without one, e.g. Conv3d).
+    fn has_int8_form(&self) -> bool {
+        true
+    }
     /// Switches a prepared layer to integer arithmetic with the qparams its fake-quants hold
     /// and the input qparams noted by the last prepared forward; float layers stay float.
     fn convert(&mut self) -> Result<()>;
@@ -105,6 +111,27 @@ pub trait QuantModule {
             format!("{} has no int8 form", self.kind()),
             "load int8 checkpoints into models of the same structure",
         ))
+    }
+    /// The float tensors the layer's forward reads besides its int8 state, by name under the
+    /// layer (PyTorch's: `weight`, `bias`, `bn.running_mean`, ...): a float layer's
+    /// parameters and BatchNorm statistics, a converted BatchNorm's; none for a converted
+    /// conv or linear layer (its int8 state holds them) or a layer without parameters.
+    /// [`crate::checkpoint::save_int8`] stores them.
+    fn float_params(&self) -> Vec<(&'static str, candle_core::Tensor)> {
+        Vec::new()
+    }
+    /// Replaces the tensors [`QuantModule::float_params`] lists with `params` (the same
+    /// names and shapes, converted to the layer's dtype and device); anything else is an
+    /// error and leaves the layer as it was.
+    fn load_float_params(&mut self, params: Vec<(String, candle_core::Tensor)>) -> Result<()> {
+        params::check_float_params(&self.float_params(), &params)
+    }
+    /// Identities of the layer's output fake-quant and of the fake-quants its inputs came
+    /// from (as noted by the last prepared forward), so that a checkpoint can record which
+    /// layer produced each input.
+    #[doc(hidden)]
+    fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
+        (None, Vec::new())
     }
     /// Freezes (`true`) or unfreezes the statistics of a live BatchNorm inside the layer.
     fn set_bn_frozen(&mut self, _frozen: bool) {}

@@ -346,6 +346,15 @@ macro_rules! batch_norm {
             fn load_int8_state(&mut self, state: crate::record::Int8State) -> Result<()> {
                 self.0.common.load_int8_state(&state)
             }
+            fn float_params(&self) -> Vec<(&'static str, Tensor)> {
+                self.0.float_params()
+            }
+            fn load_float_params(&mut self, params: Vec<(String, Tensor)>) -> Result<()> {
+                self.0.load_float_params(params)
+            }
+            fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
+                self.0.common.producer_keys()
+            }
             fn convert(&mut self) -> Result<()> {
                 let absorbed = self.0.common.absorbed.is_some();
                 self.0

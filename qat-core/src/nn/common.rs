@@ -230,6 +230,18 @@ impl Common {
         Ok(())
     }
 
+    /// Identities of the output fake-quant and of the noted input sources (see
+    /// `QuantModule::producer_keys`).
+    pub fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
+        let key = |s: &Source| Arc::as_ptr(s) as usize;
+        let inputs = self
+            .inputs
+            .lock()
+            .map(|v| v.iter().map(|s| s.as_ref().map(key)).collect())
+            .unwrap_or_default();
+        (self.act_fq.as_ref().map(key), inputs)
+    }
+
     /// Checks that a converted layer got codes, or a float layer got floats.
     pub fn check_input(&self, x: &Tensor, what: &str) -> Result<()> {
         let converted = self.io.is_some();

@@ -204,7 +204,7 @@ macro_rules! conv {
             }
         }
 
-        super::weighted::weighted_module!($name, "Conv", $suffix, int8: $rank == 2);
+        super::weighted::weighted_module!($name, "Conv", $suffix, int8: $rank <= 2);
 
         crate::model::leaf_quantizable!($name);
     };

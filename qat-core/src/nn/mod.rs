@@ -8,6 +8,7 @@ pub(crate) mod common;
 mod conv;
 mod functional;
 mod linear;
+mod params;
 mod pool;
 mod simple;
 mod stubs;

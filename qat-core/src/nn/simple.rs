@@ -46,6 +46,9 @@ macro_rules! simple_module {
             fn int8_state(&self) -> Option<$crate::record::Int8State> {
                 self.common.int8_state()
             }
+            fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
+                self.common.producer_keys()
+            }
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.common as *const _ as usize)
             }

@@ -23,6 +23,7 @@ use crate::record::{Op, WeightedKind};
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum IntOp<'a> {
     Linear,
+    Conv1d(&'a ConvConfig),
     Conv2d(&'a ConvConfig),
 }
 
@@ -119,6 +120,9 @@ fn int_forward(
     let (s, z) = (input.scale, input.zero_point);
     match op {
         IntOp::Linear => crate::quantized::linear_int(xq, s, z, w, &bias.float, &bias.int, out),
+        IntOp::Conv1d(c) => {
+            crate::quantized::conv1d_int(xq, s, z, w, &bias.float, &bias.int, c, out)
+        }
         IntOp::Conv2d(c) => {
             crate::quantized::conv2d_int(xq, s, z, w, &bias.float, &bias.int, c, out)
         }
@@ -216,6 +220,7 @@ impl Weighted {
     ) -> Result<Tensor> {
         let int_op = match &kind {
             WeightedKind::Linear => Some(IntOp::Linear),
+            WeightedKind::Conv { config, rank: 1 } => Some(IntOp::Conv1d(config)),
             WeightedKind::Conv { config, rank: 2 } => Some(IntOp::Conv2d(config)),
             WeightedKind::Conv { .. } => None,
         };
@@ -358,8 +363,8 @@ impl Weighted {
         if !supported {
             return Err(Error::config(
                 format!("{what} has no int8 kernel"),
-                "keep it float with a `None` qconfig for its path or type (only Conv2d and \
-                 Linear layers convert to int8)",
+                "keep it float with a `None` qconfig for its path or type (only Conv1d, \
+                 Conv2d and Linear layers convert to int8)",
             ));
         }
         let (Some(wfq), Some(_)) = (&self.weight_fq, &self.common.act_fq) else {
@@ -563,6 +568,21 @@ macro_rules! weighted_module {
             }
             fn set_bn_frozen(&mut self, frozen: bool) {
                 self.w.bn_frozen = frozen;
+            }
+            fn float_params(&self) -> Vec<(&'static str, candle_core::Tensor)> {
+                self.w.float_params()
+            }
+            fn load_float_params(
+                &mut self,
+                params: Vec<(String, candle_core::Tensor)>,
+            ) -> $crate::error::Result<()> {
+                self.w.load_float_params(params)
+            }
+            fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
+                self.w.common.producer_keys()
+            }
+            fn has_int8_form(&self) -> bool {
+                $int8
             }
             fn convert(&mut self) -> $crate::error::Result<()> {
                 let kind = $crate::model::QuantModule::kind(self);

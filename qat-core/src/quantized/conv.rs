@@ -116,10 +116,35 @@ fn conv_with<E: Epilogue>(
     epi: &E,
 ) -> Result<Tensor> {
     let g = Geometry::new(x.dims(), w.shape(), conv)?;
+    run_with(x, x_zero_point, w, &g, epi)
+}
+
+/// [`conv_with`] for a 1-D convolution: `x` `(N, C, L)` and the weight `(O, C / groups, k)`
+/// run as a 2-D convolution over `(N, C, 1, L)` with a `(O, C / groups, 1, k)` kernel,
+/// padded and strided along the width only; the result is `(N, O, OL)`.
+pub(super) fn conv1d_with<E: Epilogue>(
+    x: &Tensor,
+    x_zero_point: i32,
+    w: &QuantizedWeight,
+    conv: &ConvConfig,
+    epi: &E,
+) -> Result<Tensor> {
+    let g = Geometry::new_1d(x.dims(), w.shape(), conv)?;
+    run_with(x, x_zero_point, w, &g, epi)
+}
+
+fn run_with<E: Epilogue>(
+    x: &Tensor,
+    x_zero_point: i32,
+    w: &QuantizedWeight,
+    g: &Geometry,
+    epi: &E,
+) -> Result<Tensor> {
+    let g = *g;
     check_zero_point(x_zero_point)?;
-    let y = on_u8(x, "the int8 conv2d input", |xs| {
+    let y = on_u8(x, g.what, |xs| {
         let mut top = max_code(xs);
-        if g.pad > 0 {
+        if g.pad_h > 0 || g.pad_w > 0 {
             top = top.max(x_zero_point as u8);
         }
         let path = Kernel::Auto.path(top)?;
@@ -146,16 +171,20 @@ fn conv_with<E: Epilogue>(
         }
         Ok::<_, Error>(y)
     })??;
-    Ok(Tensor::from_vec(
-        y,
-        (g.batch, g.out_channels, g.oh, g.ow),
-        x.device(),
-    )?)
+    Ok(if g.one_d {
+        Tensor::from_vec(y, (g.batch, g.out_channels, g.ow), x.device())?
+    } else {
+        Tensor::from_vec(y, (g.batch, g.out_channels, g.oh, g.ow), x.device())?
+    })
 }
 
-/// Shapes of one convolution call.
+/// Shapes of one convolution call (a 1-D one as 2-D with height 1).
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
+    /// The input as error messages name it.
+    what: &'static str,
+    /// A 1-D convolution: `(N, O, OW)` out.
+    one_d: bool,
     batch: usize,
     groups: usize,
     /// Input channels per group.
@@ -165,8 +194,10 @@ struct Geometry {
     out_channels: usize,
     kh: usize,
     kw: usize,
-    pad: usize,
-    stride: usize,
+    pad_h: usize,
+    pad_w: usize,
+    stride_h: usize,
+    stride_w: usize,
     dilation: usize,
     oh: usize,
     ow: usize,
@@ -189,10 +220,53 @@ impl Geometry {
                 "give a 4-D weight (out_channels, in_channels / groups, kh, kw)",
             ));
         };
+        Self::build(
+            "the int8 conv2d input",
+            [batch, channels, h, wd],
+            [out_channels, cg, kh, kw],
+            c,
+            (c.padding, c.padding),
+            (c.stride, c.stride),
+        )
+    }
+
+    fn new_1d(x: &[usize], w: &[usize], c: &ConvConfig) -> Result<Self> {
+        let &[batch, channels, l] = x else {
+            return Err(Error::tensor(
+                format!("an int8 conv1d got an input of shape {x:?}"),
+                "feed a 3-D (N, C, L) tensor of u8 codes",
+            ));
+        };
+        let &[out_channels, cg, k] = w else {
+            return Err(Error::tensor(
+                format!("a conv1d weight of shape {w:?}"),
+                "give a 3-D weight (out_channels, in_channels / groups, k)",
+            ));
+        };
+        let mut g = Self::build(
+            "the int8 conv1d input",
+            [batch, channels, 1, l],
+            [out_channels, cg, 1, k],
+            c,
+            (0, c.padding),
+            (1, c.stride),
+        )?;
+        g.one_d = true;
+        Ok(g)
+    }
+
+    fn build(
+        what: &'static str,
+        [batch, channels, h, wd]: [usize; 4],
+        [out_channels, cg, kh, kw]: [usize; 4],
+        c: &ConvConfig,
+        (pad_h, pad_w): (usize, usize),
+        (stride_h, stride_w): (usize, usize),
+    ) -> Result<Self> {
         if c.groups == 0 || c.stride == 0 || c.dilation == 0 {
             return Err(Error::config(
                 format!(
-                    "conv2d with groups {}, stride {}, dilation {}",
+                    "an int8 convolution with groups {}, stride {}, dilation {}",
                     c.groups, c.stride, c.dilation
                 ),
                 "use groups, stride and dilation >= 1",
@@ -201,15 +275,22 @@ impl Geometry {
         if cg * c.groups != channels || out_channels % c.groups != 0 {
             return Err(Error::tensor(
                 format!(
-                    "a weight of shape {w:?} with {} groups does not fit an input with {channels} \
-                     channels",
+                    "a weight of shape {:?} with {} groups does not fit an input with \
+                     {channels} channels",
+                    [out_channels, cg, kh, kw],
                     c.groups
                 ),
                 "the input needs in_channels / groups * groups channels and the output \
                  channels must divide by groups",
             ));
         }
-        let (hp, wp) = (h + 2 * c.padding, wd + 2 * c.padding);
+        if kh == 0 || kw == 0 {
+            return Err(Error::tensor(
+                "a convolution kernel with no taps",
+                "use kernel sizes >= 1",
+            ));
+        }
+        let (hp, wp) = (h + 2 * pad_h, wd + 2 * pad_w);
         let (span_h, span_w) = (c.dilation * (kh - 1) + 1, c.dilation * (kw - 1) + 1);
         if hp < span_h || wp < span_w {
             return Err(Error::tensor(
@@ -222,6 +303,8 @@ impl Geometry {
             ));
         }
         Ok(Geometry {
+            what,
+            one_d: false,
             batch,
             groups: c.groups,
             cg,
@@ -230,11 +313,13 @@ impl Geometry {
             out_channels,
             kh,
             kw,
-            pad: c.padding,
-            stride: c.stride,
+            pad_h,
+            pad_w,
+            stride_h,
+            stride_w,
             dilation: c.dilation,
-            oh: (hp - span_h) / c.stride + 1,
-            ow: (wp - span_w) / c.stride + 1,
+            oh: (hp - span_h) / stride_h + 1,
+            ow: (wp - span_w) / stride_w + 1,
             hp,
             wp,
         })
@@ -312,7 +397,7 @@ fn pad_group(g: &Geometry, x: &[u8], x_zp: u8, padded: &mut Vec<u8>) {
     }
     for (c, plane) in x.chunks_exact(g.h * g.w).enumerate() {
         for (iy, row) in plane.chunks_exact(g.w).enumerate() {
-            let at = (c * g.hp + iy + g.pad) * g.wp + g.pad;
+            let at = (c * g.hp + iy + g.pad_h) * g.wp + g.pad_w;
             padded[at..at + g.w].copy_from_slice(row);
         }
     }
@@ -323,7 +408,7 @@ fn pad_group(g: &Geometry, x: &[u8], x_zp: u8, padded: &mut Vec<u8>) {
 /// the last one (their weights are zero).
 fn im2col(g: &Geometry, padded: &[u8], panel: &mut Panel) {
     let k_len = g.row_len();
-    let (ow, wp, st) = (g.ow, g.wp, g.stride);
+    let (ow, wp, (sh, sw)) = (g.ow, g.wp, (g.stride_h, g.stride_w));
     let tap = |k: usize| {
         let k = k.min(k_len - 1);
         let (c, ky, kx) = (k / (g.kh * g.kw), (k / g.kw) % g.kh, k % g.kw);
@@ -334,7 +419,8 @@ fn im2col(g: &Geometry, padded: &[u8], panel: &mut Panel) {
     // (written just after) or the panel's padding, and read up to 15 bytes past the last
     // padded row (the SLACK). Both bounds always hold; they are checked here once.
     #[cfg(target_arch = "x86_64")]
-    let fast = st == 1
+    let fast = sh == 1
+        && sw == 1
         && padded.len() >= g.cg * g.hp * g.wp + 16
         && (g.oh - 1) * ow + ow.next_multiple_of(16) <= stride;
     let words = panel.words_mut();
@@ -355,9 +441,9 @@ fn im2col(g: &Geometry, padded: &[u8], panel: &mut Panel) {
             continue;
         }
         for oy in 0..g.oh {
-            let row = oy * st * wp;
+            let row = oy * sh * wp;
             for (ox, v) in dst[oy * ow..(oy + 1) * ow].iter_mut().enumerate() {
-                let at = row + ox * st;
+                let at = row + ox * sw;
                 *v = u32::from_ne_bytes(offs.map(|o| padded[o + at]));
             }
         }

@@ -7,7 +7,7 @@
 //!   dtypes are `U8`, `U32`, `I16`, `I32` and `I64`), so the weight codes live in a plain
 //!   `Vec<i8>` next to a copy laid out for the kernels; activations, which flow between
 //!   layers as tensors, use `U8` (their codes are unsigned).
-//! - [`quantized_linear`] and [`quantized_conv2d`] multiply u8 activation codes by i8 weight
+//! - [`quantized_linear`], [`quantized_conv2d`] and [`quantized_conv1d`] multiply u8 activation codes by i8 weight
 //!   codes into exact i32 sums, `acc = sum_k (x_q - x_zero_point) * w_q`, then
 //!   [`Requant`] turns each sum into an output code with the output scale, zero point, clamp
 //!   range and optional fused ReLU, rounding half to even as PyTorch does.
@@ -37,6 +37,7 @@
 //! ```
 
 mod conv;
+mod conv1d;
 mod gemm;
 mod linear;
 mod qtensor;
@@ -45,6 +46,8 @@ mod weight;
 
 pub(crate) use conv::conv2d_int;
 pub use conv::{conv2d_prerequant, quantized_conv2d};
+pub(crate) use conv1d::conv1d_int;
+pub use conv1d::quantized_conv1d;
 pub use gemm::{gemm_u8_i8, Kernel, MAX_ROW_LEN};
 pub(crate) use linear::linear_int;
 pub use linear::{linear_prerequant, quantized_linear};

@@ -1,0 +1,205 @@
+//! The QAT file: a prepared model mid-training. The user's `VarMap` (float parameters and
+//! BatchNorm statistics under PyTorch's names), every fake-quant's state, the structure and a
+//! checksum in the metadata. Loading validates everything, then applies it.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+
+use super::file::{self, Entry, Format, Reader, STRUCTURE_KEY};
+use super::structure::{self, Layer};
+use crate::error::{Error, Result};
+use crate::fake_quant::{FakeQuantize, FakeQuantizeState};
+use crate::model::{ModulePath, Quantizable};
+use crate::observer::ObserverState;
+use crate::passes::for_each_layer;
+
+pub(super) const FORMAT: Format = Format {
+    tag: "candle-qat/qat-state/2",
+    old: &["candle-qat/qat-state/1"],
+    what: "a prepared model saved by save_qat_checkpoint",
+    saver: "save_qat_checkpoint",
+    why_old: "it has no structure record and no checksum to check it against the model",
+};
+
+fn fq_prefix(path: &ModulePath, role: &str) -> String {
+    let name = if role == "weight" {
+        "weight_fake_quant"
+    } else {
+        "activation_post_process"
+    };
+    path.join(name)
+}
+
+fn flags(s: &FakeQuantizeState) -> Vec<f32> {
+    [s.observer_enabled, s.fake_quant_enabled, s.learning_enabled]
+        .iter()
+        .map(|&b| if b { 1.0 } else { 0.0 })
+        .collect()
+}
+
+fn vec_entry(v: &[f32]) -> Entry {
+    Entry::f32(v, &[v.len()])
+}
+
+fn lock_err() -> Error {
+    Error::state("the VarMap lock is poisoned", "rebuild the VarMap")
+}
+
+/// The fake-quants of every layer with their entry prefixes, read without changing them.
+fn fake_quants<M: Quantizable>(model: &mut M) -> Result<Vec<(String, FakeQuantize)>> {
+    let mut out = Vec::new();
+    for_each_layer(model, |path, m| {
+        for (role, fq) in m.fake_quants() {
+            out.push((fq_prefix(path, &role), fq));
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+pub(super) fn save<M: Quantizable>(model: &mut M, varmap: &VarMap, path: &Path) -> Result<()> {
+    let records: Vec<Layer> = structure::walk(model)?
+        .into_iter()
+        .map(|l| Layer {
+            path: l.path,
+            kind: l.kind,
+            stage: l.stage,
+            int8: false,
+            params: Vec::new(),
+            producers: Vec::new(),
+        })
+        .collect();
+    let mut entries = Vec::new();
+    for (p, fq) in fake_quants(model)? {
+        let s = fq.state();
+        entries.push((format!("{p}.scale"), vec_entry(&s.scale)));
+        entries.push((format!("{p}.zero_point"), vec_entry(&s.zero_point)));
+        entries.push((format!("{p}.flags"), vec_entry(&flags(&s))));
+        entries.push((format!("{p}.min_val"), vec_entry(&s.observer.min_val)));
+        entries.push((format!("{p}.max_val"), vec_entry(&s.observer.max_val)));
+        entries.push((format!("{p}.histogram"), vec_entry(&s.observer.histogram)));
+    }
+    let vars = varmap.data().lock().map_err(|_| lock_err())?;
+    for (name, var) in vars.iter() {
+        let v = var.as_tensor().to_dtype(DType::F32)?;
+        let data = v.flatten_all()?.to_vec1::<f32>()?;
+        entries.push((name.clone(), Entry::f32(&data, v.dims())));
+    }
+    drop(vars);
+    let meta = HashMap::from([(STRUCTURE_KEY.to_string(), structure::encode(&records)?)]);
+    file::write(path, &FORMAT, entries, meta)
+}
+
+/// A fake-quant's saved state.
+fn read_state(r: &Reader, p: &str) -> Result<FakeQuantizeState> {
+    let v = |k: &str| r.f32s(&format!("{p}.{k}")).map(|(_, v)| v);
+    let f = v("flags")?;
+    if f.len() != 3 {
+        return Err(Error::state(
+            format!("`{p}.flags` holds {} values, 3 expected", f.len()),
+            "load a checkpoint written by candle-qat",
+        ));
+    }
+    Ok(FakeQuantizeState {
+        scale: v("scale")?,
+        zero_point: v("zero_point")?,
+        observer_enabled: f[0] == 1.0,
+        fake_quant_enabled: f[1] == 1.0,
+        learning_enabled: f[2] == 1.0,
+        observer: ObserverState {
+            min_val: v("min_val")?,
+            max_val: v("max_val")?,
+            histogram: v("histogram")?,
+        },
+    })
+}
+
+pub(super) fn load<M: Quantizable>(model: &mut M, varmap: &VarMap, path: &Path) -> Result<()> {
+    let bytes = file::read_bytes(path)?;
+    let r = Reader::open(path, &bytes, &FORMAT)?;
+    let file = structure::decode(r.meta(STRUCTURE_KEY)?)?;
+    let layers = structure::walk(model)?;
+    structure::compare(&file, &layers, |saved, now| {
+        (saved != now).then(|| {
+            "fuse and prepare_qat the model as the saved one was (the same fusion, the same \
+             qconfig mapping) before loading"
+                .to_string()
+        })
+    })?;
+    // Read and validate everything before anything changes.
+    let mut states = Vec::new();
+    for (p, mut fq) in fake_quants(model)? {
+        let state = read_state(&r, &p).map_err(|e| e.in_module(p.clone()))?;
+        if fq.learnable_vars().is_empty() {
+            // A copy takes the state as the fake-quant would (its checks, nothing shared).
+            fq.load_state(&state).map_err(|e| e.in_module(p.clone()))?;
+        } else {
+            // A copy of a learnable fake-quant shares its Vars: check the counts instead.
+            let n = fq.state().scale.len();
+            if state.scale.len() != n || state.zero_point.len() != n {
+                return Err(Error::state(
+                    format!(
+                        "{} scales for a learnable fake-quant of {n}",
+                        state.scale.len()
+                    ),
+                    "load a checkpoint saved from a model prepared with the same qconfig",
+                )
+                .in_module(p));
+            }
+        }
+        states.push(state);
+    }
+    let mut values = Vec::new();
+    {
+        let vars = varmap.data().lock().map_err(|_| lock_err())?;
+        for (name, var) in vars.iter() {
+            let (shape, v) = r.f32s(name)?;
+            if shape != var.dims() {
+                return Err(Error::state(
+                    format!(
+                        "`{name}` has shape {shape:?} in the file, {:?} in the model",
+                        var.dims()
+                    ),
+                    "load a checkpoint saved from a model of the same architecture",
+                ));
+            }
+            if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+                return Err(Error::state(
+                    format!("`{name}` holds {x}"),
+                    "load a checkpoint saved from a model that trained without diverging",
+                ));
+            }
+            let t = Tensor::from_vec(v, shape, &Device::Cpu)?
+                .to_dtype(var.dtype())?
+                .to_device(var.device())?;
+            values.push((var.clone(), t));
+        }
+    }
+    for (var, t) in values {
+        var.set(&t)?;
+    }
+    let mut states = states.into_iter();
+    let mut failure = None;
+    for_each_layer(model, |path, m| {
+        m.for_each_fake_quant(&mut |role, fq| {
+            if failure.is_some() {
+                return;
+            }
+            let r = match states.next() {
+                Some(s) => fq.load_state(&s),
+                None => Err(Error::state(
+                    "the model changed its fake-quants while loading",
+                    "report this as a bug",
+                )),
+            };
+            if let Err(e) = r {
+                failure = Some(e.in_module(fq_prefix(path, role)));
+            }
+        });
+        Ok(())
+    })?;
+    failure.map_or(Ok(()), Err)
+}
