@@ -5,16 +5,17 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::super::matmul::{parallelism, sgemm, sgemm_strided, View};
+use super::super::matmul::{parallelism, sgemm, Dst, View};
 use super::columns::{columns, weights_cl};
 use super::plan::{ranges, Geom};
 use super::scratch::with_scratch;
+use crate::host::alloc_with;
 
 /// `v` set to zeros, as initialised values.
-pub(super) fn zeroed(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+fn zeroed(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     v.fill(MaybeUninit::new(0.0));
-    // SAFETY: just initialised; MaybeUninit<f32> has f32's layout.
-    unsafe { &mut *(v as *mut [MaybeUninit<f32>] as *mut [f32]) }
+    // SAFETY: `fill` just initialised every element of `v`.
+    unsafe { v.assume_init_mut() }
 }
 
 /// The backward: `(dx, dw)`, each only when asked for.
@@ -41,19 +42,16 @@ pub(super) fn backward(
     let y_image = g.o * cols;
     let w_len = g.o * rows;
     let parts = ranges(g.n, tasks, per_chunk);
-    let mut dx: Vec<f32> = Vec::with_capacity(if need_dx { g.n * x_image } else { 0 });
-    // Each task's slice of dx (its images).
-    let mut slices: Vec<Option<&mut [MaybeUninit<f32>]>> = Vec::with_capacity(parts.len());
-    if need_dx {
-        let mut rest = &mut dx.spare_capacity_mut()[..g.n * x_image];
-        for &(a, b) in &parts {
-            let (head, tail) = rest.split_at_mut((b - a) * x_image);
-            slices.push(Some(head));
-            rest = tail;
-        }
-    } else {
-        slices.resize_with(parts.len(), || None);
+    // The tasks take every image once, in order (dx below relies on it).
+    let mut next = 0;
+    for &(a, b) in &parts {
+        assert!(
+            a == next && b >= a,
+            "conv2d backward: tasks {parts:?} skip images"
+        );
+        next = b;
     }
+    assert_eq!(next, g.n, "conv2d backward: tasks {parts:?} miss images");
     // Images n0..n0+m of one task; `dxc` its dx slice from image `base`.
     let chunk = |n0: usize,
                  m: usize,
@@ -85,57 +83,29 @@ pub(super) fn backward(
                 // dW_g (og x rows) += dy_g (og x ld) @ col^T (ld x rows), accumulated
                 // transposed (`rows x og` per group, column-major dW_g): the GEMM then packs
                 // the smaller dy_g rather than the column matrix.
-                // SAFETY: dw_part holds all groups' weights; the views lie inside slices.
-                unsafe {
-                    sgemm_strided(
-                        og,
-                        rows,
-                        ld,
-                        dw_part[gi * g.wg()..].as_mut_ptr(),
-                        1,
-                        og,
-                        true,
-                        View::rows(dyg, ld),
-                        b,
-                        par,
-                    )
-                }
+                let dwg = Dst::strided(&mut dw_part[gi * g.wg()..][..g.wg()], 1, og);
+                sgemm(og, rows, ld, dwg, true, View::rows(dyg, ld), b, par);
             }
             if let Some(dxp) = dxc.as_deref_mut() {
                 let block = |k: usize| (n0 + k - base) * x_image + gi * win.c * hw;
                 if m == 1 && pointwise {
                     let dxg = &mut dxp[block(0)..][..win.c * hw];
                     // dx_g (c x hw) = W_g^T (c x og) @ dy_g (og x hw), written whole.
-                    // SAFETY: dxg is this group's `c x hw` gradient block.
-                    unsafe {
-                        sgemm(
-                            rows,
-                            cols,
-                            og,
-                            dxg.as_mut_ptr() as *mut f32,
-                            cols,
-                            false,
-                            View::transposed(wg, rows),
-                            View::rows(dyg, cols),
-                            par,
-                        )
-                    }
+                    let (wt, dyv) = (View::transposed(wg, rows), View::rows(dyg, cols));
+                    sgemm(
+                        rows,
+                        cols,
+                        og,
+                        Dst::uninit_rows(dxg, cols),
+                        false,
+                        wt,
+                        dyv,
+                        par,
+                    );
                 } else if cl {
                     // dcol^T (ld x rows) = dy_g^T (ld x og) @ W_cl,g (og x rows).
-                    // SAFETY: dcol holds `ld x rows`; the views lie inside `dyg` and `wts`.
-                    unsafe {
-                        sgemm(
-                            ld,
-                            rows,
-                            og,
-                            dcol.as_mut_ptr(),
-                            rows,
-                            false,
-                            View::transposed(dyg, ld),
-                            View::rows(wg, rows),
-                            par,
-                        )
-                    }
+                    let (dyt, wv) = (View::transposed(dyg, ld), View::rows(wg, rows));
+                    sgemm(ld, rows, og, Dst::rows(dcol, rows), false, dyt, wv, par);
                     let per = cols * rows;
                     for k in 0..m {
                         xt.fill(0.0);
@@ -144,20 +114,8 @@ pub(super) fn backward(
                         win.unpad_channels_last(xt, dxg);
                     }
                 } else {
-                    // SAFETY: dcol holds `rows x ld`.
-                    unsafe {
-                        sgemm(
-                            rows,
-                            ld,
-                            og,
-                            dcol.as_mut_ptr(),
-                            ld,
-                            false,
-                            View::transposed(wg, rows),
-                            View::rows(dyg, ld),
-                            par,
-                        )
-                    }
+                    let (wt, dyv) = (View::transposed(wg, rows), View::rows(dyg, ld));
+                    sgemm(rows, ld, og, Dst::rows(dcol, ld), false, wt, dyv, par);
                     for k in 0..m {
                         let dxg = zeroed(&mut dxp[block(k)..][..win.c * hw]);
                         win.col2im(&dcol[k * cols..], ld, dxg);
@@ -188,20 +146,38 @@ pub(super) fn backward(
         });
         dw_part
     };
-    let jobs = parts.into_iter().zip(slices);
-    let dw_parts: Vec<Vec<f32>> = if tasks > 1 {
-        jobs.collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|(r, s)| task(r, s))
-            .collect()
-    } else {
-        jobs.map(|(r, s)| task(r, s)).collect()
+    // Runs every task, each on its images' slice of dx (when asked for); the weight-gradient
+    // partials come back in task order.
+    let mut dw_parts: Vec<Vec<f32>> = Vec::new();
+    let fill = |dx: &mut [MaybeUninit<f32>]| {
+        let mut slices: Vec<Option<&mut [MaybeUninit<f32>]>> = Vec::with_capacity(parts.len());
+        if need_dx {
+            let mut rest = dx;
+            for &(a, b) in &parts {
+                let (head, tail) = rest.split_at_mut((b - a) * x_image);
+                slices.push(Some(head));
+                rest = tail;
+            }
+        } else {
+            slices.resize_with(parts.len(), || None);
+        }
+        let jobs = parts.iter().copied().zip(slices);
+        dw_parts = if tasks > 1 {
+            jobs.collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|(r, s)| task(r, s))
+                .collect()
+        } else {
+            jobs.map(|(r, s)| task(r, s)).collect()
+        };
     };
-    let dx = need_dx.then(|| {
-        // SAFETY: the tasks covered every image and wrote each one's whole gradient.
-        unsafe { dx.set_len(g.n * x_image) };
-        dx
-    });
+    // SAFETY: with `need_dx`, `fill` hands the tasks consecutive slices covering all `n`
+    // images (the tasks' ranges partition `0..n`, asserted above), each task runs chunks over
+    // all of its images, and a chunk writes every image's gradient whole: per group its
+    // `c x hw` block, by the GEMM (pointwise, one image) or `zeroed` then col2im. Without
+    // `need_dx` the vector is empty.
+    let dx = unsafe { alloc_with(if need_dx { g.n * x_image } else { 0 }, fill) };
+    let dx = need_dx.then_some(dx);
     let dw = need_dw.then(|| {
         // Sum the task partials (in task order), then transpose each group's `rows x og`
         // block back to the weight's `og x rows` (and its taps back to the weight's order

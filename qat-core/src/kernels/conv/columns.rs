@@ -56,7 +56,7 @@ pub(super) fn columns<'a>(
     m: usize,
     col: &'a mut [f32],
     xt: &mut [f32],
-) -> View {
+) -> View<'a> {
     let (win, hw) = (g.win, g.hw());
     if g.pointwise() && m == 1 {
         View::rows(&x[(n0 * g.c + gi * win.c) * hw..][..win.c * hw], win.cols())

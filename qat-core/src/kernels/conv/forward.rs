@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::super::matmul::{parallelism, sgemm, View};
+use super::super::matmul::{parallelism, sgemm, Dst, View};
 use super::columns::{columns, weights_cl};
 use super::plan::Geom;
 use super::scratch::with_scratch;
@@ -27,34 +27,21 @@ pub(super) fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
         let m = yc.len() / per_image;
         let ld = m * cols;
         let [col, _, out, xt] = s;
+        // Whole images only: every one of them gets all its `O x cols` outputs below.
+        assert_eq!(yc.len(), m * per_image, "conv2d: a chunk of partial images");
         for gi in 0..g.groups {
-            let wg = View::rows(&wts[gi * g.wg()..], rows);
+            let wg = View::rows(&wts[gi * g.wg()..][..g.wg()], rows);
             let b = columns(x, g, gi, n0, m, col, xt);
             if m == 1 {
-                // SAFETY: `yc` holds this image's `O x cols` outputs, group `gi` its rows
-                // `gi*og..(gi+1)*og`; the views lie inside `wts` and the column matrix.
-                unsafe {
-                    sgemm(
-                        og,
-                        cols,
-                        rows,
-                        yc[gi * og * cols..].as_mut_ptr() as *mut f32,
-                        cols,
-                        false,
-                        wg,
-                        b,
-                        par,
-                    )
-                }
+                // This image's `O x cols` outputs, group `gi` its rows `gi*og..(gi+1)*og`.
+                let yg = Dst::uninit_rows(&mut yc[gi * og * cols..][..og * cols], cols);
+                sgemm(og, cols, rows, yg, false, wg, b, par);
             } else {
-                // SAFETY: `out` holds `og x ld`; the views lie inside `wts` and `col`.
-                unsafe { sgemm(og, ld, rows, out.as_mut_ptr(), ld, false, wg, b, par) }
+                sgemm(og, ld, rows, Dst::rows(out, ld), false, wg, b, par);
                 for k in 0..m {
                     for o in 0..og {
                         let dst = &mut yc[k * per_image + (gi * og + o) * cols..][..cols];
-                        for (d, &v) in dst.iter_mut().zip(&out[o * ld + k * cols..][..cols]) {
-                            d.write(v);
-                        }
+                        dst.write_copy_of_slice(&out[o * ld + k * cols..][..cols]);
                     }
                 }
             }
@@ -69,8 +56,7 @@ pub(super) fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     let run = |(c, yc): (usize, &mut [MaybeUninit<f32>])| {
         with_scratch(lens, |s| chunk(c * per_chunk, yc, s))
     };
-    // Every chunk writes all of its images' `O x cols` outputs.
-    alloc_with(total, |spare| {
+    let fill = |spare: &mut [MaybeUninit<f32>]| {
         if tasks > 1 {
             spare
                 .par_chunks_mut(per_chunk * per_image)
@@ -82,5 +68,9 @@ pub(super) fn forward(x: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
                 .enumerate()
                 .for_each(run);
         }
-    })
+    };
+    // SAFETY: the chunks partition the output into runs of whole images (asserted in
+    // `chunk`), and a chunk writes every output of its images: each group's `og x cols`
+    // rows per image, by the GEMM (one image) or the copy from `out` (several).
+    unsafe { alloc_with(total, fill) }
 }

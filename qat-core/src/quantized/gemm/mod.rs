@@ -148,8 +148,51 @@ fn has_avx2() -> bool {
     }
 }
 
+/// An error for operands that do not fit together: a bug in the int8 layer that called the
+/// kernels (the layers check shapes first), reported instead of reading out of bounds.
+fn mismatch(what: String) -> Error {
+    Error::tensor(
+        format!("int8 kernel operands do not fit: {what}"),
+        "this is a bug in qat-core's int8 layers; please report it with the layer's shapes",
+    )
+}
+
+/// Checks, in O(1), what the kernels' bounds rest on: the rows lie inside the weight, the
+/// panel was packed for the weight's row length, and `corr` and `out` hold the block.
+fn check_block(
+    w: &PackedWeight,
+    rows: &Range<usize>,
+    corr: &[i32],
+    panel: &Panel,
+    out: &[i32],
+) -> Result<()> {
+    let p = panel.positions;
+    if rows.end > w.rows {
+        return Err(mismatch(format!(
+            "rows {rows:?} of a {}-row weight",
+            w.rows
+        )));
+    }
+    if panel.kgroups * KG != w.kp {
+        return Err(mismatch(format!(
+            "a panel of {} k-groups for rows of {} codes",
+            panel.kgroups, w.row_len
+        )));
+    }
+    if corr.len() < rows.len() || rows.len().checked_mul(p).is_none_or(|n| out.len() < n) {
+        return Err(mismatch(format!(
+            "{} corrections and {} outputs for {} rows x {p} positions",
+            corr.len(),
+            out.len(),
+            rows.len()
+        )));
+    }
+    Ok(())
+}
+
 /// `out[i][p] = sum_k (x[p][k] - x_zp) * w[rows.start + i][k]` for every position of the
-/// panel: `out` is `(rows.len(), panel positions)`, row-major.
+/// panel: `out` is `(rows.len(), panel positions)`, row-major. An error (never an
+/// out-of-bounds access) when the operands do not fit together.
 pub(crate) fn gemm(
     path: Path,
     w: &PackedWeight,
@@ -157,11 +200,18 @@ pub(crate) fn gemm(
     panel: &Panel,
     x_zp: i32,
     out: &mut [i32],
-) {
+) -> Result<()> {
     let p = panel.positions;
     let nrows = rows.len();
     if nrows == 0 || p == 0 {
-        return;
+        return Ok(());
+    }
+    if rows.end > w.rows || out.len() < nrows * p {
+        return Err(mismatch(format!(
+            "rows {rows:?} of a {}-row weight into {} outputs for {p} positions",
+            w.rows,
+            out.len()
+        )));
     }
     let corr: Vec<i32> = rows
         .clone()
@@ -176,13 +226,13 @@ pub(crate) fn gemm(
             .par_chunks_mut(ob * p)
             .zip(corr.par_chunks(ob))
             .enumerate()
-            .for_each(|(i, (out, corr))| {
+            .try_for_each(|(i, (out, corr))| {
                 let r0 = rows.start + i * ob;
                 let r1 = (r0 + ob).min(rows.end);
-                run_block(path, w, r0..r1, corr, panel, out);
-            });
+                run_block(path, w, r0..r1, corr, panel, out)
+            })
     } else {
-        run_block(path, w, rows, &corr, panel, out);
+        run_block(path, w, rows, &corr, panel, out)
     }
 }
 
@@ -192,16 +242,31 @@ pub(crate) const GEMV_MAX: usize = 4;
 
 /// `out[o][p] = sum_k (x[p][k] - x_zp) * w[o][k]` for the few rows of `x` (row-major,
 /// `w.row_len` codes each) as one dot product per weight row and position; `out` is
-/// `(w.rows, m)`. The same integers as [`gemm`].
-pub(crate) fn gemv(path: Path, w: &PackedWeight, x: &[u8], x_zp: i32, out: &mut [i32]) {
+/// `(w.rows, m)`. The same integers as [`gemm`]; an error when `x` is not whole rows or
+/// `out` is too short.
+pub(crate) fn gemv(
+    path: Path,
+    w: &PackedWeight,
+    x: &[u8],
+    x_zp: i32,
+    out: &mut [i32],
+) -> Result<()> {
     let k = w.row_len;
     if k == 0 {
         out.fill(0);
-        return;
+        return Ok(());
     }
     let m = x.len() / k;
+    if x.len() != m * k || out.len() < w.rows * m {
+        return Err(mismatch(format!(
+            "{} codes in rows of {k} into {} outputs for {} weight rows",
+            x.len(),
+            out.len(),
+            w.rows
+        )));
+    }
     if m == 0 {
-        return;
+        return Ok(());
     }
     let run = |(o, out): (usize, &mut [i32])| {
         let wrow = &w.codes[o * w.kp..o * w.kp + k];
@@ -216,13 +281,15 @@ pub(crate) fn gemv(path: Path, w: &PackedWeight, x: &[u8], x_zp: i32, out: &mut 
     } else {
         out.chunks_mut(m).enumerate().for_each(run);
     }
+    Ok(())
 }
 
 /// `sum_k x[k] * w[k]`, exact (wrapping) in i32.
 fn dot(path: Path, w: &[i8], x: &[u8]) -> i32 {
     #[cfg(target_arch = "x86_64")]
     if path != Path::Portable && has_avx2() {
-        // SAFETY: AVX2 is present (checked above); `dot` reads only inside both slices.
+        // SAFETY: AVX2 is present (checked just above, at run time); `x86::dot` reads only
+        // the first `min(w.len(), x.len())` elements of each slice.
         return unsafe { x86::dot(w, x, path == Path::Avx2Wide) };
     }
     let _ = path;
@@ -239,19 +306,21 @@ fn run_block(
     corr: &[i32],
     panel: &Panel,
     out: &mut [i32],
-) {
-    debug_assert!(rows.end <= w.rows && corr.len() >= rows.len());
-    debug_assert!(out.len() >= rows.len() * panel.positions);
+) -> Result<()> {
+    check_block(w, &rows, corr, panel, out)?;
     #[cfg(target_arch = "x86_64")]
     if path != Path::Portable && has_avx2() {
         let wide = path == Path::Avx2Wide;
-        // SAFETY: AVX2 is present (checked above); `rows` lie inside the weight, the panel
-        // holds `kp / 4` k-groups of `stride >= positions rounded up to 16` positions, and
-        // `out` holds `rows.len() * positions` sums (asserted above, guaranteed by callers).
+        // SAFETY: AVX2 is present (checked just above, at run time), and `check_block` has
+        // just checked in O(1) what `x86::block` reads and writes rests on: `rows` lie
+        // inside the weight, the panel holds the weight's `kp / 4` k-groups (each of
+        // `stride >= positions rounded up to 16` positions, by `Panel::reset`), and `corr`
+        // and `out` hold `rows.len()` and `rows.len() * positions` values.
         unsafe { x86::block(w, rows, corr, panel, out, wide) };
-        return;
+        return Ok(());
     }
     portable(w, rows, corr, panel, out);
+    Ok(())
 }
 
 /// Integer products of u8 activation codes and int8 weights:
@@ -282,18 +351,18 @@ pub fn gemm_u8_i8(
         ));
     }
     let path = kernel.path(max_code(x))?;
-    Ok(gemm_rows(path, x, x_zero_point, w.packed()))
+    gemm_rows(path, x, x_zero_point, w.packed())
 }
 
 /// `(m, out)` sums of `m` rows of codes with a given path.
-pub(crate) fn gemm_rows(path: Path, x: &[u8], x_zp: i32, w: &PackedWeight) -> Vec<i32> {
+pub(crate) fn gemm_rows(path: Path, x: &[u8], x_zp: i32, w: &PackedWeight) -> Result<Vec<i32>> {
     let m = x.len() / w.row_len;
     let mut acc_t = vec![0i32; w.rows * m];
     if m <= GEMV_MAX {
-        gemv(path, w, x, x_zp, &mut acc_t);
+        gemv(path, w, x, x_zp, &mut acc_t)?;
     } else {
         let panel = Panel::from_rows(x, m, w.row_len);
-        gemm(path, w, 0..w.rows, &panel, x_zp, &mut acc_t);
+        gemm(path, w, 0..w.rows, &panel, x_zp, &mut acc_t)?;
     }
     let mut acc = vec![0i32; m * w.rows];
     for (o, row) in acc_t.chunks_exact(m.max(1)).enumerate() {
@@ -301,5 +370,5 @@ pub(crate) fn gemm_rows(path: Path, x: &[u8], x_zp: i32, w: &PackedWeight) -> Ve
             acc[mi * w.rows + o] = v;
         }
     }
-    acc
+    Ok(acc)
 }

@@ -25,14 +25,24 @@ impl AlignedBytes {
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `Line` is 64 plain bytes (repr(C), no padding) and `len` is at most
-        // `lines.len() * 64`.
+        assert!(
+            self.len <= self.lines.len() * 64,
+            "AlignedBytes: length past its lines"
+        );
+        // SAFETY: `Line` is 64 initialised bytes (repr(C), no padding), so the lines are
+        // `lines.len() * 64` contiguous bytes, and `len` is at most that (asserted above;
+        // `resize`, the only writer of both, keeps it so).
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len) }
     }
 
     fn words_mut(&mut self) -> &mut [u32] {
-        // SAFETY: as `bytes`; the buffer is aligned to 64 >= align_of::<u32>() and every bit
-        // pattern is a valid u32.
+        assert!(
+            self.len <= self.lines.len() * 64,
+            "AlignedBytes: length past its lines"
+        );
+        // SAFETY: as `bytes` (`len / 4` words lie inside the `len` bytes, asserted above);
+        // the lines are aligned to 64 >= align_of::<u32>(), every bit pattern is a valid
+        // u32, and `&mut self` makes the borrow exclusive.
         unsafe {
             std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u32>(), self.len / 4)
         }

@@ -86,7 +86,7 @@ fn all_paths_equal_naive_on_random_shapes() {
                 if path == Path::Avx2Madd && amax > 127 {
                     continue;
                 }
-                let got = gemm_rows(path, &x, zp, w.packed());
+                let got = gemm_rows(path, &x, zp, w.packed()).unwrap();
                 assert_eq!(got, want, "{path:?} m={m} k={k} o={o} amax={amax} zp={zp}");
             }
             let auto = gemm_u8_i8(&x, zp, &w, Kernel::Auto).unwrap();
@@ -115,7 +115,11 @@ fn saturation_prone_extremes() {
                 if path == Path::Avx2Madd && xv > 127 {
                     continue;
                 }
-                assert_eq!(gemm_rows(path, &x, zp, w.packed()), want, "{path:?}");
+                assert_eq!(
+                    gemm_rows(path, &x, zp, w.packed()).unwrap(),
+                    want,
+                    "{path:?}"
+                );
             }
             assert_eq!(gemm_u8_i8(&x, zp, &w, Kernel::Auto).unwrap(), want);
         }
@@ -130,7 +134,7 @@ fn saturation_prone_extremes() {
             let x = vec![255u8; m * k];
             let codes = vec![-128i8; k];
             let w = QuantizedWeight::from_codes(codes.clone(), &[1, k], &[1.0]).unwrap();
-            let sat = gemm_rows(Path::Avx2Madd, &x, 0, w.packed());
+            let sat = gemm_rows(Path::Avx2Madd, &x, 0, w.packed()).unwrap();
             assert_ne!(sat, naive(&x, 0, &codes, 1, k), "m = {m}");
         }
     }
@@ -145,7 +149,11 @@ fn longest_rows_stay_exact() {
     let want = naive(&x, 0, &codes, 1, k);
     for path in paths() {
         if path != Path::Avx2Madd {
-            assert_eq!(gemm_rows(path, &x, 0, w.packed()), want, "{path:?}");
+            assert_eq!(
+                gemm_rows(path, &x, 0, w.packed()).unwrap(),
+                want,
+                "{path:?}"
+            );
         }
     }
     assert!(QuantizedWeight::from_codes(vec![0; k + 1], &[1, k + 1], &[1.0]).is_err());
@@ -174,7 +182,9 @@ fn parallel_blocks_match() {
         } else {
             want.clone()
         };
-        let got = pool.install(|| gemm_rows(path, &x, 77, w.packed()));
+        let got = pool
+            .install(|| gemm_rows(path, &x, 77, w.packed()))
+            .unwrap();
         assert_eq!(got, want, "{path:?}");
     }
 }
@@ -190,4 +200,53 @@ fn bad_arguments() {
     );
     assert_eq!(Kernel::Portable.resolved(), Kernel::Portable);
     assert!(Kernel::Auto.is_available());
+}
+
+/// Operands that do not fit together are errors on every path (the AVX2 block included),
+/// never out-of-bounds reads or writes.
+#[test]
+fn mismatched_operands_are_errors() {
+    let (m, k, o) = (20, 9, 6);
+    let x = vec![3u8; m * k];
+    let w = QuantizedWeight::from_codes(vec![1; o * k], &[o, k], &[0.1]).unwrap();
+    let pw = w.packed();
+    let panel = Panel::from_rows(&x, m, k);
+    for path in paths() {
+        let mut out = vec![0i32; o * m];
+        gemm(path, pw, 0..o, &panel, 0, &mut out).unwrap();
+        assert_eq!(out, vec![9 * 3; o * m], "{path:?}");
+        // Rows past the weight.
+        let mut big = vec![0i32; (o + 4) * m];
+        assert!(
+            gemm(path, pw, 0..o + 4, &panel, 0, &mut big).is_err(),
+            "{path:?}"
+        );
+        assert!(
+            gemm(path, pw, 3..o + 1, &panel, 0, &mut big).is_err(),
+            "{path:?}"
+        );
+        // Too few outputs.
+        let mut short = vec![0i32; o * m - 1];
+        assert!(
+            gemm(path, pw, 0..o, &panel, 0, &mut short).is_err(),
+            "{path:?}"
+        );
+        // A panel packed for another row length (shorter: the kernels would read past it).
+        let narrow = Panel::from_rows(&x[..m * 4], m, 4);
+        assert!(
+            gemm(path, pw, 0..o, &narrow, 0, &mut out).is_err(),
+            "{path:?}"
+        );
+        // Dot products: rows of the wrong length, too few outputs.
+        let mut acc = vec![0i32; o * 2];
+        gemv(path, pw, &x[..2 * k], 0, &mut acc).unwrap();
+        assert!(
+            gemv(path, pw, &x[..2 * k + 1], 0, &mut acc).is_err(),
+            "{path:?}"
+        );
+        assert!(
+            gemv(path, pw, &x[..2 * k], 0, &mut acc[..o]).is_err(),
+            "{path:?}"
+        );
+    }
 }
