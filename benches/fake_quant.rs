@@ -3,9 +3,14 @@
 //! Every benchmark is named `<group>/t<threads>/<variant>/<elements>`, e.g.
 //! `fq_fwd/t1/op/1048576` and `fq_fwd/t1/copy/1048576`, so that medians can be tabulated as
 //! a fraction of the copy measured in the same run (`time(copy) / time(op)`). `copy` is
-//! `Tensor::copy`, which allocates its output as our ops do. Each measurement batch runs
-//! inside a rayon pool of 1 or 2 threads (`ThreadPoolBuilder::install`); candle's own ops
-//! (the gradient accumulation in autograd) use candle's thread pool whatever the rayon pool.
+//! `Tensor::copy`, which allocates its output as our ops do.
+//!
+//! Threads: each count (1 and 2) runs in its own process (the binary runs itself once per
+//! count, `common/threads.rs`), with every pool pinned to it: each measurement batch runs
+//! inside a rayon pool of that many threads (`ThreadPool::install`; our kernels split their
+//! work on it), and candle's elementwise pool (autograd's gradient sums, the candle-op
+//! references) is sized to the same count. A setup or op that fails panics (once before
+//! timing: every op is run and checked before its first measurement).
 //!
 //! Groups (variant `op` unless said otherwise):
 //! - `fq_fwd`: `fake_quantize_per_tensor`.
@@ -37,11 +42,12 @@ use candle_qat::fake_quant::{
 use candle_qat::observer::{MinMaxObserver, Observer, ObserverConfig};
 use candle_qat::qconfig::{Backend, QConfig};
 use candle_qat::{QDType, QParams, QScheme, QuantRange};
-use criterion::{
-    criterion_group, criterion_main, Bencher, BenchmarkGroup, Criterion, SamplingMode,
-};
+use criterion::{criterion_group, Bencher, BenchmarkGroup, Criterion, SamplingMode};
 use criterion::{measurement::WallTime, Throughput};
 use rayon::ThreadPool;
+
+#[path = "common/threads.rs"]
+mod threads;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -70,17 +76,13 @@ fn data(n: usize) -> Vec<f32> {
         .collect()
 }
 
-fn pools() -> Vec<(usize, ThreadPool)> {
-    THREADS
-        .iter()
-        .map(|&n| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build()
-                .expect("rayon pool");
-            (n, pool)
-        })
-        .collect()
+/// This process's thread count and its pinned pool (set first in `main`).
+static POOL: std::sync::OnceLock<(usize, ThreadPool)> = std::sync::OnceLock::new();
+
+/// The pools the groups measure in: this process's one (one count per process).
+fn pools() -> Vec<(usize, &'static ThreadPool)> {
+    let (n, pool) = POOL.get().expect("main pins the pool first");
+    vec![(*n, pool)]
 }
 
 /// Short runs: the whole bench stays within a few minutes. The largest size samples flat
@@ -363,4 +365,12 @@ criterion_group!(
     obs_update,
     fq_module_fwd
 );
-criterion_main!(benches);
+fn main() {
+    // The parent runs one child per count and stops here.
+    let Some(n) = threads::one_count_per_process(&THREADS) else {
+        return;
+    };
+    assert!(POOL.set((n, threads::pin(n))).is_ok(), "pool pinned twice");
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

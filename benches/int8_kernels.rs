@@ -13,9 +13,13 @@
 //!   `Kernel::Portable`, linear only), for reference;
 //! - `f32`: candle's `conv2d` / `matmul` plus the bias, as candle-nn's layers compute them.
 //!
-//! Each measurement batch runs inside a rayon pool of 1 or 2 threads
-//! (`ThreadPoolBuilder::install`); candle's own CPU kernels use that pool too. Compare
-//! variants of one run (ratios): absolute times depend on the machine's load.
+//! Threads: each count (1 and 2) runs in its own process (the binary runs itself once per
+//! count, `common/threads.rs`), with every pool pinned to it: each measurement batch runs
+//! inside a rayon pool of that many threads (`ThreadPool::install`; our int8 kernels and
+//! candle's conv2d and matmul split their work on it, the matmul into that many parts), and
+//! candle's elementwise pool (the f32 variants' bias adds) is sized to the same count.
+//! Compare variants of one run (ratios): absolute times depend on the machine's load. Every
+//! variant is run and checked once before timing; a failure while timed aborts the bench.
 //!
 //! After criterion's groups, `cargo bench` prints a paired summary: for each layer and
 //! thread count, int8 and f32 run alternately (`PAIRS` pairs after a warm-up), and the table
@@ -36,6 +40,9 @@ use candle_qat::quantized::{
 use criterion::{criterion_group, Criterion};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[path = "common/threads.rs"]
+mod threads;
 
 const THREADS: [usize; 2] = [1, 2];
 
@@ -117,6 +124,37 @@ fn linear_f32(l: &Layer) -> Res<Tensor> {
     Ok(l.x.matmul(&l.w.t()?)?.broadcast_add(&l.bias)?)
 }
 
+/// This process's thread count and its pinned pool (set first in `main`).
+static POOL: std::sync::OnceLock<(usize, rayon::ThreadPool)> = std::sync::OnceLock::new();
+
+/// The pools to measure in: this process's one (one count per process).
+fn pools() -> Vec<(usize, &'static rayon::ThreadPool)> {
+    let (n, pool) = POOL.get().expect("main pins the pool first");
+    vec![(*n, pool)]
+}
+
+/// Runs every variant once and checks that each int8 output has the f32 output's shape.
+fn check(conv: &Layer, linear: &Layer, cfg: &ConvConfig) {
+    let f32_conv = conv_f32(conv).expect("f32 conv");
+    for (xq, (s, z), out) in [
+        (&conv.x_q, conv.x_qp, &conv.out),
+        (&conv.x_q_full, conv.x_qp_full, &conv.out_full),
+    ] {
+        let y =
+            quantized_conv2d(xq, s, z, &conv.w_q, Some(&conv.bias_v), cfg, out).expect("int8 conv");
+        assert_eq!(y.dims(), f32_conv.dims(), "int8 conv output shape");
+    }
+    let f32_linear = linear_f32(linear).expect("f32 linear");
+    for (xq, (s, z), out) in [
+        (&linear.x_q, linear.x_qp, &linear.out),
+        (&linear.x_q_full, linear.x_qp_full, &linear.out_full),
+    ] {
+        let y = quantized_linear(xq, s, z, &linear.w_q, Some(&linear.bias_v), out)
+            .expect("int8 linear");
+        assert_eq!(y.dims(), f32_linear.dims(), "int8 linear output shape");
+    }
+}
+
 fn benches(c: &mut Criterion) {
     let conv = Layer::new(&[64, 32, 14, 14], &[64, 32, 3, 3]).expect("conv operands");
     let linear = Layer::new(&[64, 3136], &[128, 3136]).expect("linear operands");
@@ -129,11 +167,11 @@ fn benches(c: &mut Criterion) {
         .flatten_all()
         .and_then(|t| t.to_vec1::<u8>())
         .expect("codes");
-    for threads in THREADS {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("rayon pool");
+    let acc =
+        gemm_u8_i8(&x_codes, linear.x_qp.1, &linear.w_q, Kernel::Portable).expect("portable gemm");
+    assert_eq!(acc.len(), 64 * 128, "portable gemm output length");
+    for (threads, pool) in pools() {
+        pool.install(|| check(&conv, &linear, &cfg));
         let mut g = c.benchmark_group(format!("conv/t{threads}"));
         g.sample_size(30)
             .warm_up_time(Duration::from_millis(500))
@@ -263,11 +301,7 @@ fn summary() {
         "layer", "thr", "int8 range", "int8 median", "f32 median", "ratio"
     );
     let ms = |t: f64| format!("{:.3} ms", t * 1e3);
-    for threads in THREADS {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("rayon pool");
+    for (threads, pool) in pools() {
         for (range, full) in [("0..=127", false), ("0..=255", true)] {
             let l = &conv;
             let (xq, (s, z), out) = if full {
@@ -284,7 +318,7 @@ fn summary() {
             let f32 = || {
                 black_box(conv_f32(l).expect("f32 conv"));
             };
-            let (ti, tf, r) = paired(&pool, &int8, &f32);
+            let (ti, tf, r) = paired(pool, &int8, &f32);
             println!(
                 "{:<8} {threads:>3} {range:>10} {:>12} {:>12} {r:>6.2}x",
                 "conv",
@@ -305,7 +339,7 @@ fn summary() {
             let f32 = || {
                 black_box(linear_f32(l).expect("f32 linear"));
             };
-            let (ti, tf, r) = paired(&pool, &int8, &f32);
+            let (ti, tf, r) = paired(pool, &int8, &f32);
             println!(
                 "{:<8} {threads:>3} {range:>10} {:>12} {:>12} {r:>6.2}x",
                 "linear",
@@ -319,6 +353,11 @@ fn summary() {
 criterion_group!(int8, benches);
 
 fn main() {
+    // The parent runs one child per count and stops here.
+    let Some(n) = threads::one_count_per_process(&THREADS) else {
+        return;
+    };
+    assert!(POOL.set((n, threads::pin(n))).is_ok(), "pool pinned twice");
     int8();
     Criterion::default().configure_from_args().final_summary();
     // `cargo bench` passes --bench; `cargo test --benches` does not: skip the summary there.

@@ -6,8 +6,13 @@
 //! - `fwd_train_b{64,1}/*`, `fwd_eval_b{64,1}/*`: the forward pass alone (train mode, as in
 //!   the step, and eval mode), batch 64 and batch 1, float and QAT.
 //!
-//! Threads: set `RAYON_NUM_THREADS` (candle's CPU kernels and ours both follow it); run it
-//! with 1 and 2. The binary uses mimalloc as its global allocator (measured faster than the
+//! Threads: one count per run, `RAYON_NUM_THREADS` (default: candle's, the physical cores),
+//! pinned for every pool the variants use (`common/threads.rs`): each measured call runs
+//! inside a rayon pool of that many threads (our kernels and candle-nn's conv2d and matmul
+//! split their work on it), and candle's elementwise pool (candle-nn's bias adds, ReLUs and
+//! BatchNorm, autograd's gradient sums, the SGD update) is sized to the same count. Run it
+//! with 1 and 2. Every step and forward fails the bench (panics) on an error, the first one
+//! in criterion's warm-up, before anything is timed. The binary uses mimalloc as its global allocator (measured faster than the
 //! system allocator on the step, see below); build it with `QAT_BENCH_ALLOC=system` to
 //! measure the system allocator instead (the library itself is allocator-neutral).
 
@@ -166,6 +171,9 @@ fn step(
 #[path = "../examples/common/alloc.rs"]
 mod alloc;
 
+#[path = "common/threads.rs"]
+mod threads;
+
 fn bench(c: &mut Criterion) {
     if USE_MIMALLOC {
         alloc::keep_freed_memory();
@@ -176,10 +184,8 @@ fn bench(c: &mut Criterion) {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .build()
-        .expect("the bench's rayon pool");
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    let threads = threads::from_env();
+    let pool = threads::pin(threads);
     let alloc = if USE_MIMALLOC { "mimalloc" } else { "system" };
     let mut g = c.benchmark_group(format!("qat_step/threads={threads}/{alloc}"));
     g.sample_size(10)

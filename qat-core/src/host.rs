@@ -58,24 +58,36 @@ where
 }
 
 /// A new vector of `len` f32s that `fill` writes, without zero-filling it first (a zeroed
-/// buffer that is then overwritten costs a memset per op, 6% of a training step). `fill`
-/// must write every element.
-pub(crate) fn alloc_with(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+/// buffer that is then overwritten costs a memset per op, 6% of a training step).
+///
+/// # Safety
+/// `fill` must initialise every element of the slice it is given (`len` of them): the vector
+/// is returned as initialised, and reading an element `fill` skipped would read
+/// uninitialised memory. Callers state in their `SAFETY` comment why their `fill` writes
+/// the whole slice, and check in release what that rests on where it is O(1) (e.g. that
+/// the chunks they hand to a kernel hold whole rows).
+pub(crate) unsafe fn alloc_with(
+    len: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<f32>]),
+) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(len);
     fill(&mut v.spare_capacity_mut()[..len]);
-    // SAFETY: `fill` wrote all `len` elements (every caller in this crate writes its whole
-    // slice), and f32 has no invalid bit patterns.
+    // SAFETY: the capacity is at least `len` (`with_capacity`), and the caller guarantees
+    // that `fill` initialised all `len` elements (this function's contract).
     unsafe { v.set_len(len) };
     v
 }
 
 /// [`alloc_with`] filled chunk by chunk with `fill(offset, chunk)`, chunks of [`CHUNK`] in
 /// parallel when large.
-pub(crate) fn alloc_fill<F>(n: usize, fill: F) -> Vec<f32>
+///
+/// # Safety
+/// `fill(offset, chunk)` must initialise every element of each `chunk` it is given.
+pub(crate) unsafe fn alloc_fill<F>(n: usize, fill: F) -> Vec<f32>
 where
     F: Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 {
-    alloc_with(n, |spare| {
+    let fill_all = |spare: &mut [MaybeUninit<f32>]| {
         if n < 2 * CHUNK {
             fill(0, spare);
         } else {
@@ -84,5 +96,30 @@ where
                 .enumerate()
                 .for_each(|(i, c)| fill(i * CHUNK, c));
         }
-    })
+    };
+    // SAFETY: the chunks cover `spare` (one chunk when small, else `par_chunks_mut`), and
+    // the caller guarantees that `fill` initialises each chunk whole.
+    unsafe { alloc_with(n, fill_all) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `alloc_fill` hands out chunks that cover the vector in order (one chunk when small,
+    /// chunks of `CHUNK` in parallel when large), each with its offset.
+    #[test]
+    fn alloc_fill_covers_every_element_with_its_offset() {
+        for n in [0, 1, 2 * CHUNK - 1, 2 * CHUNK, 3 * CHUNK + 5] {
+            let fill = |off: usize, c: &mut [MaybeUninit<f32>]| {
+                for (i, v) in c.iter_mut().enumerate() {
+                    v.write((off + i) as f32);
+                }
+            };
+            // SAFETY: `fill` writes every element of each chunk.
+            let v = unsafe { alloc_fill(n, fill) };
+            assert_eq!(v.len(), n);
+            assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32), "n = {n}");
+        }
+    }
 }

@@ -365,6 +365,7 @@ mod tests {
             let sums = lsq_backward(&x, &dy, &mut dx, g);
             let dx: Vec<u32> = dx
                 .iter()
+                // SAFETY: `dx` was created initialised (NaN) and is only ever written.
                 .map(|v| unsafe { v.assume_init() }.to_bits())
                 .collect();
             let (want_dx, want) = lsq_reference(&x, &dy, g);

@@ -110,12 +110,16 @@ impl CustomOp3 for Lsq {
         };
         let grids = super::op::Grids::build(&self.qparams(&scale, &zp), &self.range, l1.dims())
             .map_err(candle_core::Error::wrap)?;
-        let y = crate::host::alloc_fill(x.len(), |off, out| {
+        let fill = |off: usize, out: &mut [MaybeUninit<f32>]| {
             let n = out.len();
             grids.for_runs(off, n, |g, a, b| {
                 kernel::forward(&x[off + a..off + b], &mut out[a..b], g)
             })
-        });
+        };
+        // SAFETY: `for_runs` splits each chunk into consecutive runs, and `kernel::forward`
+        // writes each run zipped with the input run of its length (the slice panics if
+        // shorter): every chunk whole.
+        let y = unsafe { crate::host::alloc_fill(x.len(), fill) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -173,28 +177,38 @@ fn lsq_backward_host(
         sums
     };
     let n = x.len();
-    let mut dx: Vec<f32> = Vec::with_capacity(n);
-    let spare = &mut dx.spare_capacity_mut()[..n];
-    let sums = if n < 2 * CHUNK {
-        run(0, x, dy, spare)
-    } else {
-        spare
-            .par_chunks_mut(CHUNK)
-            .enumerate()
-            .map(|(k, out)| {
-                let off = k * CHUNK;
-                run(
-                    off,
-                    &x[off..off + out.len()],
-                    &dy[off..off + out.len()],
-                    out,
-                )
-            })
-            .reduce_with(|a, b| a.into_iter().zip(b).map(|(a, b)| a + b).collect())
-            .unwrap_or_else(|| vec![LsqSums::default(); c])
+    // dy has x's shape; `lsq_backward` writes the shortest of its three slices.
+    assert_eq!(
+        dy.len(),
+        n,
+        "LSQ backward: {} gradients for {n} inputs",
+        dy.len()
+    );
+    let mut sums = Vec::new();
+    let fill = |spare: &mut [MaybeUninit<f32>]| {
+        sums = if n < 2 * CHUNK {
+            run(0, x, dy, spare)
+        } else {
+            spare
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .map(|(k, out)| {
+                    let off = k * CHUNK;
+                    run(
+                        off,
+                        &x[off..off + out.len()],
+                        &dy[off..off + out.len()],
+                        out,
+                    )
+                })
+                .reduce_with(|a, b| a.into_iter().zip(b).map(|(a, b)| a + b).collect())
+                .unwrap_or_else(|| vec![LsqSums::default(); c])
+        };
     };
-    // SAFETY: `run` wrote every element of dx (each kernel call covers its whole run).
-    unsafe { dx.set_len(n) };
+    // SAFETY: the chunks cover dx (one when small, else `par_chunks_mut`); `run` walks each
+    // chunk in consecutive runs to its end and `lsq_backward` writes each run whole, its
+    // `x` and `dy` runs having the run's length (dy's length asserted above).
+    let dx = unsafe { crate::host::alloc_with(n, fill) };
     (dx, sums)
 }
 

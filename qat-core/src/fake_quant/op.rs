@@ -97,20 +97,29 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::R
 }
 
 /// Runs an f32 kernel on f16/bf16 data by converting chunk by chunk.
-fn via_f32<T: Copy + Sync + Send>(
+///
+/// # Safety
+/// `f(offset, x, out)` must initialise every element of `out` (given an `x` of its length).
+unsafe fn via_f32<T: Copy + Sync + Send>(
     x: &[T],
     to: impl Fn(T) -> f32 + Sync,
     from: impl Fn(f32) -> T + Sync + Send,
     f: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<T> {
-    let y = alloc_fill(x.len(), |off, out| {
+    let fill = |off: usize, out: &mut [MaybeUninit<f32>]| {
         let xs: Vec<f32> = x[off..off + out.len()].iter().map(|&v| to(v)).collect();
         f(off, &xs, out)
-    });
+    };
+    // SAFETY: `f` initialises each chunk whole (this function's contract).
+    let y = unsafe { alloc_fill(x.len(), fill) };
     y.into_iter().map(from).collect()
 }
 
-fn map_storage(
+/// `f(offset, x, out)` over the input's chunks into a new storage of its dtype.
+///
+/// # Safety
+/// As [`via_f32`]: `f` must initialise every element of each `out` it is given.
+unsafe fn map_storage(
     s: &CpuStorage,
     layout: &Layout,
     op: &str,
@@ -119,22 +128,21 @@ fn map_storage(
     Ok(match s {
         CpuStorage::F32(v) => {
             let x = contiguous(v, layout, op)?;
-            CpuStorage::F32(alloc_fill(x.len(), |off, out| {
-                f(off, &x[off..off + out.len()], out)
-            }))
+            // SAFETY: `f` initialises each chunk whole (this function's contract).
+            CpuStorage::F32(unsafe {
+                alloc_fill(x.len(), |off, out| f(off, &x[off..off + out.len()], out))
+            })
         }
-        CpuStorage::F16(v) => CpuStorage::F16(via_f32(
-            contiguous(v, layout, op)?,
-            |h| h.to_f32(),
-            half::f16::from_f32,
-            f,
-        )),
-        CpuStorage::BF16(v) => CpuStorage::BF16(via_f32(
-            contiguous(v, layout, op)?,
-            |h| h.to_f32(),
-            half::bf16::from_f32,
-            f,
-        )),
+        CpuStorage::F16(v) => {
+            let x = contiguous(v, layout, op)?;
+            // SAFETY: `f` initialises each chunk whole (this function's contract).
+            CpuStorage::F16(unsafe { via_f32(x, |h| h.to_f32(), half::f16::from_f32, f) })
+        }
+        CpuStorage::BF16(v) => {
+            let x = contiguous(v, layout, op)?;
+            // SAFETY: `f` initialises each chunk whole (this function's contract).
+            CpuStorage::BF16(unsafe { via_f32(x, |h| h.to_f32(), half::bf16::from_f32, f) })
+        }
         _ => candle_core::bail!("{op}: dtype {:?} is not supported", s.dtype()),
     })
 }
@@ -149,11 +157,14 @@ impl CustomOp1 for FakeQuantOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let grids = &self.0;
-        let out = map_storage(s, l, self.name(), |off, x, y| {
+        let fill = |off: usize, x: &[f32], y: &mut [MaybeUninit<f32>]| {
             grids.for_runs(off, x.len(), |g, a, b| {
                 kernel::forward(&x[a..b], &mut y[a..b], g)
             })
-        })?;
+        };
+        // SAFETY: `for_runs` splits `0..x.len()` (= `y.len()`) into consecutive runs, and
+        // `kernel::forward` writes each run of `y` zipped with the run of `x`: all of `y`.
+        let out = unsafe { map_storage(s, l, self.name(), fill) }?;
         Ok((out, l.shape().clone()))
     }
 
@@ -182,13 +193,17 @@ impl CustomOp2 for FakeQuantGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let grids = &self.0;
         let run = |x: &[f32], dy: &[f32]| {
-            alloc_fill(x.len(), |off, dx| {
+            let fill = |off: usize, dx: &mut [MaybeUninit<f32>]| {
                 let n = dx.len();
                 let (x, dy) = (&x[off..off + n], &dy[off..off + n]);
                 grids.for_runs(off, n, |g, a, b| {
                     kernel::backward(&x[a..b], &dy[a..b], &mut dx[a..b], g)
                 })
-            })
+            };
+            // SAFETY: `for_runs` splits each chunk into consecutive runs, and
+            // `kernel::backward` writes each run of `dx` zipped with runs of `x` and `dy` of
+            // its length (the slices panic if shorter): every chunk whole.
+            unsafe { alloc_fill(x.len(), fill) }
         };
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(run(

@@ -245,7 +245,10 @@ fn reduce<const K: usize>(
 
 /// Fills an `(N*C) x s` output row by row with `f(row, channel, out)`, in parallel chunks of
 /// rows when large.
-fn map_rows(
+///
+/// # Safety
+/// `f` must initialise every element of the row `out` it is given (`s` of them).
+unsafe fn map_rows(
     n: usize,
     c: usize,
     s: usize,
@@ -259,14 +262,17 @@ fn map_rows(
             f(r, r % c, row);
         }
     };
-    // Every row of every chunk is written by `f` (each writes its whole row).
-    alloc_with(total, |spare| {
+    let fill = |spare: &mut [MaybeUninit<f32>]| {
         if total < 2 * CHUNK || super::num_threads() == 1 {
             spare.chunks_mut(rows_per * s).enumerate().for_each(run);
         } else {
             spare.par_chunks_mut(rows_per * s).enumerate().for_each(run);
         }
-    })
+    };
+    // SAFETY: the chunks cover the output and hold whole rows (`rows_per * s` values, the
+    // last one fewer rows: `total` is a multiple of `s`), `run` hands `f` each row of its
+    // chunk, and `f` initialises its whole row (this function's contract).
+    unsafe { alloc_with(total, fill) }
 }
 
 /// Per-channel batch mean and biased variance of a contiguous CPU f32 `(N, C, ...)` tensor,
@@ -335,13 +341,16 @@ impl CustomOp3 for BatchNormOp {
         }
         let alpha: Vec<f32> = (0..c).map(|ch| self.invstd[ch] * w[ch]).collect();
         let beta: Vec<f32> = (0..c).map(|ch| b[ch] - self.mean[ch] * alpha[ch]).collect();
-        let y = map_rows(n, c, s, |r, ch, out| {
+        let row = |r: usize, ch: usize, out: &mut [MaybeUninit<f32>]| {
             if self.relu {
                 affine_relu(&x[r * s..][..s], out, alpha[ch], beta[ch])
             } else {
                 affine(&x[r * s..][..s], out, alpha[ch], beta[ch])
             }
-        });
+        };
+        // SAFETY: `affine(_relu)` writes `out` zipped with an input row of `s` values (the
+        // slice panics if shorter), i.e. the whole row.
+        let y = unsafe { map_rows(n, c, s, row) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -395,7 +404,7 @@ impl CustomOp3 for BatchNormOp {
                                         (k, gm)
                                     })
                                     .collect();
-                                map_rows(n, c, s, |r, ch, out| {
+                                let row = |r: usize, ch: usize, out: &mut [MaybeUninit<f32>]| {
                                     let (k, gm) = coef[ch];
                                     let (xr, dr) = (&xs[r * s..][..s], &dys[r * s..][..s]);
                                     let iw = [invstd[ch], ws[ch]];
@@ -405,16 +414,22 @@ impl CustomOp3 for BatchNormOp {
                                     } else {
                                         dx_train(xr, dr, out, mean[ch], k, gm, iw)
                                     }
-                                })
+                                };
+                                // SAFETY: `dx_train(_relu)` writes `out` zipped with rows of
+                                // `s` values (the slices panic if shorter): the whole row.
+                                unsafe { map_rows(n, c, s, row) }
                             } else {
-                                map_rows(n, c, s, |r, ch, out| {
+                                let row = |r: usize, ch: usize, out: &mut [MaybeUninit<f32>]| {
                                     let dr = &dys[r * s..][..s];
                                     if relu {
                                         dx_eval_relu(dr, &ys[r * s..][..s], out, invstd[ch], ws[ch])
                                     } else {
                                         dx_eval(dr, out, invstd[ch], ws[ch])
                                     }
-                                })
+                                };
+                                // SAFETY: `dx_eval(_relu)` writes `out` zipped with rows of
+                                // `s` values (the slices panic if shorter): the whole row.
+                                unsafe { map_rows(n, c, s, row) }
                             }
                         });
                         let dw = need_dw.then(|| {

@@ -2,6 +2,8 @@
 //! reduce their gradients with a slow generic sum over every other dim, which took 29% of a
 //! float and 40% of a QAT training step of MnistNet.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -65,7 +67,7 @@ impl CustomOp2 for ChannelOp {
         let (y, p) = (slice(s1, l1)?, slice(s2, l2)?);
         let (c, inner) = runs(l1.dims(), self.dim);
         let kind = self.kind;
-        let out = alloc_with(y.len(), |out| {
+        let fill = |out: &mut [MaybeUninit<f32>]| {
             out.par_chunks_mut(inner)
                 .zip(y.par_chunks(inner))
                 .enumerate()
@@ -81,7 +83,11 @@ impl CustomOp2 for ChannelOp {
                         }),
                     }
                 })
-        });
+        };
+        // SAFETY: `out` and `y` have the same length, so their chunks of `inner` pair up
+        // one to one with equal lengths, and each output chunk is written zipped with its
+        // input chunk: whole.
+        let out = unsafe { alloc_with(y.len(), fill) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -112,7 +118,9 @@ impl CustomOp2 for ChannelOp {
                 let (dy, rows) = with_cpu_f32(&grad, |g| {
                     with_cpu_f32(&res, |o| {
                         let mut rows = Vec::new();
-                        let dy = alloc_with(g.len(), |dy| {
+                        // The output and its gradient have the op's output shape.
+                        assert_eq!(g.len(), o.len(), "channel-div backward: shapes differ");
+                        let fill = |dy: &mut [MaybeUninit<f32>]| {
                             rows = dy
                                 .par_chunks_mut(inner)
                                 .zip(g.par_chunks(inner).zip(o.par_chunks(inner)))
@@ -126,7 +134,11 @@ impl CustomOp2 for ChannelOp {
                                     -dot_f64(gr, orun) / s as f64
                                 })
                                 .collect::<Vec<f64>>()
-                        });
+                        };
+                        // SAFETY: `dy`, `g` and `o` have one length (asserted above), so
+                        // their chunks of `inner` pair up with equal lengths, and each `dy`
+                        // chunk is written zipped with its `g` chunk: whole.
+                        let dy = unsafe { alloc_with(g.len(), fill) };
                         (dy, rows)
                     })
                 })

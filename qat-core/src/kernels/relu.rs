@@ -14,8 +14,13 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
 }
 
 /// `f` over `x` into a new vector, in parallel chunks when large.
-fn map(x: &[f32], f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
-    alloc_fill(x.len(), |off, out| f(&x[off..off + out.len()], out))
+///
+/// # Safety
+/// `f(x, out)` must initialise every element of `out` (given an `x` of the same length).
+unsafe fn map(x: &[f32], f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    // SAFETY: each chunk `out` comes with the input run of its length, and `f` initialises
+    // all of `out` (this function's contract).
+    unsafe { alloc_fill(x.len(), |off, out| f(&x[off..off + out.len()], out)) }
 }
 
 struct Relu;
@@ -26,11 +31,13 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = map(slice(s, l)?, |x, o| {
+        let relu = |x: &[f32], o: &mut [MaybeUninit<f32>]| {
             for (o, &x) in o.iter_mut().zip(x) {
                 o.write(x.max(0.0));
             }
-        });
+        };
+        // SAFETY: `relu` writes `o` zipped with an `x` of its length: whole.
+        let out = unsafe { map(slice(s, l)?, relu) };
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -59,12 +66,15 @@ impl CustomOp2 for ReluGrad {
         if g.len() != y.len() {
             candle_core::bail!("relu-grad: {} gradients for {} outputs", g.len(), y.len());
         }
-        let out = alloc_fill(g.len(), |off, out| {
+        let fill = |off: usize, out: &mut [MaybeUninit<f32>]| {
             let n = out.len();
             for ((o, &g), &y) in out.iter_mut().zip(&g[off..off + n]).zip(&y[off..off + n]) {
                 o.write(if y > 0.0 { g } else { 0.0 });
             }
-        });
+        };
+        // SAFETY: each chunk is written zipped with runs of `g` and `y` of its length (the
+        // slices panic if shorter; `g` and `y` have one length, checked above): whole.
+        let out = unsafe { alloc_fill(g.len(), fill) };
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }

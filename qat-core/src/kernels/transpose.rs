@@ -76,50 +76,57 @@ mod x86 {
         nr: usize,
         nc: usize,
     ) {
-        let load_mask = _mm256_loadu_si256(MASKS[8 - nc..].as_ptr() as *const __m256i);
-        let r = |k: usize| {
-            if k >= nr {
-                _mm256_setzero_ps()
-            } else if nc == 8 {
-                _mm256_loadu_ps(src.add(k * ss))
-            } else {
-                _mm256_maskload_ps(src.add(k * ss), load_mask)
-            }
-        };
-        let (r0, r1, r2, r3, r4, r5, r6, r7) = (r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7));
-        let t0 = _mm256_unpacklo_ps(r0, r1);
-        let t1 = _mm256_unpackhi_ps(r0, r1);
-        let t2 = _mm256_unpacklo_ps(r2, r3);
-        let t3 = _mm256_unpackhi_ps(r2, r3);
-        let t4 = _mm256_unpacklo_ps(r4, r5);
-        let t5 = _mm256_unpackhi_ps(r4, r5);
-        let t6 = _mm256_unpacklo_ps(r6, r7);
-        let t7 = _mm256_unpackhi_ps(r6, r7);
-        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        let store_mask = _mm256_loadu_si256(MASKS[8 - nr..].as_ptr() as *const __m256i);
-        let w = |k: usize, v: __m256| {
-            if k >= nc {
-            } else if nr == 8 {
-                _mm256_storeu_ps(dst.add(k * ds), v)
-            } else {
-                _mm256_maskstore_ps(dst.add(k * ds), store_mask, v)
-            }
-        };
-        w(0, _mm256_permute2f128_ps::<0x20>(s0, s4));
-        w(1, _mm256_permute2f128_ps::<0x20>(s1, s5));
-        w(2, _mm256_permute2f128_ps::<0x20>(s2, s6));
-        w(3, _mm256_permute2f128_ps::<0x20>(s3, s7));
-        w(4, _mm256_permute2f128_ps::<0x31>(s0, s4));
-        w(5, _mm256_permute2f128_ps::<0x31>(s1, s5));
-        w(6, _mm256_permute2f128_ps::<0x31>(s2, s6));
-        w(7, _mm256_permute2f128_ps::<0x31>(s3, s7));
+        // SAFETY: AVX is available and `src`/`dst` cover `nr` rows of `nc` values and `nc`
+        // rows of `nr` values (this function's contract); `8 - nc` and `8 - nr` are in `0..8`
+        // (both in `1..=8`), so the masks are 8 lanes inside `MASKS`; rows `k >= nr` are not
+        // read and columns `k >= nc` not stored, and partial rows go through masked loads and
+        // stores of the first `nc` (`nr`) lanes only.
+        unsafe {
+            let load_mask = _mm256_loadu_si256(MASKS[8 - nc..].as_ptr() as *const __m256i);
+            let r = |k: usize| {
+                if k >= nr {
+                    _mm256_setzero_ps()
+                } else if nc == 8 {
+                    _mm256_loadu_ps(src.add(k * ss))
+                } else {
+                    _mm256_maskload_ps(src.add(k * ss), load_mask)
+                }
+            };
+            let (r0, r1, r2, r3, r4, r5, r6, r7) = (r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7));
+            let t0 = _mm256_unpacklo_ps(r0, r1);
+            let t1 = _mm256_unpackhi_ps(r0, r1);
+            let t2 = _mm256_unpacklo_ps(r2, r3);
+            let t3 = _mm256_unpackhi_ps(r2, r3);
+            let t4 = _mm256_unpacklo_ps(r4, r5);
+            let t5 = _mm256_unpackhi_ps(r4, r5);
+            let t6 = _mm256_unpacklo_ps(r6, r7);
+            let t7 = _mm256_unpackhi_ps(r6, r7);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let store_mask = _mm256_loadu_si256(MASKS[8 - nr..].as_ptr() as *const __m256i);
+            let w = |k: usize, v: __m256| {
+                if k >= nc {
+                } else if nr == 8 {
+                    _mm256_storeu_ps(dst.add(k * ds), v)
+                } else {
+                    _mm256_maskstore_ps(dst.add(k * ds), store_mask, v)
+                }
+            };
+            w(0, _mm256_permute2f128_ps::<0x20>(s0, s4));
+            w(1, _mm256_permute2f128_ps::<0x20>(s1, s5));
+            w(2, _mm256_permute2f128_ps::<0x20>(s2, s6));
+            w(3, _mm256_permute2f128_ps::<0x20>(s3, s7));
+            w(4, _mm256_permute2f128_ps::<0x31>(s0, s4));
+            w(5, _mm256_permute2f128_ps::<0x31>(s1, s5));
+            w(6, _mm256_permute2f128_ps::<0x31>(s2, s6));
+            w(7, _mm256_permute2f128_ps::<0x31>(s3, s7));
+        }
     }
 }
 

@@ -157,16 +157,16 @@ fn run_with<E: Epilogue>(
         }
         let run = |scratch: &mut Scratch, (n, y): (usize, &mut [E::Out])| {
             let xn = &xs[n * image_in..(n + 1) * image_in];
-            conv_image(path, &g, xn, x_zero_point as u8, w, epi, scratch, y);
+            conv_image(path, &g, xn, x_zero_point as u8, w, epi, scratch, y)
         };
         if g.batch > 1 && g.work() >= PAR_WORK {
             y.par_chunks_mut(image_out)
                 .enumerate()
-                .for_each_init(Scratch::default, run);
+                .try_for_each_init(Scratch::default, run)?;
         } else {
             let mut scratch = Scratch::default();
             for item in y.chunks_mut(image_out).enumerate() {
-                run(&mut scratch, item);
+                run(&mut scratch, item)?;
             }
         }
         Ok::<_, Error>(y)
@@ -357,7 +357,7 @@ fn conv_image<E: Epilogue>(
     epi: &E,
     s: &mut Scratch,
     y: &mut [E::Out],
-) {
+) -> Result<()> {
     let p = g.positions();
     let og = g.out_channels / g.groups;
     let group_in = g.cg * g.h * g.w;
@@ -380,11 +380,12 @@ fn conv_image<E: Epilogue>(
             &s.panel,
             x_zp as i32,
             &mut s.acc,
-        );
+        )?;
         for (o, acc) in rows.zip(s.acc.chunks_exact(p)) {
             epi.row(o, acc, &mut y[o * p..(o + 1) * p]);
         }
     }
+    Ok(())
 }
 
 /// Copies one group's channels into `(cg, hp, wp)` bordered with the zero point (plus
@@ -465,24 +466,29 @@ unsafe fn rows_stride1(
     wp: usize,
     d: *mut u32,
 ) {
-    use std::arch::x86_64::*;
-    for oy in 0..oh {
-        let s = offs.map(|o| src.add(o + oy * wp));
-        let out = d.add(oy * ow);
-        let mut ox = 0;
-        while ox < ow {
-            let a = _mm_loadu_si128(s[0].add(ox).cast());
-            let b = _mm_loadu_si128(s[1].add(ox).cast());
-            let c = _mm_loadu_si128(s[2].add(ox).cast());
-            let e = _mm_loadu_si128(s[3].add(ox).cast());
-            let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
-            let (ce_lo, ce_hi) = (_mm_unpacklo_epi8(c, e), _mm_unpackhi_epi8(c, e));
-            let o = out.add(ox).cast::<__m128i>();
-            _mm_storeu_si128(o, _mm_unpacklo_epi16(ab_lo, ce_lo));
-            _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(ab_lo, ce_lo));
-            _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(ab_hi, ce_hi));
-            _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(ab_hi, ce_hi));
-            ox += 16;
+    // SAFETY: SSE2 is part of x86_64; the reads of 16 bytes at `src + offs[j] + oy * wp +
+    // ox` and the writes of 16 words at `d + oy * ow + ox`, for `oy < oh` and `ox` in steps
+    // of 16 below `ow`, are in bounds (this function's contract).
+    unsafe {
+        use std::arch::x86_64::*;
+        for oy in 0..oh {
+            let s = offs.map(|o| src.add(o + oy * wp));
+            let out = d.add(oy * ow);
+            let mut ox = 0;
+            while ox < ow {
+                let a = _mm_loadu_si128(s[0].add(ox).cast());
+                let b = _mm_loadu_si128(s[1].add(ox).cast());
+                let c = _mm_loadu_si128(s[2].add(ox).cast());
+                let e = _mm_loadu_si128(s[3].add(ox).cast());
+                let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
+                let (ce_lo, ce_hi) = (_mm_unpacklo_epi8(c, e), _mm_unpackhi_epi8(c, e));
+                let o = out.add(ox).cast::<__m128i>();
+                _mm_storeu_si128(o, _mm_unpacklo_epi16(ab_lo, ce_lo));
+                _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(ab_lo, ce_lo));
+                _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(ab_hi, ce_hi));
+                _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(ab_hi, ce_hi));
+                ox += 16;
+            }
         }
     }
 }

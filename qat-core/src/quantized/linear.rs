@@ -121,10 +121,10 @@ fn linear_with<E: Epilogue>(
         let path = Kernel::Auto.path(max_code(xs))?;
         let mut acc = vec![0i32; o * m];
         if m <= GEMV_MAX {
-            gemv(path, w.packed(), xs, x_zero_point, &mut acc);
+            gemv(path, w.packed(), xs, x_zero_point, &mut acc)?;
         } else {
             let panel = Panel::from_rows(xs, m, k);
-            gemm(path, w.packed(), 0..o, &panel, x_zero_point, &mut acc);
+            gemm(path, w.packed(), 0..o, &panel, x_zero_point, &mut acc)?;
         }
         let zero = <E::Out as WithDType>::from_f64(0.0);
         if m == 0 {
