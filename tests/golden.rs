@@ -4,6 +4,8 @@
 //! Reads `QAT_GOLDEN_DIR` when set, else `tests/golden/` (and then first runs the harness's
 //! self-tests: doctored cases it must fail). Each case runs in its own process (runner.rs). A
 //! kind it does not know fails, and so does a handled kind with no case in the directory.
+//! Each kind's file lists the fields it compares and the ones FORMAT.md leaves uncompared;
+//! `torch_version` (every kind) is informational.
 
 // Tolerance checks are written `!(diff <= tol)` so that a NaN fails them.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
