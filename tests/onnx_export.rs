@@ -3,7 +3,8 @@
 //! with the generated protobuf types) and the exporter's errors; it also leaves, in
 //! `QAT_ONNX_DIR` (default: a directory under the target dir), the two models, the 1,000
 //! test images and the converted models' outputs on them, which `tests/onnx/check_onnx.py`
-//! (run by `.ci/run`) compares with onnxruntime.
+//! (run by `.ci/run`) compares with onnxruntime and `tools/tract-check` with tract (with the
+//! x86 MnistNet also exported with `per_tensor_weights(true)`).
 
 #[path = "../examples/common/idx.rs"]
 mod idx;
@@ -244,6 +245,11 @@ fn exports_mnist_net_and_residual_net_for_onnxruntime() -> AnyResult<()> {
                 report.requantized,
                 vec!["conv1", "conv2", "conv3", "fc1", "fc2"]
             );
+            // tools/tract-check runs it against this model's reference outputs.
+            std::fs::write(
+                dir.join("mnist_net_x86_per_tensor.onnx"),
+                pt.encode_to_vec(),
+            )?;
         } else {
             // Full range and ReLU at zero point 0: uint8 saturation is the whole clamp.
             assert_eq!(count(&m, "QuantizeLinear"), 6);

@@ -1,5 +1,7 @@
 //! Loading golden cases and comparing with FORMAT.md's tolerances.
 
+use std::path::{Path, PathBuf};
+
 use serde_json::Value;
 
 pub struct Case {
@@ -8,51 +10,49 @@ pub struct Case {
     pub json: Value,
 }
 
-pub enum Outcome {
-    Ok,
-    Pending,
-    Fail(String),
-}
-
-impl From<Result<(), String>> for Outcome {
-    fn from(r: Result<(), String>) -> Self {
-        match r {
-            Ok(()) => Outcome::Ok,
-            Err(e) => Outcome::Fail(e),
+/// Every `*.json` of `dir`, sorted by file name.
+pub fn json_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("cannot read golden dir: {e}"))? {
+        let p = entry
+            .map_err(|e| format!("cannot read golden dir: {e}"))?
+            .path();
+        if p.extension().is_some_and(|x| x == "json") {
+            files.push(p);
         }
     }
+    files.sort();
+    Ok(files)
 }
 
-pub type Loaded = Result<Case, (String, String)>;
+/// The file name without `.json`.
+pub fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
 
-/// Every `*.json` of `dir`, sorted by file name.
-pub fn load_dir(dir: &std::path::Path) -> Result<Vec<Loaded>, String> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot read golden dir: {e}"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    Ok(files
-        .iter()
-        .map(|p| {
-            let file = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let text = std::fs::read_to_string(p).map_err(|e| (file.clone(), e.to_string()))?;
-            let json: Value = serde_json::from_str(&text)
-                .map_err(|e| (file.clone(), format!("bad JSON: {e}")))?;
-            let kind = json["kind"].as_str().unwrap_or("?").to_string();
-            let name = json["name"].as_str().unwrap_or(&file).to_string();
-            Ok(Case { kind, name, json })
-        })
-        .collect())
+/// One case file. FORMAT.md: `name` equals the file name and is `<kind>-<nnn>-<short>`.
+pub fn load(path: &Path) -> Result<Case, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| format!("bad JSON: {e}"))?;
+    let kind = string(&json["kind"], "kind")?.to_string();
+    let name = string(&json["name"], "name")?.to_string();
+    if name != stem(path) {
+        return Err(format!("name `{name}` is not the file name"));
+    }
+    if !name.starts_with(&format!("{kind}-")) {
+        return Err(format!(
+            "name `{name}` does not start with its kind `{kind}`"
+        ));
+    }
+    Ok(Case { kind, name, json })
 }
 
 pub type R<T> = Result<T, String>;
 
-/// A tensor field: (shape, data as f64).
+/// A tensor field: (shape, data as f64). The data must hold exactly as many values as the
+/// shape says.
 pub fn tensor(v: &Value, what: &str) -> R<(Vec<usize>, Vec<f64>)> {
     let shape = v["shape"]
         .as_array()
@@ -70,6 +70,13 @@ pub fn tensor(v: &Value, what: &str) -> R<(Vec<usize>, Vec<f64>)> {
         .iter()
         .map(|x| x.as_f64().ok_or(format!("{what}: bad value")))
         .collect::<R<Vec<_>>>()?;
+    let n: usize = shape.iter().product();
+    if data.len() != n {
+        return Err(format!(
+            "{what}: shape {shape:?} holds {n} values, data has {}",
+            data.len()
+        ));
+    }
     Ok((shape, data))
 }
 
@@ -99,6 +106,90 @@ pub fn int(v: &Value, what: &str) -> R<i64> {
 
 pub fn num(v: &Value, what: &str) -> R<f64> {
     v.as_f64().ok_or(format!("{what}: not a number"))
+}
+
+pub fn boolean(v: &Value, what: &str) -> R<bool> {
+    v.as_bool().ok_or(format!("{what}: not a bool"))
+}
+
+pub fn string<'a>(v: &'a Value, what: &str) -> R<&'a str> {
+    v.as_str().ok_or(format!("{what}: not a string"))
+}
+
+pub fn array<'a>(v: &'a Value, what: &str) -> R<&'a Vec<Value>> {
+    v.as_array().ok_or(format!("{what}: not a list"))
+}
+
+/// Two lists that go in step (inputs and expected states, steps and expected results): both
+/// as long, or an error naming the two counts.
+pub fn paired<'a>(
+    a: &'a Value,
+    a_name: &str,
+    b: &'a Value,
+    b_name: &str,
+) -> R<Vec<(&'a Value, &'a Value)>> {
+    let (a, b) = (array(a, a_name)?, array(b, b_name)?);
+    if a.len() != b.len() || a.is_empty() {
+        return Err(format!(
+            "{} {a_name} and {} {b_name}: want as many of each, at least one",
+            a.len(),
+            b.len()
+        ));
+    }
+    Ok(a.iter().zip(b).collect())
+}
+
+/// The integer-code tolerance (FORMAT.md): every code within 1 of the reference, at most
+/// max(1, floor(1% of n)) of them differ.
+pub fn check_codes(what: &str, got: &[i64], want: &[i64]) -> R<()> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} codes, want {}", got.len(), want.len()));
+    }
+    let mut off = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if (g - w).abs() > 1 {
+            return Err(format!(
+                "{what}[{i}] = {g}, want {w} (more than one code apart)"
+            ));
+        }
+        off += usize::from(g != w);
+    }
+    let allowed = (got.len() / 100).max(1);
+    if off > allowed {
+        return Err(format!(
+            "{what}: {off} of {} codes differ by one (at most {allowed} may)",
+            got.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Float values as codes `round(v / scale)`; a NaN or infinite value fails.
+pub fn as_codes(what: &str, v: &[f32], scale: f32) -> R<Vec<i64>> {
+    v.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let c = (x / scale).round();
+            if c.is_finite() {
+                Ok(c as i64)
+            } else {
+                Err(format!("{what}[{i}] = {x}: not a finite value"))
+            }
+        })
+        .collect()
+}
+
+/// Float outputs (FORMAT.md): abs <= 1e-4 + 1e-4 |ref| for every element, no exemptions.
+pub fn check_float(what: &str, got: &[f32], want: &[f32]) -> R<()> {
+    same_len(what, got, want)?;
+    match got
+        .iter()
+        .zip(want)
+        .position(|(&g, &w)| !((g - w).abs() as f64 <= 1e-4 + 1e-4 * (w as f64).abs()))
+    {
+        Some(i) => Err(format!("{what}[{i}] = {}, want {}", got[i], want[i])),
+        None => Ok(()),
+    }
 }
 
 fn exempt(n: usize) -> usize {
@@ -173,13 +264,14 @@ pub fn check_rel(what: &str, got: &[f32], want: &[f32], rel: f64) -> R<()> {
 }
 
 pub fn check_exact<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) -> R<()> {
+    same_len(what, got, want)?;
     if got != want {
         return Err(format!("{what} = {got:?}, want {want:?}"));
     }
     Ok(())
 }
 
-fn same_len(what: &str, got: &[f32], want: &[f32]) -> R<()> {
+pub fn same_len<T>(what: &str, got: &[T], want: &[T]) -> R<()> {
     if got.len() != want.len() {
         return Err(format!(
             "{what}: {} elements, want {}",

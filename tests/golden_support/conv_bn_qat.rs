@@ -10,62 +10,62 @@ use candle_qat::nn::{BatchNorm2d, BatchNormConfig, Conv2d, ConvConfig, ReLU};
 use candle_qat::qconfig::QConfig;
 use serde_json::Value;
 
-use crate::case::{candle, check_grad_with, err, f32s, int, num, to_vec, Case, R};
+use crate::case::{
+    array, as_codes, boolean, candle, check_codes, check_exact, check_float, check_grad_with,
+    check_rel, err, f32s, i32s, int, num, paired, same_len, string, to_vec, Case, R,
+};
 use crate::fake_quantize_module::backend;
 
+/// A pair field `[a, a]`: the value, as our square ConvConfig takes it.
 fn pair(v: &Value, what: &str) -> R<usize> {
-    let a = v.as_array().ok_or(format!("{what}: not a pair"))?;
-    let (x, y) = (a[0].as_u64(), a[1].as_u64());
-    match (x, y) {
-        (Some(x), Some(y)) if x == y => Ok(x as usize),
-        _ => Err(format!("{what}: only square values are supported, got {v}")),
+    match array(v, what)?.as_slice() {
+        [x, y] if x.as_u64().is_some() && x == y => Ok(x.as_u64().unwrap_or(0) as usize),
+        _ => Err(format!("{what}: only square pairs are supported, got {v}")),
     }
 }
 
-/// Integer codes `round(v / scale)` within 1, at most max(1, 1%) differ.
-pub fn check_codes(what: &str, got: &[f32], want: &[f32], scale: f32) -> R<()> {
-    if got.len() != want.len() {
-        return Err(format!("{what}: {} values, want {}", got.len(), want.len()));
-    }
-    let mut off = 0;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let (cg, cw) = ((g / scale).round(), (w / scale).round());
-        if (cg - cw).abs() > 1.0 {
-            return Err(format!("{what}[{i}]: code {cg}, want {cw}"));
-        }
-        if cg != cw {
-            off += 1;
-        }
-    }
-    if off > (got.len() / 100).max(1) {
-        return Err(format!(
-            "{what}: {off} of {} codes differ by one",
-            got.len()
-        ));
-    }
-    Ok(())
-}
-
-fn check_float(what: &str, got: &[f32], want: &[f32]) -> R<()> {
-    match got
-        .iter()
-        .zip(want)
-        .position(|(&g, &w)| !((g - w).abs() as f64 <= 1e-4 + 1e-4 * (w as f64).abs()))
-    {
-        Some(i) => Err(format!("{what}[{i}] = {}, want {}", got[i], want[i])),
-        None => Ok(()),
-    }
-}
-
+/// Inputs: `module`, `preset`, `qconfig_version` (0), `conv`, `params`, `steps`. Compared
+/// after each step: `y` (codes with the reference's act_scale), `grad_x`, `grad_weight`,
+/// `grad_bias`, `grad_bn_weight`, `grad_bn_bias` (present exactly where ours are),
+/// `running_mean`, `running_var` (present exactly where the module has a BN: a fused layer
+/// that lost its BN fails), `weight_scale`, `weight_zero_point` (exact), `act_scale`,
+/// `act_zero_point` (within 1).
 pub fn run(case: &Case) -> R<()> {
     let j = &case.json;
     let dev = Device::Cpu;
     let c = &j["conv"];
     let p = &j["params"];
-    let module = j["module"].as_str().unwrap_or("");
-    let has_bn = module.starts_with("ConvBn");
-    let relu_fused = module.contains("ReLU");
-    let qc = QConfig::default_qat(backend(j["preset"].as_str().unwrap_or(""))?);
+    let module = string(&j["module"], "module")?;
+    let (has_bn, relu_fused) = match module {
+        "ConvBn2d" => (true, false),
+        "ConvBnReLU2d" => (true, true),
+        "ConvReLU2d" => (false, true),
+        m => return Err(format!("unknown module {m}")),
+    };
+    if int(&j["qconfig_version"], "qconfig_version")? != 0 {
+        return Err("only qconfig_version 0 is supported".into());
+    }
+    let qc = QConfig::default_qat(backend(string(&j["preset"], "preset")?)?);
+    // The parameters this module has: present exactly then (VarBuilder would create a
+    // missing one silently).
+    let has_bias = boolean(&c["bias"], "conv.bias")?;
+    for (key, present) in [
+        ("weight", true),
+        ("bias", has_bias),
+        ("bn_weight", has_bn),
+        ("bn_bias", has_bn),
+        ("running_mean", has_bn),
+        ("running_var", has_bn),
+        ("bn_eps", has_bn),
+        ("bn_momentum", has_bn),
+    ] {
+        if p[key].is_null() == present {
+            return Err(format!(
+                "params.{key} {} for {module} (conv.bias {has_bias})",
+                if present { "missing" } else { "present" }
+            ));
+        }
+    }
     let varmap = VarMap::new();
     let mut vars: Vec<(&str, Var)> = Vec::new();
     {
@@ -103,7 +103,7 @@ pub fn run(case: &Case) -> R<()> {
         cout,
         pair(&c["kernel_size"], "kernel_size")?,
         cfg,
-        c["bias"].as_bool().unwrap_or(false),
+        has_bias,
         vb.pp("conv"),
     )
     .map_err(err)?;
@@ -141,13 +141,11 @@ pub fn run(case: &Case) -> R<()> {
     conv.prepare_qat(Some(&qc)).map_err(err)?;
     let var = |key: &str| vars.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
     let weight = var("weight").ok_or("no weight")?;
-    let steps = j["steps"].as_array().ok_or("no steps")?;
-    let expected = j["expected"].as_array().ok_or("no expected")?;
+    let steps = paired(&j["steps"], "steps", &j["expected"], "expected")?;
     let w_host = f32s(&p["weight"], "weight")?;
     let per_out = w_host.len() / cout;
-    let mut train_seen = false;
-    for (k, (s, e)) in steps.iter().zip(expected).enumerate() {
-        let train = s["train"].as_bool().ok_or("no train flag")?;
+    for (k, (s, e)) in steps.into_iter().enumerate() {
+        let train = boolean(&s["train"], "train")?;
         conv.set_training(train);
         // Tie bookkeeping (FORMAT.md): which weight of each channel is a rounding tie.
         let (rv_before, bn_w) = match (conv.bn_running_stats(), var("bn_weight")) {
@@ -168,8 +166,6 @@ pub fn run(case: &Case) -> R<()> {
             .filter(|&ch| !per_tensor || ch == top)
             .map(|ch| tie[ch])
             .collect();
-        let _ = train_seen;
-        train_seen |= train;
 
         let x = Var::from_tensor(&candle(&s["x"], "x")?).map_err(err)?;
         let gy = candle(&s["grad_y"], "grad_y")?;
@@ -186,30 +182,35 @@ pub fn run(case: &Case) -> R<()> {
             find("activation").ok_or("no act fq")?,
         );
         let act_scale = f32s(&e["act_scale"], "act_scale")?;
-        crate::case::check_rel(
+        check_rel(
             &format!("step {k} act_scale"),
             &afq.scale(),
             &act_scale,
             1e-5,
         )?;
-        let azp = crate::case::i32s(&e["act_zero_point"], "act_zero_point")?;
-        if (afq.zero_point()[0] - azp[0]).abs() > 1 {
+        let azp = i32s(&e["act_zero_point"], "act_zero_point")?;
+        let own_azp = afq.zero_point();
+        same_len(&format!("step {k} act_zero_point"), &own_azp, &azp)?;
+        if own_azp.iter().zip(&azp).any(|(a, b)| (a - b).abs() > 1) {
             return Err(format!(
-                "step {k} act_zero_point {:?}, want {azp:?}",
-                afq.zero_point()
+                "step {k} act_zero_point {own_azp:?}, want {azp:?} (within 1)"
             ));
         }
-        crate::case::check_rel(
+        check_rel(
             &format!("step {k} weight_scale"),
             &wfq.scale(),
             &f32s(&e["weight_scale"], "weight_scale")?,
             1e-5,
         )?;
+        check_exact(
+            &format!("step {k} weight_zero_point"),
+            &wfq.zero_point(),
+            &i32s(&e["weight_zero_point"], "weight_zero_point")?,
+        )?;
         check_codes(
             &format!("step {k} y"),
-            &to_vec(&y)?,
-            &f32s(&e["y"], "y")?,
-            act_scale[0],
+            &as_codes("y", &to_vec(&y)?, act_scale[0])?,
+            &as_codes("expected y", &f32s(&e["y"], "y")?, act_scale[0])?,
         )?;
         let g = |name: &str, got: Option<Vec<f32>>, extra: &dyn Fn(usize) -> f64| -> R<()> {
             match (got, e[name].is_null()) {
@@ -271,17 +272,44 @@ pub fn run(case: &Case) -> R<()> {
                 .flatten(),
             &|_| 0.0,
         )?;
-        if let Some((rm, rv)) = conv.bn_running_stats() {
-            check_float(
-                &format!("step {k} running_mean"),
-                &to_vec(&rm)?,
-                &f32s(&e["running_mean"], "running_mean")?,
-            )?;
-            check_float(
-                &format!("step {k} running_var"),
-                &to_vec(&rv)?,
-                &f32s(&e["running_var"], "running_var")?,
-            )?;
+        let stats = conv.bn_running_stats();
+        match (
+            has_bn,
+            stats,
+            e["running_mean"].is_null(),
+            e["running_var"].is_null(),
+        ) {
+            (false, None, true, true) => {}
+            (true, Some((rm, rv)), false, false) => {
+                check_float(
+                    &format!("step {k} running_mean"),
+                    &to_vec(&rm)?,
+                    &f32s(&e["running_mean"], "running_mean")?,
+                )?;
+                check_float(
+                    &format!("step {k} running_var"),
+                    &to_vec(&rv)?,
+                    &f32s(&e["running_var"], "running_var")?,
+                )?;
+            }
+            (_, stats, _, _) => {
+                return Err(format!(
+                    "step {k} running_mean/running_var: {module} {} a BN, ours has {}, the \
+                     reference lists {} / {}",
+                    if has_bn { "has" } else { "has no" },
+                    if stats.is_some() { "one" } else { "none" },
+                    if e["running_mean"].is_null() {
+                        "none"
+                    } else {
+                        "a running_mean"
+                    },
+                    if e["running_var"].is_null() {
+                        "none"
+                    } else {
+                        "a running_var"
+                    },
+                ))
+            }
         }
     }
     Ok(())

@@ -1,4 +1,7 @@
 //! fake_quant_per_tensor / fake_quant_per_channel: forward values and STE gradients.
+//!
+//! Fields: `x`, `scale`, `zero_point`, `quant_min`, `quant_max`, `grad_y` (and `axis` per
+//! channel) are the inputs; `expected.y`, `expected.grad_x` are compared, lengths included.
 
 use candle_core::{Tensor, Var};
 use candle_qat::fake_quant::{fake_quantize_per_channel, fake_quantize_per_tensor};
@@ -53,8 +56,18 @@ pub fn run_per_channel(case: &Case) -> R<()> {
         fake_quantize_per_channel(x, &scale, &zp, axis, qmin, qmax)
     })?;
     let dims = x.dims().to_vec();
+    let channels = *dims
+        .get(axis)
+        .ok_or(format!("axis {axis} of a {dims:?} tensor"))?;
+    if scale.len() != channels || zp.len() != channels {
+        return Err(format!(
+            "{} scales and {} zero points for {channels} channels",
+            scale.len(),
+            zp.len()
+        ));
+    }
     let inner: usize = dims[axis + 1..].iter().product();
-    let step = |i: usize| scale[(i / inner) % dims[axis]];
+    let step = |i: usize| scale[(i / inner) % channels];
     check_fq("y", &y, &f32s(&j["expected"]["y"], "y")?, step)?;
     check_grad("grad_x", &gx, &f32s(&j["expected"]["grad_x"], "grad_x")?)
 }

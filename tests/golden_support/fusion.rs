@@ -2,21 +2,12 @@
 
 use candle_qat::fuse::{fold_conv_bn_weights, fold_linear_bn_weights};
 
-use crate::case::{candle, err, f32s, num, to_vec, Case, R};
+use crate::case::{candle, check_float, err, f32s, num, to_vec, Case, R};
 
-fn check_float(what: &str, got: &[f32], want: &[f32]) -> R<()> {
-    // Float outputs: abs <= 1e-4 + 1e-4 |ref|, no exemptions.
-    let bad = got
-        .iter()
-        .zip(want)
-        .position(|(&g, &w)| !((g - w).abs() as f64 <= 1e-4 + 1e-4 * (w as f64).abs()));
-    match bad {
-        Some(i) => Err(format!("{what}[{i}] = {}, want {}", got[i], want[i])),
-        None if got.len() == want.len() => Ok(()),
-        None => Err(format!("{what}: {} values, want {}", got.len(), want.len())),
-    }
-}
-
+/// Inputs: `conv_weight` / `linear_weight`, `bias`, `bn_weight`, `bn_bias`, `running_mean`,
+/// `running_var`, `eps`. Compared: `expected.weight`, `expected.bias` (float outputs, lengths
+/// included). Not compared: `groups` (FORMAT.md: informational; folding is per output
+/// channel whatever the groups).
 pub fn run(case: &Case, conv: bool) -> R<()> {
     let j = &case.json;
     let w = candle(

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use candle_qat::model::Quantizable;
+use candle_qat::model::{QuantModule, Quantizable};
 use candle_qat::nn::{
     BatchNorm2d, BatchNormConfig, Conv2d, ConvConfig, DeQuantStub, Flatten, FloatFunctional,
     Linear, QuantStub, ReLU,
@@ -13,8 +13,10 @@ use candle_qat::qconfig::QConfig;
 use candle_qat::qconfig_mapping::QConfigMapping;
 use candle_qat::Quantizable;
 
-use crate::case::{candle, err, num, to_vec, Case, Outcome, R};
-use crate::conv_bn_qat::check_codes;
+use crate::case::{
+    array, as_codes, candle, check_codes, check_exact, check_rel, err, f32s, int, num, string,
+    to_vec, Case, R,
+};
 use crate::fake_quantize_module::backend;
 
 fn conv(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> candle_qat::Result<Conv2d> {
@@ -134,25 +136,67 @@ impl Module for TinyResNet {
     }
 }
 
+/// Inputs: `arch`, `preset`, `engine` (= preset), `qconfig_version` (0), `fuse_groups` (must
+/// be the groups our model declares), `state_dict` (every key used, every parameter given),
+/// `calib`, `test_x`. Compared: `qat_y` (codes with the reference's `qat_scale`, as FORMAT.md
+/// says), our fc output fake-quant's scale and zero point after that forward against
+/// `qat_scale` / `qat_zero_point`, our converted model's output scale and zero point against
+/// `int8_scale` / `int8_zero_point`, and its output codes (with its own qparams) against
+/// `int8_codes_clamped` and its output against `int8_y_clamped`.
+/// Not compared: `int8_y` / `int8_codes` (PyTorch's unclamped int8 model; FORMAT.md compares
+/// them only in a PyTorch-compatible mode, which candle-qat does not offer) and `qparams`
+/// (FORMAT.md: informational for model_e2e).
 fn run_model<M: Quantizable + Module>(
     case: &Case,
     build: impl Fn(VarBuilder) -> candle_qat::Result<M>,
+    fc: impl Fn(&M) -> &Linear,
 ) -> R<()> {
     let j = &case.json;
     let dev = Device::Cpu;
     let varmap = VarMap::new();
+    let given = j["state_dict"].as_object().ok_or("no state_dict")?;
     {
         let mut data = varmap.data().lock().map_err(err)?;
-        for (k, v) in j["state_dict"].as_object().ok_or("no state_dict")? {
+        for (k, v) in given {
             data.insert(k.clone(), Var::from_tensor(&candle(v, k)?).map_err(err)?);
         }
     }
     let mut model = build(VarBuilder::from_varmap(&varmap, DType::F32, &dev)).map_err(err)?;
-    let qc = QConfig::default_qat(backend(j["preset"].as_str().unwrap_or(""))?);
+    // A VarMap creates a parameter the state_dict lacks: the model must have asked for
+    // exactly the keys given (shapes are checked by the layers' constructors).
+    let mut used: Vec<String> = varmap.data().lock().map_err(err)?.keys().cloned().collect();
+    let mut listed: Vec<String> = given.keys().cloned().collect();
+    used.sort();
+    listed.sort();
+    if used != listed {
+        return Err(format!("model parameters {used:?}, state_dict {listed:?}"));
+    }
+    let want_groups = array(&j["fuse_groups"], "fuse_groups")?
+        .iter()
+        .map(|g| {
+            array(g, "fuse group")?
+                .iter()
+                .map(|m| string(m, "fuse group member").map(str::to_string))
+                .collect::<R<Vec<_>>>()
+        })
+        .collect::<R<Vec<_>>>()?;
+    let groups: Vec<Vec<String>> = model
+        .fusion_groups()
+        .into_iter()
+        .map(|g| g.into_iter().map(str::to_string).collect())
+        .collect();
+    if groups != want_groups {
+        return Err(format!("fuse groups {groups:?}, want {want_groups:?}"));
+    }
+    let preset = string(&j["preset"], "preset")?;
+    if string(&j["engine"], "engine")? != preset || int(&j["qconfig_version"], "version")? != 0 {
+        return Err("want engine = preset and qconfig_version 0".into());
+    }
+    let qc = QConfig::default_qat(backend(preset)?);
     train(&mut model).map_err(err)?;
     fuse_modules_qat(&mut model).map_err(err)?;
     prepare_qat(&mut model, &QConfigMapping::global(qc)).map_err(err)?;
-    for (i, x) in j["calib"].as_array().ok_or("no calib")?.iter().enumerate() {
+    for (i, x) in array(&j["calib"], "calib")?.iter().enumerate() {
         model
             .forward(&candle(x, "calib")?)
             .map_err(|e| format!("calib {i}: {e}"))?;
@@ -161,30 +205,87 @@ fn run_model<M: Quantizable + Module>(
     let test_x = candle(&j["test_x"], "test_x")?;
     let y = model.forward(&test_x).map_err(err)?;
     let e = &j["expected"];
-    let scale = num(&e["qat_scale"], "qat_scale")? as f32;
+    let qat_scale = num(&e["qat_scale"], "qat_scale")? as f32;
     check_codes(
         "qat_y",
-        &to_vec(&y)?,
-        &crate::case::f32s(&e["qat_y"], "qat_y")?,
-        scale,
+        &as_codes("qat_y", &to_vec(&y)?, qat_scale)?,
+        &as_codes("expected qat_y", &f32s(&e["qat_y"], "qat_y")?, qat_scale)?,
+    )?;
+    let fqs = fc(&model).fake_quants();
+    let out_fq = fqs
+        .iter()
+        .find(|(role, _)| role == "activation")
+        .map(|(_, f)| f)
+        .ok_or("fc has no output fake-quant")?;
+    check_qparams(
+        "qat",
+        (out_fq.scale(), out_fq.zero_point()),
+        e,
+        "qat_scale",
+        "qat_zero_point",
     )?;
     // convert: PyTorch's pipeline with every activation clamped to its trained range.
     convert(&mut model).map_err(err)?;
+    let out = fc(&model)
+        .int8_state()
+        .and_then(|s| s.output)
+        .ok_or("converted fc has no output qparams")?;
+    check_qparams(
+        "int8",
+        (vec![out.scale], vec![out.zero_point]),
+        e,
+        "int8_scale",
+        "int8_zero_point",
+    )?;
     let y8 = to_vec(&model.forward(&test_x).map_err(err)?)?;
-    let s8 = num(&e["int8_scale"], "int8_scale")? as f32;
-    let zp8 = num(&e["int8_zero_point"], "int8_zero_point")? as f32;
-    let codes: Vec<f32> = y8.iter().map(|v| (v / s8).round() + zp8).collect();
-    let want: Vec<f32> = crate::case::f32s(&e["int8_codes_clamped"], "int8_codes_clamped")?;
-    let want_y: Vec<f32> = want.iter().map(|c| (c - zp8) * s8).collect();
-    let got_y: Vec<f32> = codes.iter().map(|c| (c - zp8) * s8).collect();
-    check_codes("int8_codes_clamped", &got_y, &want_y, s8)
+    // Our output codes, with our own output qparams.
+    let codes: Vec<i64> = as_codes("int8 y", &y8, out.scale)?
+        .into_iter()
+        .map(|c| c + out.zero_point as i64)
+        .collect();
+    let want = as_codes(
+        "int8_codes_clamped",
+        &f32s(&e["int8_codes_clamped"], "int8_codes_clamped")?,
+        1.0,
+    )?;
+    check_codes("int8_codes_clamped", &codes, &want)?;
+    let int8_scale = num(&e["int8_scale"], "int8_scale")? as f32;
+    check_codes(
+        "int8_y_clamped",
+        &as_codes("int8 y", &y8, int8_scale)?,
+        &as_codes(
+            "int8_y_clamped",
+            &f32s(&e["int8_y_clamped"], "int8_y_clamped")?,
+            int8_scale,
+        )?,
+    )
 }
 
-pub fn run(case: &Case) -> Outcome {
-    let r = match case.json["arch"].as_str() {
-        Some("TinyNet") => run_model(case, TinyNet::new),
-        Some("TinyResNet") => run_model(case, TinyResNet::new),
-        a => Err(format!("unknown arch {a:?}")),
-    };
-    r.into()
+/// An output scale (relative 1e-6, FORMAT.md's scale tolerance) and zero point (exact).
+fn check_qparams(
+    what: &str,
+    (scale, zp): (Vec<f32>, Vec<i32>),
+    e: &serde_json::Value,
+    scale_key: &str,
+    zp_key: &str,
+) -> R<()> {
+    check_rel(
+        &format!("{what} {scale_key}"),
+        &scale,
+        &[num(&e[scale_key], scale_key)? as f32],
+        1e-6,
+    )?;
+    check_exact(
+        &format!("{what} {zp_key}"),
+        &zp,
+        &[int(&e[zp_key], zp_key)? as i32],
+    )
+}
+
+pub fn run(case: &Case) -> R<()> {
+    match string(&case.json["arch"], "arch")? {
+        "TinyNet" => run_model(case, TinyNet::new, |m| &m.fc),
+        "TinyResNet" => run_model(case, TinyResNet::new, |m| &m.fc),
+        a => Err(format!("unknown arch {a}")),
+    }
 }

@@ -5,7 +5,10 @@ use candle_qat::qconfig::{ObserverKind, ObserverSpec};
 use candle_qat::{QDType, QParams, QScheme};
 use serde_json::Value;
 
-use crate::case::{candle, check_exact, check_rel, err, f32s, i32s, Case, R};
+use crate::case::{
+    array, boolean, candle, check_exact, check_rel, err, f32s, i32s, int, num, paired, same_len,
+    string, Case, R,
+};
 
 pub fn qscheme(name: &str) -> R<QScheme> {
     Ok(match name {
@@ -25,58 +28,78 @@ pub fn dtype(name: &str) -> R<QDType> {
     }
 }
 
+/// The observer a `config` describes. Every field must be present and consistent: the
+/// optional ones (`quant_min`/`quant_max`, `averaging_constant`, `ch_axis`, `bins`) are null
+/// exactly where FORMAT.md says.
 fn spec(c: &Value) -> R<ObserverSpec> {
     let mut config = ObserverConfig::new(
-        dtype(c["dtype"].as_str().unwrap_or(""))?,
-        qscheme(c["qscheme"].as_str().unwrap_or(""))?,
+        dtype(string(&c["dtype"], "dtype")?)?,
+        qscheme(string(&c["qscheme"], "qscheme")?)?,
     )
-    .with_reduce_range(c["reduce_range"].as_bool().unwrap_or(false))
-    .with_eps(c["eps"].as_f64().ok_or("no eps")? as f32);
-    if let (Some(lo), Some(hi)) = (c["quant_min"].as_i64(), c["quant_max"].as_i64()) {
-        config = config.with_range(lo as i32, hi as i32);
+    .with_reduce_range(boolean(&c["reduce_range"], "reduce_range")?)
+    .with_eps(num(&c["eps"], "eps")? as f32);
+    match (&c["quant_min"], &c["quant_max"]) {
+        (Value::Null, Value::Null) => {}
+        (lo, hi) => {
+            config = config.with_range(int(lo, "quant_min")? as i32, int(hi, "quant_max")? as i32)
+        }
     }
-    if let Some(axis) = c["ch_axis"].as_u64() {
-        config = config.with_ch_axis(axis as usize);
+    let name = string(&c["observer"], "observer")?;
+    let per_channel = name.contains("PerChannel");
+    if per_channel != config.qscheme.is_per_channel() {
+        return Err(format!("{name} with {:?}", config.qscheme));
     }
-    let averaging = || -> R<f32> {
-        Ok(c["averaging_constant"]
-            .as_f64()
-            .ok_or("no averaging_constant")? as f32)
-    };
-    let kind = match c["observer"].as_str().unwrap_or("") {
+    match (per_channel, &c["ch_axis"]) {
+        (true, a) => config = config.with_ch_axis(int(a, "ch_axis")? as usize),
+        (false, Value::Null) => {}
+        (false, a) => return Err(format!("per-tensor observer with ch_axis {a}")),
+    }
+    let moving = name.starts_with("MovingAverage");
+    let histogram = name == "HistogramObserver";
+    if !moving && !c["averaging_constant"].is_null() {
+        return Err(format!("{name} with an averaging_constant"));
+    }
+    if !histogram && !c["bins"].is_null() {
+        return Err(format!("{name} with bins"));
+    }
+    let kind = match name {
         "MinMaxObserver" | "PerChannelMinMaxObserver" => ObserverKind::MinMax,
         "MovingAverageMinMaxObserver" | "MovingAveragePerChannelMinMaxObserver" => {
             ObserverKind::MovingAverageMinMax {
-                averaging_constant: averaging()?,
+                averaging_constant: num(&c["averaging_constant"], "averaging_constant")? as f32,
             }
         }
         "HistogramObserver" => ObserverKind::Histogram {
-            bins: c["bins"].as_u64().ok_or("no bins")? as usize,
+            bins: int(&c["bins"], "bins")? as usize,
         },
         o => return Err(format!("unknown observer {o}")),
     };
     Ok(ObserverSpec { kind, config })
 }
 
+/// Compared, after each input: `min_val`, `max_val` (exact), `scale`, `zero_point` (every
+/// entry; HistogramObserver's only on the last, with its tolerance) and, once, `quant_range`.
 pub fn run(case: &Case) -> R<()> {
     let j = &case.json;
     let histogram = j["config"]["observer"] == "HistogramObserver";
-    let mut obs = spec(&j["config"])?.build().map_err(err)?;
+    let obs_spec = spec(&j["config"])?;
+    let mut obs = obs_spec.build().map_err(err)?;
+    if obs.name() != string(&j["config"]["observer"], "observer")? {
+        return Err(format!("built a {}", obs.name()));
+    }
     let range = obs.quant_range();
-    let want_range: Vec<i32> = j["quant_range"]
-        .as_array()
-        .ok_or("no quant_range")?
+    let want_range = array(&j["quant_range"], "quant_range")?
         .iter()
-        .map(|v| v.as_i64().unwrap_or(i64::MIN) as i32)
-        .collect();
+        .map(|v| int(v, "quant_range").map(|v| v as i32))
+        .collect::<R<Vec<i32>>>()?;
     check_exact(
         "quant_range",
         &[range.quant_min(), range.quant_max()],
         &want_range,
     )?;
-    let inputs = j["inputs"].as_array().ok_or("no inputs")?;
-    let expected = j["expected"].as_array().ok_or("no expected")?;
-    for (k, (x, e)) in inputs.iter().zip(expected).enumerate() {
+    let steps = paired(&j["inputs"], "inputs", &j["expected"], "expected")?;
+    let last = steps.len() - 1;
+    for (k, (x, e)) in steps.into_iter().enumerate() {
         obs.observe(&candle(x, "input")?).map_err(err)?;
         let (mn, mx) = obs.min_max().ok_or("observer saw nothing")?;
         check_exact(
@@ -89,8 +112,26 @@ pub fn run(case: &Case) -> R<()> {
             &mx,
             &f32s(&e["max_val"], "max_val")?,
         )?;
-        if e["scale"].is_null() {
-            continue;
+        // Only a histogram's entries before the last have no qparams.
+        let qparams_listed = !(histogram && k < last);
+        match (
+            qparams_listed,
+            e["scale"].is_null(),
+            e["zero_point"].is_null(),
+        ) {
+            (false, true, true) => continue,
+            (true, false, false) => {}
+            _ => {
+                return Err(format!(
+                    "step {k}: scale/zero_point {} here (FORMAT.md: every entry, a histogram's \
+                     last only)",
+                    if qparams_listed {
+                        "missing"
+                    } else {
+                        "unexpected"
+                    }
+                ))
+            }
         }
         let qp = obs.calculate_qparams().map_err(err)?;
         let (scale, zp) = match &qp {
@@ -107,6 +148,7 @@ pub fn run(case: &Case) -> R<()> {
                 &f32s(&e["scale"], "scale")?,
                 1e-4,
             )?;
+            same_len(&format!("step {k} zero_point"), &zp, &want_zp)?;
             if zp.iter().zip(&want_zp).any(|(a, b)| (a - b).abs() > 1) {
                 return Err(format!(
                     "step {k} zero_point = {zp:?}, want {want_zp:?} (within 1)"

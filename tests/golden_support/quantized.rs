@@ -4,6 +4,12 @@
 //! tensor or per channel (symmetric qint8), and the output requantized with PyTorch's clamp
 //! range 0..=255 (the reference's). x_q and w_q must match exactly; y_q and y within the
 //! integer-code tolerance.
+//!
+//! Every input field is used or checked for consistency: `engine` (x86), `per_channel`
+//! (the length of `w_scale`), `w_zero_point` (zeros, one per scale), `relu`, and for conv
+//! `in_channels`, `out_channels`, `kernel_size` (the weight's shape), `stride`, `padding`,
+//! `dilation`, `groups`. Compared: `expected.x_q`, `w_q` (exact), `y_q` (its shape too) and
+//! `y` (in steps of y_scale).
 
 use candle_core::Tensor;
 use candle_qat::nn::ConvConfig;
@@ -12,7 +18,11 @@ use candle_qat::quantized::{
 };
 use serde_json::Value;
 
-use crate::case::{candle, err, f32s, i32s, int, num, tensor, to_vec, Case, R};
+use crate::case::{boolean, candle, err, f32s, i32s, int, num, string, tensor, to_vec, Case, R};
+
+fn shape(v: &Value, what: &str) -> R<Vec<usize>> {
+    Ok(tensor(v, what)?.0)
+}
 
 /// PyTorch's quint8 range: its quantize ops and int8 kernels clamp to it.
 const U8_MIN: i32 = 0;
@@ -38,12 +48,26 @@ fn common(j: &Value) -> R<Common> {
     let want_xq = codes(&j["expected"]["x_q"], "x_q")?;
     check_exact_codes("x_q", &u8s(&x_q)?, &want_xq)?;
 
+    if string(&j["engine"], "engine")? != "x86" {
+        return Err(format!("engine {}: the cases are x86's", j["engine"]));
+    }
     let w = candle(&j["weight"], "weight")?;
     let w_scale = f32s(&j["w_scale"], "w_scale")?;
-    if let Some(z) = i32s(&j["w_zero_point"], "w_zero_point")?
-        .iter()
-        .find(|&&z| z != 0)
-    {
+    let out_channels = w.dims().first().copied().unwrap_or(0);
+    let scales = if boolean(&j["per_channel"], "per_channel")? {
+        out_channels
+    } else {
+        1
+    };
+    let w_zp = i32s(&j["w_zero_point"], "w_zero_point")?;
+    if w_scale.len() != scales || w_zp.len() != scales {
+        return Err(format!(
+            "{} weight scales and {} zero points, want {scales}",
+            w_scale.len(),
+            w_zp.len()
+        ));
+    }
+    if let Some(z) = w_zp.iter().find(|&&z| z != 0) {
         return Err(format!(
             "w_zero_point {z}: only symmetric int8 weights are supported"
         ));
@@ -59,7 +83,7 @@ fn common(j: &Value) -> R<Common> {
     };
     let y_scale = num(&j["y_scale"], "y_scale")? as f32;
     let y_zp = int(&j["y_zero_point"], "y_zero_point")? as i32;
-    let relu = j["relu"].as_bool().ok_or("relu: not a bool")?;
+    let relu = boolean(&j["relu"], "relu")?;
     let out = Requant::new(y_scale, y_zp, U8_MIN, U8_MAX)
         .map_err(err)?
         .with_relu(relu);
@@ -86,11 +110,24 @@ pub fn run_linear(case: &Case) -> R<()> {
 pub fn run_conv(case: &Case) -> R<()> {
     let j = &case.json;
     let c = common(j)?;
+    let groups = int(&j["groups"], "groups")? as usize;
+    let (cin, cout) = (
+        int(&j["in_channels"], "in_channels")? as usize,
+        int(&j["out_channels"], "out_channels")? as usize,
+    );
+    let k = square(&j["kernel_size"], "kernel_size")?;
+    let want_shape = [cout, cin / groups.max(1), k, k];
+    if shape(&j["weight"], "weight")? != want_shape {
+        return Err(format!(
+            "weight shape {:?}, want {want_shape:?} (in_channels {cin}, groups {groups})",
+            shape(&j["weight"], "weight")?
+        ));
+    }
     let conv = ConvConfig {
         padding: square(&j["padding"], "padding")?,
         stride: square(&j["stride"], "stride")?,
         dilation: square(&j["dilation"], "dilation")?,
-        groups: int(&j["groups"], "groups")? as usize,
+        groups,
     };
     let y_q = quantized_conv2d(
         &c.x_q,
