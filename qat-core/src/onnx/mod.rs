@@ -1,4 +1,4 @@
-//! Export of converted models to ONNX in the QDQ format, the form onnxruntime, TensorRT and
+//! Export of converted models to ONNX in the QDQ format, the form onnxruntime and
 //! tract quantize from: see [`export_onnx`].
 //!
 //! The graph comes from running the model's forward once on an example input: every
