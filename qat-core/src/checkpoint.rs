@@ -15,6 +15,7 @@ use safetensors::tensor::{Dtype, TensorView};
 
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantizeState;
+use crate::model::transaction::Plan;
 use crate::model::{ModulePath, Quantizable, Stage};
 use crate::observer::ObserverState;
 use crate::passes::for_each_layer;
@@ -229,34 +230,32 @@ pub fn load_qat_checkpoint<M: Quantizable>(
 ) -> Result<()> {
     let path = path.as_ref();
     let file = File::open(path, QAT_FORMAT)?;
-    {
-        let vars = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::state("the VarMap lock is poisoned", "rebuild the VarMap"))?;
-        for (name, var) in vars.iter() {
-            let (shape, _) = file.get(name, Dtype::F32)?;
-            if shape != var.dims() {
-                return Err(Error::state(
-                    format!(
-                        "`{name}` has shape {shape:?} in the file, {:?} in the model",
-                        var.dims()
-                    ),
-                    "load a checkpoint saved from a model of the same architecture",
-                ));
-            }
-            let t = Tensor::from_vec(file.f32s(name)?, shape, &Device::Cpu)?;
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    // Everything is read and checked before anything changes.
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::state("the VarMap lock is poisoned", "rebuild the VarMap"))?;
+    let mut values = Vec::with_capacity(vars.len());
+    for (name, var) in vars.iter() {
+        let (shape, _) = file.get(name, Dtype::F32)?;
+        if shape != var.dims() {
+            return Err(Error::state(
+                format!(
+                    "`{name}` has shape {shape:?} in the file, {:?} in the model",
+                    var.dims()
+                ),
+                "load a checkpoint saved from a model of the same architecture",
+            ));
         }
+        let t = Tensor::from_vec(file.f32s(name)?, shape, &Device::Cpu)?;
+        values.push((var, t.to_dtype(var.dtype())?.to_device(var.device())?));
     }
-    let mut failure: Option<Error> = None;
-    for_each_layer(model, |path, m| {
-        m.for_each_fake_quant(&mut |role, fq| {
-            if failure.is_some() {
-                return;
-            }
-            let p = fq_prefix(path, role);
-            let r = (|| -> Result<()> {
+    let plan = Plan::stage(model, |path, m| {
+        let states = m
+            .fake_quants()
+            .into_iter()
+            .map(|(role, _)| {
+                let p = fq_prefix(path, &role);
                 let f = file.f32s(&format!("{p}.flags"))?;
                 let state = FakeQuantizeState {
                     scale: file.f32s(&format!("{p}.scale"))?,
@@ -270,15 +269,17 @@ pub fn load_qat_checkpoint<M: Quantizable>(
                         histogram: file.f32s(&format!("{p}.histogram"))?,
                     },
                 };
-                fq.load_state(&state)
-            })();
-            if let Err(e) = r {
-                failure = Some(e.in_module(p));
-            }
-        });
-        Ok(())
+                Ok((role, state))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        m.check_fake_quant_states(&states)?;
+        Ok(states)
     })?;
-    failure.map_or(Ok(()), Err)
+    for (var, t) in values {
+        var.set(&t)?;
+    }
+    drop(vars);
+    plan.apply(model, |m, states| m.load_fake_quant_states(&states))
 }
 
 fn io_entry(q: &[IoQParams]) -> Entry {
@@ -352,12 +353,11 @@ pub fn save_int8<M: Quantizable>(model: &mut M, path: impl AsRef<Path>) -> Resul
 pub fn load_int8<M: Quantizable>(model: &mut M, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     let file = File::open(path, INT8_FORMAT)?;
-    let mut loaded = 0;
-    for_each_layer(model, |p, m| {
-        m.set_training(false);
+    // Every layer's saved state is read and checked before any layer changes.
+    let plan = Plan::stage(model, |p, m| {
         let key = |k: &str| p.join(k);
         if !file.has(&key("output_qparams"))? {
-            return Ok(());
+            return Ok(None);
         }
         let mut s = Int8State {
             inputs: io_from(&file.f32s(&key("input_qparams"))?),
@@ -380,15 +380,16 @@ pub fn load_int8<M: Quantizable>(model: &mut M, path: impl AsRef<Path>) -> Resul
                 "load int8 checkpoints into a float (fused) model",
             ));
         }
-        m.load_int8_state(s)?;
-        loaded += 1;
-        Ok(())
+        m.stage_int8_state(s).map(Some)
     })?;
-    if loaded == 0 {
+    if plan.changes().all(Option::is_none) {
         return Err(Error::state(
             format!("{} matched no layer of the model", path.display()),
             "load a checkpoint saved from a model of the same architecture",
         ));
     }
-    Ok(())
+    plan.apply(model, |m, change| {
+        m.set_training(false);
+        change.map_or(Ok(()), |c| m.apply_staged(c))
+    })
 }

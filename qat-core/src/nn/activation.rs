@@ -66,9 +66,9 @@ impl ReLU {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
         let absorbed = self.common.absorbed.is_some();
-        self.common.convert_io("ReLU", !absorbed).map(|_| ())
+        self.common.stage_convert("ReLU", !absorbed)
     }
 }
 
@@ -99,8 +99,8 @@ impl Sigmoid {
         self.common.trace_float(&[x], &y, || FloatOp::Sigmoid);
         self.common.finish(y)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("Sigmoid", true).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("Sigmoid", true)
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, _observed: bool) -> Result<()> {
         prepare_fixed(&mut self.common, qconfig, FakeQuantizeSpec::fixed_sigmoid())
@@ -122,8 +122,8 @@ impl Tanh {
         self.common.trace_float(&[x], &y, || FloatOp::Tanh);
         self.common.finish(y)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("Tanh", true).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("Tanh", true)
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, _observed: bool) -> Result<()> {
         prepare_fixed(&mut self.common, qconfig, FakeQuantizeSpec::fixed_tanh())
@@ -143,8 +143,8 @@ impl Identity {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("Identity", false).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("Identity", false)
     }
 }
 

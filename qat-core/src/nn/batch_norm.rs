@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use super::common::Common;
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
-use crate::model::{QuantModule, Stage};
+use crate::model::{QuantModule, Stage, Staged};
 use crate::qconfig::QConfig;
 
 /// BatchNorm settings (PyTorch's defaults: eps 1e-5, momentum 0.1, affine).
@@ -343,15 +343,15 @@ macro_rules! batch_norm {
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.0.common as *const _ as usize)
             }
-            fn load_int8_state(&mut self, state: crate::record::Int8State) -> Result<()> {
-                self.0.common.load_int8_state(&state)
+            fn stage_int8_state(&self, state: crate::record::Int8State) -> Result<Staged> {
+                self.0.common.stage_int8_state(stringify!($name), &state)
             }
-            fn convert(&mut self) -> Result<()> {
+            fn stage_convert(&self) -> Result<Staged> {
                 let absorbed = self.0.common.absorbed.is_some();
-                self.0
-                    .common
-                    .convert_io(stringify!($name), !absorbed)
-                    .map(|_| ())
+                self.0.common.stage_convert(stringify!($name), !absorbed)
+            }
+            fn apply_staged(&mut self, change: Staged) -> Result<()> {
+                self.0.common.apply(change)
             }
         }
 

@@ -8,7 +8,7 @@ use candle_core::{Tensor, TensorId};
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
 use crate::model::hook as trace;
-use crate::model::Stage;
+use crate::model::{Stage, Staged};
 use crate::provenance::{self, ActFq, IoQParams, Source};
 use crate::qconfig::QConfig;
 use crate::record::{FloatOp, Op};
@@ -79,6 +79,27 @@ pub(crate) struct Common {
     pub trace: Option<Arc<GroupTrace>>,
     /// Input and output qparams once converted.
     pub io: Option<ConvertedIo>,
+}
+
+/// A change to [`Common`] staged by a pass.
+#[derive(Debug)]
+pub(crate) enum CommonChange {
+    /// An absorbed placeholder follows its group into the converted stage.
+    Placeholder,
+    /// Converted with these qparams.
+    Converted(ConvertedIo),
+}
+
+/// The error of a fake-quant whose observer never saw data (`what` names it).
+pub(crate) fn uncalibrated(what: &str) -> Error {
+    Error::pass(
+        format!(
+            "{what} never observed a non-empty tensor, so its scale is still the initial 1.0 \
+             and the int8 model would be wrong"
+        ),
+        "run calibration data through the prepared model (forwards on non-empty batches with \
+         observers enabled) before convert",
+    )
 }
 
 /// What a converted layer knows of its inputs and output.
@@ -158,7 +179,8 @@ impl Common {
         Ok(())
     }
 
-    /// The noted sources of the inputs, for convert.
+    /// The noted sources of the inputs, for convert: each must have been noted and its
+    /// producer must have seen data.
     pub fn input_qparams(&self, what: &str) -> Result<Vec<IoQParams>> {
         let inputs = lock(&self.inputs)?;
         if inputs.is_empty() || inputs.iter().any(|i| i.is_none()) {
@@ -172,43 +194,60 @@ impl Common {
                  candle-qat's MaxPool2d/Flatten (insert a QuantStub before it otherwise)",
             ));
         }
-        inputs.iter().flatten().map(|s| s.io_qparams()).collect()
+        inputs
+            .iter()
+            .flatten()
+            .map(|s| {
+                if !lock(&s.fq)?.is_calibrated() {
+                    return Err(uncalibrated(&format!(
+                        "the fake-quant that produces {what}'s input"
+                    )));
+                }
+                s.io_qparams()
+            })
+            .collect()
     }
 
-    /// Converts the bookkeeping of a prepared layer: input qparams (`inputs` of them, from the
-    /// noted sources) and output qparams (from its output fake-quant). Returns false for a
-    /// layer that stays float (no qconfig).
-    pub fn convert_io(&mut self, what: &str, inputs: bool) -> Result<bool> {
-        match self.stage {
-            Stage::Converted => {
-                return Err(Error::pass(
-                    format!("{what} is already converted"),
-                    "convert a prepared model once",
-                ))
-            }
-            Stage::Float | Stage::Fused => {
-                if self.absorbed.is_some() {
-                    self.stage = Stage::Converted;
+    /// The output qparams from the output fake-quant (`None` without one), which must have
+    /// seen data.
+    pub fn output_qparams(&self, what: &str) -> Result<Option<IoQParams>> {
+        match &self.act_fq {
+            Some(a) => {
+                if !lock(&a.fq)?.is_calibrated() {
+                    return Err(uncalibrated(&format!("{what}'s output fake-quant")));
                 }
-                return Ok(false);
+                Ok(Some(a.io_qparams()?))
             }
-            Stage::Prepared => {}
+            None => Ok(None),
         }
-        let input_qparams = if inputs {
-            self.input_qparams(what)?
-        } else {
-            Vec::new()
-        };
-        let output = match &self.act_fq {
-            Some(a) => Some(a.io_qparams()?),
-            None => None,
-        };
-        self.io = Some(ConvertedIo {
-            inputs: input_qparams,
-            output,
-        });
-        self.stage = Stage::Converted;
-        Ok(true)
+    }
+
+    /// Stages the conversion of the bookkeeping of a layer, changing nothing: input qparams
+    /// (`inputs` of them, from the noted sources) and output qparams (from its output
+    /// fake-quant). Unchanged for a layer that stays float (no qconfig).
+    pub fn stage_convert(&self, what: &str, inputs: bool) -> Result<Staged> {
+        match self.stage {
+            Stage::Converted => Err(Error::pass(
+                format!("{what} is already converted"),
+                "convert a prepared model once",
+            )),
+            Stage::Float | Stage::Fused if self.absorbed.is_some() => {
+                Ok(Staged::new(CommonChange::Placeholder))
+            }
+            Stage::Float | Stage::Fused => Ok(Staged::unchanged()),
+            Stage::Prepared => {
+                let inputs = if inputs {
+                    self.input_qparams(what)?
+                } else {
+                    Vec::new()
+                };
+                let output = self.output_qparams(what)?;
+                Ok(Staged::new(CommonChange::Converted(ConvertedIo {
+                    inputs,
+                    output,
+                })))
+            }
+        }
     }
 
     /// The saved form of a converted simple layer.
@@ -220,13 +259,36 @@ impl Common {
         })
     }
 
-    /// Restores a converted simple layer.
-    pub fn load_int8_state(&mut self, s: &crate::record::Int8State) -> Result<()> {
-        self.io = Some(ConvertedIo {
+    /// Checks and stages a saved converted simple layer, changing nothing.
+    pub fn stage_int8_state(&self, what: &str, s: &crate::record::Int8State) -> Result<Staged> {
+        if self.stage == Stage::Converted {
+            return Err(Error::pass(
+                format!("{what} is already converted"),
+                "load int8 checkpoints into a float (fused) model",
+            ));
+        }
+        if !s.weight_codes.is_empty() {
+            return Err(Error::state(
+                format!("the saved layer has int8 weights, but {what} has no weights"),
+                "load a checkpoint saved from a model of the same architecture",
+            ));
+        }
+        Ok(Staged::new(CommonChange::Converted(ConvertedIo {
             inputs: s.inputs.clone(),
             output: s.output,
-        });
-        self.stage = Stage::Converted;
+        })))
+    }
+
+    /// Applies a change staged by [`Common::stage_convert`] or [`Common::stage_int8_state`].
+    pub fn apply(&mut self, change: Staged) -> Result<()> {
+        match change.into_change::<CommonChange>()? {
+            None => {}
+            Some(CommonChange::Placeholder) => self.stage = Stage::Converted,
+            Some(CommonChange::Converted(io)) => {
+                self.io = Some(io);
+                self.stage = Stage::Converted;
+            }
+        }
         Ok(())
     }
 

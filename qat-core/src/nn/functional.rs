@@ -116,8 +116,8 @@ impl FloatFunctional {
         self.common.finish(x.clone())
     }
 
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("FloatFunctional", true).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("FloatFunctional", true)
     }
 
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {

@@ -54,8 +54,8 @@ impl MaxPool2d {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("MaxPool2d", false).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("MaxPool2d", false)
     }
 }
 
@@ -100,8 +100,8 @@ impl Flatten {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("Flatten", false).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("Flatten", false)
     }
 }
 

@@ -51,8 +51,8 @@ impl QuantStub {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("QuantStub", false).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("QuantStub", false)
     }
 }
 
@@ -76,8 +76,8 @@ impl DeQuantStub {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("DeQuantStub", true).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("DeQuantStub", true)
     }
 }
 

@@ -12,11 +12,11 @@ use super::conv::ConvConfig;
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
 use crate::model::hook as trace;
-use crate::model::Stage;
-use crate::record::IoQParams;
+use crate::model::{Stage, Staged};
 use crate::qconfig::{Backend, QConfig};
 use crate::qparams::QParams;
 use crate::quantized::{QuantizedWeight, Requant};
+use crate::record::IoQParams;
 use crate::record::{Op, WeightedKind};
 
 /// The integer op behind a weighted layer.
@@ -45,6 +45,15 @@ impl IntWeighted {
             quant_max: self.requant.quant_max(),
         }
     }
+}
+
+/// A conversion of a weighted layer, staged by a pass.
+#[derive(Debug)]
+pub(crate) struct WeightedChange {
+    int: IntWeighted,
+    output: IoQParams,
+    /// The weight fake-quant after it observed the weight once more (convert only).
+    weight_fq: Option<FakeQuantize>,
 }
 
 /// The bias as an integer engine adds it: `(acc + int_bias) * (x_scale * w_scale) +
@@ -340,11 +349,12 @@ impl Weighted {
         )
     }
 
-    /// Converts a prepared layer: the weight (BN folded as the QAT forward scales it) goes
-    /// once more through its fake-quant, as PyTorch's convert does (an enabled observer
-    /// updates), and is quantized with the resulting qparams; the output keeps the range its
-    /// fake-quant trained with.
-    pub fn convert(&mut self, what: &str, supported: bool) -> Result<()> {
+    /// Stages the conversion of a prepared layer, changing nothing: the weight (BN folded as
+    /// the QAT forward scales it) goes once more through (a copy of) its fake-quant, as
+    /// PyTorch's convert calls `weight_fake_quant(weight)` (an enabled observer updates), and
+    /// is quantized with the resulting qparams; the output keeps the range its fake-quant
+    /// trained with. Both fake-quants must have seen data.
+    pub fn stage_convert(&self, what: &str, supported: bool) -> Result<Staged> {
         match self.common.stage {
             Stage::Converted => {
                 return Err(Error::pass(
@@ -352,7 +362,7 @@ impl Weighted {
                     "convert a prepared model once",
                 ))
             }
-            Stage::Float | Stage::Fused => return Ok(()),
+            Stage::Float | Stage::Fused => return Ok(Staged::unchanged()),
             Stage::Prepared => {}
         }
         if !supported {
@@ -369,8 +379,18 @@ impl Weighted {
             ));
         };
         let (w_s, _) = self.scaled_weight()?;
-        let mut fq = lock(wfq)?;
+        let mut fq = lock(wfq)?.detached_copy()?;
         fq.forward(&w_s.detach())?;
+        if !fq.is_calibrated() {
+            return Err(Error::pass(
+                format!(
+                    "{what}'s weight fake-quant never observed the weight and its observer is \
+                     disabled, so its scale is still the initial 1.0"
+                ),
+                "enable the observers (enable_observer) before convert, or run a forward with \
+                 observers enabled before disabling them",
+            ));
+        }
         let scales = Self::symmetric_weight_scales(&fq).ok_or_else(|| {
             Error::config(
                 format!("{what} has affine (zero point != 0) weight qparams"),
@@ -379,7 +399,6 @@ impl Weighted {
             )
         })?;
         let range = fq.quant_range();
-        drop(fq);
         let weight = QuantizedWeight::quantize(
             &w_s.detach(),
             &scales,
@@ -391,25 +410,20 @@ impl Weighted {
         let bias = IntBias::new(&self.folded_bias()?, input.scale, &weight, backend);
         let out = self
             .common
-            .act_fq
-            .as_ref()
-            .map(|a| a.io_qparams())
-            .transpose()?
+            .output_qparams(what)?
             .ok_or_else(|| Error::state("no output fake-quant", "report this as a bug"))?;
         let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
             .with_relu(self.relu);
-        self.common.io = Some(super::common::ConvertedIo {
-            inputs: vec![input],
-            output: Some(out),
-        });
-        self.int = Some(IntWeighted {
-            weight,
-            bias,
-            input,
-            requant,
-        });
-        self.common.stage = Stage::Converted;
-        Ok(())
+        Ok(Staged::new(WeightedChange {
+            int: IntWeighted {
+                weight,
+                bias,
+                input,
+                requant,
+            },
+            output: out,
+            weight_fq: Some(fq),
+        }))
     }
 
     /// The saved form of a converted layer.
@@ -426,8 +440,15 @@ impl Weighted {
         })
     }
 
-    /// Restores a converted layer (fused as when it was saved).
-    pub fn load_int8_state(&mut self, what: &str, s: crate::record::Int8State) -> Result<()> {
+    /// Checks a saved converted layer against this one (fused as when it was saved) and
+    /// stages it, changing nothing.
+    pub fn stage_int8_state(&self, what: &str, s: crate::record::Int8State) -> Result<Staged> {
+        if self.common.stage == Stage::Converted {
+            return Err(Error::pass(
+                format!("{what} is already converted"),
+                "load int8 checkpoints into a float (fused) model",
+            ));
+        }
         if s.weight_shape != self.weight.dims() {
             return Err(Error::state(
                 format!(
@@ -438,16 +459,17 @@ impl Weighted {
                 "load a checkpoint saved from a model of the same architecture",
             ));
         }
-        let (Some(&input), Some(out)) = (s.inputs.first(), s.output) else {
+        let (&[input], Some(out)) = (s.inputs.as_slice(), s.output) else {
             return Err(Error::state(
-                format!("{what}: the saved layer has no input or output qparams"),
+                format!(
+                    "{what}: the saved layer has {} input qparams and {} output qparams, not \
+                     one each",
+                    s.inputs.len(),
+                    usize::from(s.output.is_some())
+                ),
                 "load a checkpoint written by save_int8",
             ));
         };
-        let weight =
-            QuantizedWeight::from_codes(s.weight_codes, &s.weight_shape, &s.weight_scales)?;
-        let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
-            .with_relu(self.relu);
         let o = self.out_channels();
         if s.bias.len() != o || s.bias_int32.len() != o {
             return Err(Error::state(
@@ -458,19 +480,39 @@ impl Weighted {
                 "load a checkpoint saved from a model of the same architecture",
             ));
         }
-        self.int = Some(IntWeighted {
-            weight,
-            bias: IntBias {
-                int: s.bias_int32,
-                float: s.bias,
+        let weight =
+            QuantizedWeight::from_codes(s.weight_codes, &s.weight_shape, &s.weight_scales)?;
+        let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
+            .with_relu(self.relu);
+        Ok(Staged::new(WeightedChange {
+            int: IntWeighted {
+                weight,
+                bias: IntBias {
+                    int: s.bias_int32,
+                    float: s.bias,
+                },
+                input,
+                requant,
             },
-            input,
-            requant,
-        });
+            output: out,
+            weight_fq: None,
+        }))
+    }
+
+    /// Applies a change staged by [`Weighted::stage_convert`] or
+    /// [`Weighted::stage_int8_state`].
+    pub fn apply(&mut self, change: Staged) -> Result<()> {
+        let Some(c) = change.into_change::<WeightedChange>()? else {
+            return Ok(());
+        };
+        if let (Some(fq), Some(own)) = (c.weight_fq, self.weight_fq.as_mut()) {
+            *own = Mutex::new(fq);
+        }
         self.common.io = Some(super::common::ConvertedIo {
-            inputs: vec![input],
-            output: Some(out),
+            inputs: vec![c.int.input],
+            output: Some(c.output),
         });
+        self.int = Some(c.int);
         self.common.stage = Stage::Converted;
         Ok(())
     }
@@ -564,9 +606,12 @@ macro_rules! weighted_module {
             fn set_bn_frozen(&mut self, frozen: bool) {
                 self.w.bn_frozen = frozen;
             }
-            fn convert(&mut self) -> $crate::error::Result<()> {
+            fn stage_convert(&self) -> $crate::error::Result<$crate::model::Staged> {
                 let kind = $crate::model::QuantModule::kind(self);
-                self.w.convert(&kind, $int8)
+                self.w.stage_convert(&kind, $int8)
+            }
+            fn apply_staged(&mut self, change: $crate::model::Staged) -> $crate::error::Result<()> {
+                self.w.apply(change)
             }
             fn int8_state(&self) -> Option<$crate::record::Int8State> {
                 self.w.int8_state()
@@ -574,12 +619,12 @@ macro_rules! weighted_module {
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.w.common as *const _ as usize)
             }
-            fn load_int8_state(
-                &mut self,
+            fn stage_int8_state(
+                &self,
                 state: $crate::record::Int8State,
-            ) -> $crate::error::Result<()> {
+            ) -> $crate::error::Result<$crate::model::Staged> {
                 let kind = $crate::model::QuantModule::kind(self);
-                self.w.load_int8_state(&kind, state)
+                self.w.stage_int8_state(&kind, state)
             }
         }
     };
