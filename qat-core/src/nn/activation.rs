@@ -45,7 +45,7 @@ activation!(
 
 impl ReLU {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(io), None) = (&self.common.io, &self.common.absorbed) {
+        if let (Some(io), None) = (self.common.converted_io(), &self.common.absorbed) {
             // Codes: relu is max(q, zero point).
             self.common.check_input(x, "ReLU")?;
             let zp = io.inputs.first().map_or(0, |q| q.zero_point);
@@ -77,16 +77,12 @@ fn prepare_fixed(
     qconfig: Option<&QConfig>,
     spec: FakeQuantizeSpec,
 ) -> Result<()> {
-    common.prepare(qconfig, false)?;
-    if qconfig.is_some() {
-        common.act_fq = Some(crate::provenance::ActFq::new(spec.build()?));
-    }
-    Ok(())
+    common.prepare_with(qconfig, |_| Some(spec), |_| Ok(()))
 }
 
 impl Sigmoid {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[x],
                 "Sigmoid",
@@ -109,7 +105,7 @@ impl Sigmoid {
 
 impl Tanh {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[x],
                 "Tanh",

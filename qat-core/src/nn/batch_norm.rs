@@ -286,7 +286,7 @@ macro_rules! batch_norm {
                         "report this as a bug",
                     ));
                 };
-                if inner.common.io.is_some() {
+                if inner.common.converted_io().is_some() {
                     let relu = inner.relu;
                     return inner.common.converted_float_op(
                         &[x],
@@ -320,7 +320,7 @@ macro_rules! batch_norm {
                 stringify!($name)
             }
             fn stage(&self) -> Stage {
-                self.0.common.stage
+                self.0.common.stage()
             }
             fn set_training(&mut self, training: bool) {
                 self.0.common.training = training;
@@ -329,7 +329,7 @@ macro_rules! batch_norm {
                 self.0.common.prepare(qconfig, true)
             }
             fn qconfig(&self) -> Option<&QConfig> {
-                self.0.common.qconfig.as_ref()
+                self.0.common.qconfig()
             }
             fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
                 self.0.common.for_each_fake_quant(f)

@@ -34,7 +34,7 @@ impl MaxPool2d {
         })
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             self.common.check_input(x, "MaxPool2d")?;
             let y = x.max_pool2d_with_stride(self.kernel_size, self.stride)?;
             self.common.trace(&[x], &y, || Op::OnCodes(self.op()));
@@ -84,7 +84,7 @@ impl Flatten {
         }
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             self.common.check_input(x, "Flatten")?;
             let y = x.flatten_from(self.start_dim)?;
             self.common

@@ -17,7 +17,7 @@ macro_rules! simple_module {
                 stringify!($t)
             }
             fn stage(&self) -> $crate::model::Stage {
-                self.common.stage
+                self.common.stage()
             }
             fn set_training(&mut self, training: bool) {
                 self.common.training = training;
@@ -29,7 +29,7 @@ macro_rules! simple_module {
                 self.prepare_with(qconfig, $observed)
             }
             fn qconfig(&self) -> Option<&$crate::qconfig::QConfig> {
-                self.common.qconfig.as_ref()
+                self.common.qconfig()
             }
             fn for_each_fake_quant(
                 &mut self,

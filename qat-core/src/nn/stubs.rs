@@ -27,7 +27,7 @@ impl QuantStub {
         Self::default()
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(io) = &self.common.io {
+        if let Some(io) = self.common.converted_io() {
             let what = "QuantStub";
             if x.dtype() == candle_core::DType::U8 {
                 return Err(crate::error::Error::tensor(
@@ -62,7 +62,7 @@ impl DeQuantStub {
         Self::default()
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[x],
                 "DeQuantStub",

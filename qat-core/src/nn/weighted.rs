@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use candle_core::Tensor;
 
 use super::batch_norm::BnCore;
-use super::common::{lock, Common};
+use super::common::{lock, Common, ConvertedIo, LayerState};
 use super::conv::ConvConfig;
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
@@ -84,34 +84,37 @@ impl IntBias {
     }
 }
 
-#[derive(Debug)]
+/// A conv or linear layer: weight and bias, a BatchNorm fused in for QAT, a fused ReLU, and
+/// its stage with what it holds there (prepared: the weight fake-quant; converted: the int8
+/// form).
+#[derive(Clone, Debug)]
 pub(crate) struct Weighted {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub bn: Option<BnCore>,
     pub bn_frozen: bool,
     pub relu: bool,
-    pub weight_fq: Option<Mutex<FakeQuantize>>,
-    pub common: Common,
-    pub int: Option<IntWeighted>,
+    pub common: Common<WeightFq, IntState>,
 }
 
-impl Clone for Weighted {
+/// A weighted layer's weight fake-quant.
+#[derive(Debug)]
+pub(crate) struct WeightFq(pub Mutex<FakeQuantize>);
+
+impl Clone for WeightFq {
     fn clone(&self) -> Self {
-        Weighted {
-            weight: self.weight.clone(),
-            bias: self.bias.clone(),
-            bn: self.bn.clone(),
-            bn_frozen: self.bn_frozen,
-            relu: self.relu,
-            weight_fq: self
-                .weight_fq
-                .as_ref()
-                .and_then(|m| m.lock().ok().map(|g| Mutex::new(g.clone()))),
-            common: self.common.clone(),
-            int: self.int.clone(),
-        }
+        // A poisoned lock still holds a consistent fake-quant: every write is one assignment.
+        let fq = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        WeightFq(Mutex::new(fq.clone()))
     }
+}
+
+/// What a converted weighted layer holds: its int8 form and the weight fake-quant it was
+/// converted from (`None` when loaded from an int8 file).
+#[derive(Clone, Debug)]
+pub(crate) struct IntState {
+    pub int: IntWeighted,
+    pub weight_fq: Option<WeightFq>,
 }
 
 /// The integer op on codes `xq`: requantized codes with `out`, else the f32 values they round
@@ -142,10 +145,22 @@ impl Weighted {
             bn: None,
             bn_frozen: false,
             relu: false,
-            weight_fq: None,
             common: Common::default(),
-            int: None,
         }
+    }
+
+    /// The weight fake-quant (prepared and converted layers).
+    pub fn weight_fq(&self) -> Option<&Mutex<FakeQuantize>> {
+        match &self.common.state {
+            LayerState::Prepared(p) => Some(&p.extra.0),
+            LayerState::Converted(c) => c.extra.weight_fq.as_ref().map(|w| &w.0),
+            LayerState::Float | LayerState::Fused => None,
+        }
+    }
+
+    /// The int8 form (converted layers).
+    pub fn int(&self) -> Option<&IntWeighted> {
+        self.common.converted().map(|c| &c.extra.int)
     }
 
     pub fn out_channels(&self) -> usize {
@@ -157,11 +172,11 @@ impl Weighted {
     /// arithmetic.
     fn frozen(&self) -> Result<bool> {
         let settled = |f: &FakeQuantize| !f.observer_enabled() && f.fake_quant_enabled();
-        let weight_settled = match &self.weight_fq {
+        let weight_settled = match self.weight_fq() {
             Some(m) => settled(&*lock(m)?),
             None => false,
         };
-        let output_settled = match &self.common.act_fq {
+        let output_settled = match self.common.act_fq() {
             Some(a) => settled(&*lock(&a.fq)?),
             None => false,
         };
@@ -228,7 +243,7 @@ impl Weighted {
             WeightedKind::Conv { config, rank: 2 } => Some(IntOp::Conv2d(config)),
             WeightedKind::Conv { .. } => None,
         };
-        if let Some(int) = &self.int {
+        if let Some(int) = self.int() {
             let y = self.forward_int(int, x, int_op)?;
             self.common.trace(&[x], &y, || Op::IntWeighted {
                 kind,
@@ -255,7 +270,7 @@ impl Weighted {
         // A fused BatchNorm's op runs the ReLU, unless the frozen path below changes the
         // value between the two.
         let bn_relu = self.relu && !frozen && self.bn.is_some();
-        let (y, w_fq) = match (&self.bn, &self.weight_fq) {
+        let (y, w_fq) = match (&self.bn, self.weight_fq()) {
             (Some(bn), Some(wfq)) => {
                 let (w, sf) = self.scaled_weight()?;
                 let w = lock(wfq)?.forward(&w)?;
@@ -282,7 +297,7 @@ impl Weighted {
         // code for code. With observers on, qparams move every batch and the float path
         // (PyTorch's) is used.
 
-        let y = match (frozen, source, int_op, &self.weight_fq, w_fq) {
+        let y = match (frozen, source, int_op, self.weight_fq(), w_fq) {
             (true, Some(src), Some(iop), Some(wfq), Some(_)) => {
                 let scales = Self::symmetric_weight_scales(&*lock(wfq)?);
                 match scales {
@@ -303,7 +318,7 @@ impl Weighted {
                             input.quant_min,
                             input.quant_max,
                         )?;
-                        let backend = self.common.qconfig.map_or(Backend::X86, |q| q.backend);
+                        let backend = self.common.qconfig().map_or(Backend::X86, |q| q.backend);
                         let bias = IntBias::new(&self.folded_bias()?, input.scale, &qw, backend);
                         let exact = int_forward(iop, &xq, &input, &qw, &bias, None)?;
                         (exact + (&y - y.detach())?)?
@@ -318,7 +333,7 @@ impl Weighted {
         } else {
             y
         };
-        if matches!(self.common.stage, Stage::Float | Stage::Fused) && trace::active() {
+        if matches!(self.common.stage(), Stage::Float | Stage::Fused) && trace::active() {
             let (w, _) = self.scaled_weight()?;
             let bias = self.folded_bias()?;
             self.common.trace(&[x], &y, || Op::FloatWeighted {
@@ -355,7 +370,7 @@ impl Weighted {
     /// is quantized with the resulting qparams; the output keeps the range its fake-quant
     /// trained with. Both fake-quants must have seen data.
     pub fn stage_convert(&self, what: &str, supported: bool) -> Result<Staged> {
-        match self.common.stage {
+        match self.common.stage() {
             Stage::Converted => {
                 return Err(Error::pass(
                     format!("{what} is already converted"),
@@ -372,7 +387,7 @@ impl Weighted {
                  Linear layers convert to int8)",
             ));
         }
-        let (Some(wfq), Some(_)) = (&self.weight_fq, &self.common.act_fq) else {
+        let (Some(wfq), Some(_)) = (self.weight_fq(), self.common.act_fq()) else {
             return Err(Error::state(
                 "prepared layer without fake-quants",
                 "report this as a bug",
@@ -406,7 +421,7 @@ impl Weighted {
             range.quant_max(),
         )?;
         let input = self.common.input_qparams(what)?[0];
-        let backend = self.common.qconfig.map_or(Backend::X86, |q| q.backend);
+        let backend = self.common.qconfig().map_or(Backend::X86, |q| q.backend);
         let bias = IntBias::new(&self.folded_bias()?, input.scale, &weight, backend);
         let out = self
             .common
@@ -428,7 +443,7 @@ impl Weighted {
 
     /// The saved form of a converted layer.
     pub fn int8_state(&self) -> Option<crate::record::Int8State> {
-        let int = self.int.as_ref()?;
+        let int = self.int()?;
         Some(crate::record::Int8State {
             weight_codes: int.weight.codes().to_vec(),
             weight_shape: int.weight.shape().to_vec(),
@@ -436,19 +451,14 @@ impl Weighted {
             bias: int.bias.float.clone(),
             bias_int32: int.bias.int.clone(),
             inputs: vec![int.input],
-            output: self.common.io.as_ref().and_then(|io| io.output),
+            output: self.common.converted_io().and_then(|io| io.output),
         })
     }
 
     /// Checks a saved converted layer against this one (fused as when it was saved) and
     /// stages it, changing nothing.
     pub fn stage_int8_state(&self, what: &str, s: crate::record::Int8State) -> Result<Staged> {
-        if self.common.stage == Stage::Converted {
-            return Err(Error::pass(
-                format!("{what} is already converted"),
-                "load int8 checkpoints into a float (fused) model",
-            ));
-        }
+        self.common.check_loadable(what)?;
         if s.weight_shape != self.weight.dims() {
             return Err(Error::state(
                 format!(
@@ -505,42 +515,54 @@ impl Weighted {
         let Some(c) = change.into_change::<WeightedChange>()? else {
             return Ok(());
         };
-        if let (Some(fq), Some(own)) = (c.weight_fq, self.weight_fq.as_mut()) {
-            *own = Mutex::new(fq);
-        }
-        self.common.io = Some(super::common::ConvertedIo {
+        let io = ConvertedIo {
             inputs: vec![c.int.input],
             output: Some(c.output),
-        });
-        self.int = Some(c.int);
-        self.common.stage = Stage::Converted;
+        };
+        let weight_fq = c.weight_fq.map(|fq| WeightFq(Mutex::new(fq)));
+        self.common.set_converted(
+            Some(io),
+            IntState {
+                int: c.int,
+                weight_fq,
+            },
+        );
         Ok(())
     }
 
     pub fn prepare(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
-        self.common.prepare(qconfig, true)?;
-        if let Some(qc) = qconfig {
-            let fq = FakeQuantize::with_channels(&qc.weight, self.out_channels())?;
-            self.weight_fq = Some(Mutex::new(fq));
-        }
-        Ok(())
+        let channels = self.out_channels();
+        self.common.prepare_with(
+            qconfig,
+            |qc| Some(qc.activation),
+            |qc| {
+                let fq = FakeQuantize::with_channels(&qc.weight, channels)?;
+                Ok(WeightFq(Mutex::new(fq)))
+            },
+        )
     }
 
     pub fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
         let mut v: Vec<_> = self
-            .weight_fq
-            .iter()
-            .filter_map(|m| m.lock().ok().map(|g| ("weight".to_string(), g.clone())))
+            .weight_fq()
+            .map(|m| {
+                let fq = m.lock().unwrap_or_else(|p| p.into_inner());
+                ("weight".to_string(), fq.clone())
+            })
+            .into_iter()
             .collect();
         v.extend(self.common.fake_quants());
         v
     }
 
     pub fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
-        if let Some(m) = self.weight_fq.as_mut() {
-            if let Ok(fq) = m.get_mut() {
-                f("weight", fq);
-            }
+        let weight_fq = match &mut self.common.state {
+            LayerState::Prepared(p) => Some(&mut p.extra.0),
+            LayerState::Converted(c) => c.extra.weight_fq.as_mut().map(|w| &mut w.0),
+            LayerState::Float | LayerState::Fused => None,
+        };
+        if let Some(m) = weight_fq {
+            f("weight", m.get_mut().unwrap_or_else(|p| p.into_inner()));
         }
         self.common.for_each_fake_quant(f);
     }
@@ -566,67 +588,3 @@ impl Weighted {
         }
     }
 }
-
-/// Implements `QuantModule` for a layer struct holding a `w: Weighted` field: `$base` and
-/// `$suffix` make its PyTorch kind (`Conv` + `2d`), `int8` says whether it has an int8
-/// kernel to convert to.
-macro_rules! weighted_module {
-    ($name:ident, $base:literal, $suffix:literal, int8: $int8:expr) => {
-        impl $crate::model::QuantModule for $name {
-            fn kind(&self) -> String {
-                self.w.kind($base, $suffix)
-            }
-            fn type_name(&self) -> &'static str {
-                stringify!($name)
-            }
-            fn stage(&self) -> $crate::model::Stage {
-                self.w.common.stage
-            }
-            fn set_training(&mut self, training: bool) {
-                self.w.common.training = training;
-            }
-            fn prepare_qat(
-                &mut self,
-                qconfig: Option<&$crate::qconfig::QConfig>,
-            ) -> $crate::error::Result<()> {
-                self.w.prepare(qconfig)
-            }
-            fn qconfig(&self) -> Option<&$crate::qconfig::QConfig> {
-                self.w.common.qconfig.as_ref()
-            }
-            fn for_each_fake_quant(
-                &mut self,
-                f: &mut dyn FnMut(&str, &mut $crate::fake_quant::FakeQuantize),
-            ) {
-                self.w.for_each_fake_quant(f)
-            }
-            fn fake_quants(&self) -> Vec<(String, $crate::fake_quant::FakeQuantize)> {
-                self.w.fake_quants()
-            }
-            fn set_bn_frozen(&mut self, frozen: bool) {
-                self.w.bn_frozen = frozen;
-            }
-            fn stage_convert(&self) -> $crate::error::Result<$crate::model::Staged> {
-                let kind = $crate::model::QuantModule::kind(self);
-                self.w.stage_convert(&kind, $int8)
-            }
-            fn apply_staged(&mut self, change: $crate::model::Staged) -> $crate::error::Result<()> {
-                self.w.apply(change)
-            }
-            fn int8_state(&self) -> Option<$crate::record::Int8State> {
-                self.w.int8_state()
-            }
-            fn trace_key(&self) -> Option<usize> {
-                Some(&self.w.common as *const _ as usize)
-            }
-            fn stage_int8_state(
-                &self,
-                state: $crate::record::Int8State,
-            ) -> $crate::error::Result<$crate::model::Staged> {
-                let kind = $crate::model::QuantModule::kind(self);
-                self.w.stage_int8_state(&kind, state)
-            }
-        }
-    };
-}
-pub(crate) use weighted_module;
