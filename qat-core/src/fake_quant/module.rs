@@ -415,6 +415,17 @@ impl FakeQuantize {
     /// Whether the qparams come from data: the observer has seen a non-empty tensor (empty
     /// batches do not count), the qparams are fixed (sigmoid, tanh), or LSQ learns them. A
     /// fake-quant that is not calibrated still holds its initial scale 1.0.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use qat_core::qconfig::{Backend, QConfig};
+    /// let mut fq = QConfig::default_qat(Backend::X86).activation.build()?;
+    /// fq.forward(&Tensor::zeros(0, DType::F32, &Device::Cpu)?)?; // an empty batch
+    /// assert!(!fq.is_calibrated());
+    /// fq.forward(&Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?)?;
+    /// assert!(fq.is_calibrated());
+    /// # Ok::<(), qat_core::Error>(())
+    /// ```
     pub fn is_calibrated(&self) -> bool {
         matches!(self.spec.observer.kind, ObserverKind::FixedQParams { .. })
             || self.observer.min_max().is_some()

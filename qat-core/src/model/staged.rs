@@ -9,6 +9,14 @@ use crate::error::{Error, Result};
 /// (e.g. by [`super::QuantModule::stage_convert`]); only the same layer can apply it
 /// ([`super::QuantModule::apply_staged`]). The passes stage every layer of a model first and
 /// apply only when all of them accepted, so an error leaves the model as it was.
+///
+/// ```
+/// use qat_core::model::Staged;
+/// assert_eq!(Staged::new(3u8).into_change::<u8>()?, Some(3));
+/// assert!(Staged::new(3u8).into_change::<i64>().is_err()); // staged by another type
+/// assert!(Staged::unchanged().is_unchanged());
+/// # Ok::<(), qat_core::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Staged(Option<Box<dyn Any + Send>>);
 
