@@ -110,8 +110,8 @@ fn check_float(stage: Stage, what: &str) -> Result<()> {
 }
 
 /// Marks the head and placeholders of a group and records its trace.
-fn link(
-    head: &mut crate::nn::common::Common,
+fn link<P, C>(
+    head: &mut crate::nn::common::Common<P, C>,
     members: Vec<&mut crate::nn::common::Common>,
     group: &FuseGroup,
 ) {
@@ -121,10 +121,10 @@ fn link(
             trace: trace.clone(),
             pos: i + 1,
         });
-        m.stage = Stage::Fused;
+        m.mark_fused();
     }
     head.trace = Some(trace);
-    head.stage = Stage::Fused;
+    head.mark_fused();
 }
 
 #[derive(Clone, Copy)]
@@ -139,8 +139,8 @@ fn absorb_bn(
     fold: Fold,
     group: &FuseGroup,
 ) -> Result<()> {
-    check_float(w.common.stage, "the head")?;
-    check_float(bn.common.stage, "the BatchNorm")?;
+    check_float(w.common.stage(), "the head")?;
+    check_float(bn.common.stage(), "the BatchNorm")?;
     let Some(core) = bn.core.take() else {
         return Err(Error::state(
             "BatchNorm without parameters",
@@ -207,7 +207,7 @@ macro_rules! conv_bn_relu {
         impl Fusable for (&mut $head, &mut $bn, &mut ReLU) {
             fn fuse(self, group: &FuseGroup) -> Result<()> {
                 let (h, bn, relu) = self;
-                check_float(relu.common.stage, "the ReLU").map_err(|e| group.error(e))?;
+                check_float(relu.common.stage(), "the ReLU").map_err(|e| group.error(e))?;
                 absorb_bn(&mut h.w, &mut bn.0, Fold::Conv, group).map_err(|e| group.error(e))?;
                 h.w.relu = true;
                 link(
@@ -230,8 +230,8 @@ macro_rules! weighted_relu {
         impl Fusable for (&mut $head, &mut ReLU) {
             fn fuse(self, group: &FuseGroup) -> Result<()> {
                 let (h, relu) = self;
-                check_float(h.w.common.stage, "the head").map_err(|e| group.error(e))?;
-                check_float(relu.common.stage, "the ReLU").map_err(|e| group.error(e))?;
+                check_float(h.w.common.stage(), "the head").map_err(|e| group.error(e))?;
+                check_float(relu.common.stage(), "the ReLU").map_err(|e| group.error(e))?;
                 h.w.relu = true;
                 link(&mut h.w.common, vec![&mut relu.common], group);
                 Ok(())
@@ -247,8 +247,8 @@ macro_rules! bn_relu {
         impl Fusable for (&mut $bn, &mut ReLU) {
             fn fuse(self, group: &FuseGroup) -> Result<()> {
                 let (bn, relu) = self;
-                check_float(bn.0.common.stage, "the BatchNorm").map_err(|e| group.error(e))?;
-                check_float(relu.common.stage, "the ReLU").map_err(|e| group.error(e))?;
+                check_float(bn.0.common.stage(), "the BatchNorm").map_err(|e| group.error(e))?;
+                check_float(relu.common.stage(), "the ReLU").map_err(|e| group.error(e))?;
                 bn.0.relu = true;
                 link(&mut bn.0.common, vec![&mut relu.common], group);
                 Ok(())

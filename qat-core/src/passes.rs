@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
+use crate::model::transaction::{self, transact};
 use crate::model::{
     FuseMode, ModulePath, ModuleVisitor, ModuleVisitorMut, QuantModule, Quantizable, Stage,
 };
@@ -19,6 +20,14 @@ pub fn fuse_modules<M: Quantizable>(model: &mut M) -> Result<()> {
 /// Fuses every declared group for QAT, BN kept live: PyTorch's `fuse_modules_qat`.
 pub fn fuse_modules_qat<M: Quantizable>(model: &mut M) -> Result<()> {
     model.fuse(&mut ModulePath::root(), FuseMode::Qat)
+}
+
+struct ForEachRef<F>(F);
+
+impl<F: FnMut(&ModulePath, &dyn QuantModule) -> Result<()>> ModuleVisitor for ForEachRef<F> {
+    fn layer(&mut self, path: &ModulePath, module: &dyn QuantModule) -> Result<()> {
+        (self.0)(path, module).map_err(|e| transaction::at(path, e))
+    }
 }
 
 struct ForEach<F>(F);
@@ -200,20 +209,28 @@ pub fn prepare_qat<M: Quantizable>(model: &mut M, mapping: &QConfigMapping) -> R
 
 /// Converts a prepared model to integer arithmetic in place: int8 weights (BN folded),
 /// u8 activations between layers, each clamped to the range its fake-quant trained with, so
-/// the converted model agrees with the fake-quant model code for code. Run the prepared model
-/// forward at least once first (it notes which fake-quant feeds each layer). Layers with a
-/// `None` qconfig stay float. The model is left in eval mode.
+/// the converted model agrees with the fake-quant model code for code. Run calibration data
+/// through the prepared model first: it sets the activation fake-quants' qparams and notes
+/// which fake-quant feeds each layer. Layers with a `None` qconfig stay float. The model is
+/// left in eval mode.
+///
+/// Every layer is checked before any changes (an int8 kernel exists, every fake-quant saw
+/// data, every input has a known producer): an error leaves the model exactly as it was, and
+/// convert can be run again after the fix its message names.
 pub fn convert<M: Quantizable>(model: &mut M) -> Result<()> {
     let mut prepared = 0;
     let mut converted = 0;
-    for_each_layer(model, |_, m| {
-        match m.stage() {
-            Stage::Prepared => prepared += 1,
-            Stage::Converted => converted += 1,
-            _ => {}
-        }
-        Ok(())
-    })?;
+    model.visit(
+        &mut ModulePath::root(),
+        &mut ForEachRef(|_: &ModulePath, m: &dyn QuantModule| {
+            match m.stage() {
+                Stage::Prepared => prepared += 1,
+                Stage::Converted => converted += 1,
+                _ => {}
+            }
+            Ok(())
+        }),
+    )?;
     if converted > 0 {
         return Err(Error::pass(
             "the model is already converted",
@@ -226,10 +243,14 @@ pub fn convert<M: Quantizable>(model: &mut M) -> Result<()> {
             "run prepare_qat (and at least one forward) before convert",
         ));
     }
-    for_each_layer(model, |_, m| {
-        m.set_training(false);
-        m.convert()
-    })
+    transact(
+        model,
+        |_, m| m.stage_convert(),
+        |m, change| {
+            m.set_training(false);
+            m.apply_staged(change)
+        },
+    )
 }
 
 /// Training mode everywhere (BN uses batch statistics unless frozen): `model.train()`.

@@ -11,8 +11,8 @@ use candle_core::{Device, Tensor};
 use super::file::{self, Entry, Format, Reader, STRUCTURE_KEY};
 use super::structure::{self, shown, Layer, ModelLayer};
 use crate::error::{Error, Result};
-use crate::model::{Quantizable, Stage};
-use crate::passes::for_each_layer;
+use crate::model::transaction::Plan;
+use crate::model::{Quantizable, Stage, Staged};
 use crate::record::{Int8State, IoQParams};
 
 pub(super) const FORMAT: Format = Format {
@@ -116,9 +116,12 @@ pub(super) fn save<M: Quantizable>(model: &M, path: &Path) -> Result<()> {
     file::write(path, &FORMAT, entries, meta)
 }
 
-/// What loading does to one layer, decided before any layer changes.
-struct Plan {
-    int8: Option<Int8State>,
+/// What loading does to one layer, read, checked and staged before any layer changes.
+struct LayerLoad {
+    /// The saved int8 layer's input and output qparams (checked against the producers).
+    io: Option<(Vec<IoQParams>, Option<IoQParams>)>,
+    /// The int8 state as the layer staged it ([`crate::model::QuantModule::stage_int8_state`]).
+    int8: Option<Staged>,
     float: Vec<(String, Tensor)>,
 }
 
@@ -299,15 +302,15 @@ fn read_float(
 
 /// Each int8 input's qparams must equal the output qparams of the layer the file says
 /// produced it.
-fn check_producers(file: &[Layer], plans: &[Plan]) -> Result<()> {
+fn check_producers(file: &[Layer], loads: &[&LayerLoad]) -> Result<()> {
     let outputs: HashMap<&str, Option<IoQParams>> = file
         .iter()
-        .zip(plans)
-        .map(|(f, p)| (f.path.as_str(), p.int8.as_ref().and_then(|s| s.output)))
+        .zip(loads)
+        .map(|(f, l)| (f.path.as_str(), l.io.as_ref().and_then(|(_, o)| *o)))
         .collect();
-    for (f, p) in file.iter().zip(plans) {
-        let Some(s) = &p.int8 else { continue };
-        for (i, (q, producer)) in s.inputs.iter().zip(&f.producers).enumerate() {
+    for (f, l) in file.iter().zip(loads) {
+        let Some((inputs, _)) = &l.io else { continue };
+        for (i, (q, producer)) in inputs.iter().zip(&f.producers).enumerate() {
             let Some(producer) = producer else { continue };
             let Some(Some(out)) = outputs.get(producer.as_str()) else {
                 return Err(invalid(format!(
@@ -347,41 +350,41 @@ pub(super) fn load<M: Quantizable>(model: &mut M, path: &Path) -> Result<()> {
         (saved, now) if saved == now => None,
         _ => Some("build and fuse the model as the saved one was".into()),
     })?;
-    // Read and validate everything before any layer changes.
-    let mut plans = Vec::with_capacity(file.len());
-    for (f, m) in file.iter().zip(&layers) {
-        let key = |k: &str| {
-            if f.path.is_empty() {
-                k.to_string()
-            } else {
-                format!("{}.{k}", f.path)
+    // Read and validate everything, and let every layer check and stage its int8 state,
+    // before any layer changes.
+    let mut saved = file.iter().zip(&layers);
+    let plan = Plan::stage(model, |p, m| {
+        let (f, ml) = match saved.next() {
+            Some((f, ml)) if f.path == p.dotted() => (f, ml),
+            _ => {
+                return Err(Error::state(
+                    "the model's layers changed while loading",
+                    "report this as a bug (a Quantizable impl that walks different layers \
+                     each time)",
+                ))
             }
         };
-        let int8 = if f.int8 {
-            Some(read_int8(&r, &key, m).map_err(|e| e.in_module(f.path.clone()))?)
+        let key = |k: &str| p.join(k);
+        let (io, int8) = if f.int8 {
+            let s = read_int8(&r, &key, ml)?;
+            let io = (s.inputs.clone(), s.output);
+            (Some(io), Some(m.stage_int8_state(s)?))
         } else {
-            None
+            (None, None)
         };
-        let float = read_float(&r, &key, f, m).map_err(|e| e.in_module(f.path.clone()))?;
-        plans.push(Plan { int8, float });
-    }
-    check_producers(&file, &plans)?;
+        let float = read_float(&r, &key, f, ml)?;
+        Ok(LayerLoad { io, int8, float })
+    })?;
+    check_producers(&file, &plan.changes().collect::<Vec<_>>())?;
     drop(layers);
-    let mut plans = plans.into_iter();
-    for_each_layer(model, |_, m| {
+    plan.apply(model, |m, load| {
         m.set_training(false);
-        let Some(plan) = plans.next() else {
-            return Err(Error::state(
-                "the model changed its layers while loading",
-                "report this as a bug",
-            ));
-        };
-        if !plan.float.is_empty() {
-            m.load_float_params(plan.float)?;
+        if !load.float.is_empty() {
+            m.load_float_params(load.float)?;
         }
-        if let Some(s) = plan.int8 {
-            m.load_int8_state(s)?;
+        match load.int8 {
+            Some(change) => m.apply_staged(change),
+            None => Ok(()),
         }
-        Ok(())
     })
 }

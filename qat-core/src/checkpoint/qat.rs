@@ -12,6 +12,7 @@ use super::file::{self, Entry, Format, Reader, STRUCTURE_KEY};
 use super::structure::{self, Layer};
 use crate::error::{Error, Result};
 use crate::fake_quant::{FakeQuantize, FakeQuantizeState};
+use crate::model::transaction::Plan;
 use crate::model::{ModulePath, Quantizable};
 use crate::observer::ObserverState;
 use crate::passes::for_each_layer;
@@ -24,13 +25,17 @@ pub(super) const FORMAT: Format = Format {
     why_old: "it has no structure record and no checksum to check it against the model",
 };
 
-fn fq_prefix(path: &ModulePath, role: &str) -> String {
-    let name = if role == "weight" {
+/// The module name of a layer's fake-quant of `role` (`weight`, `activation`).
+fn fq_name(role: &str) -> &'static str {
+    if role == "weight" {
         "weight_fake_quant"
     } else {
         "activation_post_process"
-    };
-    path.join(name)
+    }
+}
+
+fn fq_prefix(path: &ModulePath, role: &str) -> String {
+    path.join(fq_name(role))
 }
 
 fn flags(s: &FakeQuantizeState) -> Vec<f32> {
@@ -129,29 +134,23 @@ pub(super) fn load<M: Quantizable>(model: &mut M, varmap: &VarMap, path: &Path) 
                 .to_string()
         })
     })?;
-    // Read and validate everything before anything changes.
-    let mut states = Vec::new();
-    for (p, mut fq) in fake_quants(model)? {
-        let state = read_state(&r, &p).map_err(|e| e.in_module(p.clone()))?;
-        if fq.learnable_vars().is_empty() {
-            // A copy takes the state as the fake-quant would (its checks, nothing shared).
-            fq.load_state(&state).map_err(|e| e.in_module(p.clone()))?;
-        } else {
-            // A copy of a learnable fake-quant shares its Vars: check the counts instead.
-            let n = fq.state().scale.len();
-            if state.scale.len() != n || state.zero_point.len() != n {
-                return Err(Error::state(
-                    format!(
-                        "{} scales for a learnable fake-quant of {n}",
-                        state.scale.len()
-                    ),
-                    "load a checkpoint saved from a model prepared with the same qconfig",
-                )
-                .in_module(p));
-            }
-        }
-        states.push(state);
-    }
+    drop(layers);
+    // Read and validate everything before anything changes: every layer's fake-quant states
+    // (checked by the layer against its fake-quants), then every parameter.
+    let plan = Plan::stage(model, |path, m| {
+        let states = m
+            .fake_quants()
+            .into_iter()
+            .map(|(role, _)| {
+                // Named under the layer: the plan adds the layer's path to an error.
+                let state = read_state(&r, &fq_prefix(path, &role))
+                    .map_err(|e| e.in_module(fq_name(&role)))?;
+                Ok((role, state))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        m.check_fake_quant_states(&states)?;
+        Ok(states)
+    })?;
     let mut values = Vec::new();
     {
         let vars = varmap.data().lock().map_err(|_| lock_err())?;
@@ -181,25 +180,5 @@ pub(super) fn load<M: Quantizable>(model: &mut M, varmap: &VarMap, path: &Path) 
     for (var, t) in values {
         var.set(&t)?;
     }
-    let mut states = states.into_iter();
-    let mut failure = None;
-    for_each_layer(model, |path, m| {
-        m.for_each_fake_quant(&mut |role, fq| {
-            if failure.is_some() {
-                return;
-            }
-            let r = match states.next() {
-                Some(s) => fq.load_state(&s),
-                None => Err(Error::state(
-                    "the model changed its fake-quants while loading",
-                    "report this as a bug",
-                )),
-            };
-            if let Err(e) = r {
-                failure = Some(e.in_module(fq_prefix(path, role)));
-            }
-        });
-        Ok(())
-    })?;
-    failure.map_or(Ok(()), Err)
+    plan.apply(model, |m, states| m.load_fake_quant_states(&states))
 }

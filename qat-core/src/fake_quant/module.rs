@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor, Var};
 
-use super::spec::FakeQuantizeSpec;
+use super::spec::{FakeQuantizeSpec, ObserverKind};
 use super::{fake_quantize, fake_quantize_learnable};
 use crate::error::{Error, Result};
 use crate::observer::{Observer, ObserverState};
@@ -337,8 +337,14 @@ impl FakeQuantize {
         }
     }
 
-    /// Restores a saved state.
-    pub fn load_state(&mut self, state: &FakeQuantizeState) -> Result<()> {
+    /// Checks that [`FakeQuantize::load_state`] would accept `state`, changing nothing: what a
+    /// transactional load runs on every fake-quant before it restores any.
+    pub fn check_state(&self, state: &FakeQuantizeState) -> Result<()> {
+        self.checked_observer(state).map(|_| ())
+    }
+
+    /// The observer loaded with `state`'s statistics, after every check `load_state` makes.
+    fn checked_observer(&self, state: &FakeQuantizeState) -> Result<Box<dyn Observer>> {
         if state.scale.len() != state.zero_point.len() || state.scale.is_empty() {
             return Err(Error::state(
                 format!(
@@ -352,7 +358,6 @@ impl FakeQuantize {
         for &s in &state.scale {
             crate::qparams::check_scale(s)?;
         }
-        // Validate everything before changing anything.
         match &self.learnable {
             Some(l) if state.scale.len() != l.scale.elem_count() => {
                 return Err(Error::state(
@@ -379,39 +384,63 @@ impl FakeQuantize {
         }
         let mut observer = self.observer.box_clone();
         observer.load_state(&state.observer)?;
+        Ok(observer)
+    }
+
+    /// Restores a saved state. Everything is checked first ([`FakeQuantize::check_state`]): an
+    /// error leaves the fake-quant as it was.
+    pub fn load_state(&mut self, state: &FakeQuantizeState) -> Result<()> {
+        let observer = self.checked_observer(state)?;
+        if let Some(l) = self.learnable.as_ref() {
+            // Built before anything changes; `Var::set` of a same-shaped tensor cannot fail.
+            let n = l.scale.elem_count();
+            let scale = Tensor::from_vec(state.scale.clone(), n, &Device::Cpu)?;
+            let zero_point = Tensor::from_vec(state.zero_point.clone(), n, &Device::Cpu)?;
+            l.scale.set(&scale)?;
+            l.zero_point.set(&zero_point)?;
+        }
         self.observer = observer;
         match self.learnable.as_mut() {
-            Some(l) => {
-                let n = l.scale.elem_count();
-                if state.scale.len() != n {
-                    return Err(Error::state(
-                        format!(
-                            "{} scales for a learnable fake-quant of {n}",
-                            state.scale.len()
-                        ),
-                        "load a state saved from a fake-quant with the same channel count",
-                    ));
-                }
-                l.scale
-                    .set(&Tensor::from_vec(state.scale.clone(), n, &Device::Cpu)?)?;
-                l.zero_point.set(&Tensor::from_vec(
-                    state.zero_point.clone(),
-                    n,
-                    &Device::Cpu,
-                )?)?;
-                l.learning_enabled = state.learning_enabled;
-            }
+            Some(l) => l.learning_enabled = state.learning_enabled,
             None => {
-                let zp: Vec<i32> = state.zero_point.iter().map(|&z| z as i32).collect();
-                for &z in &zp {
-                    self.range.check_zero_point(z)?;
-                }
                 self.scale = state.scale.clone();
-                self.zero_point = zp;
+                self.zero_point = state.zero_point.iter().map(|&z| z as i32).collect();
             }
         }
         self.observer_enabled = state.observer_enabled;
         self.fake_quant_enabled = state.fake_quant_enabled;
         Ok(())
+    }
+
+    /// Whether the qparams come from data: the observer has seen a non-empty tensor (empty
+    /// batches do not count), the qparams are fixed (sigmoid, tanh), or LSQ learns them. A
+    /// fake-quant that is not calibrated still holds its initial scale 1.0.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use qat_core::qconfig::{Backend, QConfig};
+    /// let mut fq = QConfig::default_qat(Backend::X86).activation.build()?;
+    /// fq.forward(&Tensor::zeros(0, DType::F32, &Device::Cpu)?)?; // an empty batch
+    /// assert!(!fq.is_calibrated());
+    /// fq.forward(&Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?)?;
+    /// assert!(fq.is_calibrated());
+    /// # Ok::<(), qat_core::Error>(())
+    /// ```
+    pub fn is_calibrated(&self) -> bool {
+        matches!(self.spec.observer.kind, ObserverKind::FixedQParams { .. })
+            || self.observer.min_max().is_some()
+            || self.learnable.as_ref().is_some_and(|l| l.learning_enabled)
+    }
+
+    /// A copy that shares nothing with `self`: a learnable fake-quant's scale and zero point
+    /// are copied into new `Var`s (a plain clone shares them). What a pass works on before it
+    /// commits.
+    pub fn detached_copy(&self) -> Result<Self> {
+        let mut copy = self.clone();
+        if let Some(l) = copy.learnable.as_mut() {
+            l.scale = Var::from_tensor(&l.scale.as_tensor().copy()?)?;
+            l.zero_point = Var::from_tensor(&l.zero_point.as_tensor().copy()?)?;
+        }
+        Ok(copy)
     }
 }

@@ -3,11 +3,15 @@
 //! `#[derive(Quantizable)]` writes for a user's model struct.
 
 use crate::error::Result;
-use crate::fake_quant::FakeQuantize;
+use crate::fake_quant::{FakeQuantize, FakeQuantizeState};
 use crate::qconfig::QConfig;
 
 pub(crate) mod hook;
 pub(crate) mod params;
+mod staged;
+pub(crate) mod transaction;
+
+pub use staged::Staged;
 
 /// A dotted module path as PyTorch writes it (`blocks.0.conv1`), built while walking a model.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,20 +101,86 @@ pub trait QuantModule {
     fn has_int8_form(&self) -> bool {
         true
     }
+    /// Computes what [`QuantModule::convert`] would make of the layer, changing nothing: the
+    /// int8 weights and the input and output qparams of a prepared layer, checked (the
+    /// fake-quants saw data, the inputs have a known producer, an int8 kernel exists), or
+    /// [`Staged::unchanged`] for a layer that stays float. The first phase of the
+    /// transactional [`crate::passes::convert`].
+    fn stage_convert(&self) -> Result<Staged>;
+    /// Checks a saved converted state ([`QuantModule::int8_state`]) against the layer and
+    /// stages it, changing nothing (the model must be fused as when it was saved).
+    fn stage_int8_state(&self, _state: crate::record::Int8State) -> Result<Staged> {
+        Err(crate::error::Error::state(
+            format!("{} has no int8 form", self.kind()),
+            "load int8 checkpoints into models of the same structure",
+        ))
+    }
+    /// Applies a change this layer staged ([`QuantModule::stage_convert`],
+    /// [`QuantModule::stage_int8_state`]). It fails only when given a change staged by a layer
+    /// of another type, and then changes nothing.
+    fn apply_staged(&mut self, change: Staged) -> Result<()>;
     /// Switches a prepared layer to integer arithmetic with the qparams its fake-quants hold
-    /// and the input qparams noted by the last prepared forward; float layers stay float.
-    fn convert(&mut self) -> Result<()>;
+    /// and the input qparams noted by the last prepared forward; float layers stay float. An
+    /// error leaves the layer as it was.
+    fn convert(&mut self) -> Result<()> {
+        let change = self.stage_convert()?;
+        self.apply_staged(change)
+    }
     /// What a converted layer needs to run, to save (`None` unless converted).
     fn int8_state(&self) -> Option<crate::record::Int8State> {
         None
     }
     /// Restores a converted layer saved with [`QuantModule::int8_state`] (the model must be
-    /// fused as when it was saved).
-    fn load_int8_state(&mut self, _state: crate::record::Int8State) -> Result<()> {
-        Err(crate::error::Error::state(
-            format!("{} has no int8 form", self.kind()),
-            "load int8 checkpoints into models of the same structure",
-        ))
+    /// fused as when it was saved). An error leaves the layer as it was.
+    fn load_int8_state(&mut self, state: crate::record::Int8State) -> Result<()> {
+        let change = self.stage_int8_state(state)?;
+        self.apply_staged(change)
+    }
+    /// Checks saved fake-quant states, one per role the layer has (`weight`, `activation`),
+    /// against its fake-quants, changing nothing.
+    fn check_fake_quant_states(&self, states: &[(String, FakeQuantizeState)]) -> Result<()> {
+        let own = self.fake_quants();
+        for (role, _) in states {
+            if !own.iter().any(|(r, _)| r == role) {
+                return Err(crate::error::Error::state(
+                    format!("{} has no `{role}` fake-quant", self.kind()),
+                    "load a checkpoint saved from a model fused and prepared the same way",
+                ));
+            }
+        }
+        for (role, fq) in &own {
+            let state = states.iter().find(|(r, _)| r == role).ok_or_else(|| {
+                crate::error::Error::state(
+                    format!(
+                        "no saved state for the `{role}` fake-quant of {}",
+                        self.kind()
+                    ),
+                    "load a checkpoint saved from a model fused and prepared the same way",
+                )
+            })?;
+            let name = if role == "weight" {
+                "weight_fake_quant"
+            } else {
+                "activation_post_process"
+            };
+            fq.check_state(&state.1).map_err(|e| e.in_module(name))?;
+        }
+        Ok(())
+    }
+    /// Restores saved fake-quant states ([`QuantModule::check_fake_quant_states`] first: an
+    /// error leaves the layer as it was).
+    fn load_fake_quant_states(&mut self, states: &[(String, FakeQuantizeState)]) -> Result<()> {
+        self.check_fake_quant_states(states)?;
+        let mut result = Ok(());
+        self.for_each_fake_quant(&mut |role, fq| {
+            if let Some((_, s)) = states.iter().find(|(r, _)| r == role) {
+                // Checked above; a failure here would leave this one fake-quant unchanged.
+                if let Err(e) = fq.load_state(s) {
+                    result = Err(e);
+                }
+            }
+        });
+        result
     }
     /// The float tensors the layer's forward reads besides its int8 state, by name under the
     /// layer (PyTorch's: `weight`, `bias`, `bn.running_mean`, ...): a float layer's

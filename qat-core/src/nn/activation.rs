@@ -45,7 +45,7 @@ activation!(
 
 impl ReLU {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(io), None) = (&self.common.io, &self.common.absorbed) {
+        if let (Some(io), None) = (self.common.converted_io(), &self.common.absorbed) {
             // Codes: relu is max(q, zero point).
             self.common.check_input(x, "ReLU")?;
             let zp = io.inputs.first().map_or(0, |q| q.zero_point);
@@ -66,9 +66,9 @@ impl ReLU {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
         let absorbed = self.common.absorbed.is_some();
-        self.common.convert_io("ReLU", !absorbed).map(|_| ())
+        self.common.stage_convert("ReLU", !absorbed)
     }
 }
 
@@ -77,16 +77,12 @@ fn prepare_fixed(
     qconfig: Option<&QConfig>,
     spec: FakeQuantizeSpec,
 ) -> Result<()> {
-    common.prepare(qconfig, false)?;
-    if qconfig.is_some() {
-        common.act_fq = Some(crate::provenance::ActFq::new(spec.build()?));
-    }
-    Ok(())
+    common.prepare_with(qconfig, |_| Some(spec), |_| Ok(()))
 }
 
 impl Sigmoid {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[x],
                 "Sigmoid",
@@ -99,8 +95,8 @@ impl Sigmoid {
         self.common.trace_float(&[x], &y, || FloatOp::Sigmoid);
         self.common.finish(y)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("Sigmoid", true).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("Sigmoid", true)
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, _observed: bool) -> Result<()> {
         prepare_fixed(&mut self.common, qconfig, FakeQuantizeSpec::fixed_sigmoid())
@@ -109,7 +105,7 @@ impl Sigmoid {
 
 impl Tanh {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[x],
                 "Tanh",
@@ -122,8 +118,8 @@ impl Tanh {
         self.common.trace_float(&[x], &y, || FloatOp::Tanh);
         self.common.finish(y)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("Tanh", true).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("Tanh", true)
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, _observed: bool) -> Result<()> {
         prepare_fixed(&mut self.common, qconfig, FakeQuantizeSpec::fixed_tanh())
@@ -143,8 +139,8 @@ impl Identity {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("Identity", false).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("Identity", false)
     }
 }
 

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use super::common::Common;
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
-use crate::model::{QuantModule, Stage};
+use crate::model::{QuantModule, Stage, Staged};
 use crate::qconfig::QConfig;
 
 /// BatchNorm settings (PyTorch's defaults: eps 1e-5, momentum 0.1, affine).
@@ -286,7 +286,7 @@ macro_rules! batch_norm {
                         "report this as a bug",
                     ));
                 };
-                if inner.common.io.is_some() {
+                if inner.common.converted_io().is_some() {
                     let relu = inner.relu;
                     return inner.common.converted_float_op(
                         &[x],
@@ -320,7 +320,7 @@ macro_rules! batch_norm {
                 stringify!($name)
             }
             fn stage(&self) -> Stage {
-                self.0.common.stage
+                self.0.common.stage()
             }
             fn set_training(&mut self, training: bool) {
                 self.0.common.training = training;
@@ -329,7 +329,7 @@ macro_rules! batch_norm {
                 self.0.common.prepare(qconfig, true)
             }
             fn qconfig(&self) -> Option<&QConfig> {
-                self.0.common.qconfig.as_ref()
+                self.0.common.qconfig()
             }
             fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
                 self.0.common.for_each_fake_quant(f)
@@ -343,8 +343,8 @@ macro_rules! batch_norm {
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.0.common as *const _ as usize)
             }
-            fn load_int8_state(&mut self, state: crate::record::Int8State) -> Result<()> {
-                self.0.common.load_int8_state(&state)
+            fn stage_int8_state(&self, state: crate::record::Int8State) -> Result<Staged> {
+                self.0.common.stage_int8_state(stringify!($name), &state)
             }
             fn float_params(&self) -> Vec<(&'static str, Tensor)> {
                 self.0.float_params()
@@ -355,12 +355,12 @@ macro_rules! batch_norm {
             fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
                 self.0.common.producer_keys()
             }
-            fn convert(&mut self) -> Result<()> {
+            fn stage_convert(&self) -> Result<Staged> {
                 let absorbed = self.0.common.absorbed.is_some();
-                self.0
-                    .common
-                    .convert_io(stringify!($name), !absorbed)
-                    .map(|_| ())
+                self.0.common.stage_convert(stringify!($name), !absorbed)
+            }
+            fn apply_staged(&mut self, change: Staged) -> Result<()> {
+                self.0.common.apply(change)
             }
         }
 

@@ -8,9 +8,9 @@ use candle_core::{Tensor, TensorId};
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
 use crate::model::hook as trace;
-use crate::model::Stage;
+use crate::model::{Stage, Staged};
 use crate::provenance::{self, ActFq, IoQParams, Source};
-use crate::qconfig::QConfig;
+use crate::qconfig::{FakeQuantizeSpec, QConfig};
 use crate::record::{FloatOp, Op};
 pub(crate) use crate::sync::lock;
 
@@ -63,22 +63,79 @@ pub(crate) struct Placeholder {
     pub pos: usize,
 }
 
-/// What every layer carries.
+/// What every layer carries: its stage with what it holds there, the train flag, and its
+/// place in a fused group. `P` and `C` are what a kind of layer adds when prepared and when
+/// converted (a weighted layer's weight fake-quant and int8 weights; nothing for the others).
 #[derive(Debug)]
-pub(crate) struct Common {
-    pub stage: Stage,
+pub(crate) struct Common<P = (), C = ()> {
+    pub state: LayerState<P, C>,
     pub training: bool,
-    pub qconfig: Option<QConfig>,
-    /// The output fake-quant (prepared layers that have one).
-    pub act_fq: Option<Source>,
-    /// Where each input came from, noted by the last prepared forward.
-    pub inputs: Mutex<Vec<Option<Source>>>,
     /// Set when this layer was absorbed into a group and now forwards its input unchanged.
     pub absorbed: Option<Placeholder>,
     /// Set when this layer heads a fused group.
     pub trace: Option<Arc<GroupTrace>>,
-    /// Input and output qparams once converted.
+}
+
+/// A layer's stage and what it holds in it.
+#[derive(Debug)]
+pub(crate) enum LayerState<P = (), C = ()> {
+    /// As built, or prepared with a `None` qconfig (it stays float).
+    Float,
+    /// Fused: the head of a group or an absorbed placeholder ([`Common::absorbed`]).
+    Fused,
+    /// Fake-quantized for training.
+    Prepared(Prepared<P>),
+    /// Integer arithmetic.
+    Converted(Converted<C>),
+}
+
+/// What a prepared layer holds.
+#[derive(Debug)]
+pub(crate) struct Prepared<P = ()> {
+    pub qconfig: QConfig,
+    /// The output fake-quant (layers that have one).
+    pub act_fq: Option<Source>,
+    /// Where each input came from, noted by the last forward.
+    pub inputs: Mutex<Vec<Option<Source>>>,
+    /// What the kind of layer adds.
+    pub extra: P,
+}
+
+/// What a converted layer holds.
+#[derive(Clone, Debug)]
+pub(crate) struct Converted<C = ()> {
+    /// The qconfig it was prepared with (`None` when loaded from an int8 file).
+    pub qconfig: Option<QConfig>,
+    /// The output fake-quant it trained with (listed by summaries; never run again).
+    pub act_fq: Option<Source>,
+    /// Where each input came from, as noted by the last prepared forward (empty when loaded
+    /// from an int8 file).
+    pub inputs: Vec<Option<Source>>,
+    /// Input and output qparams (`None` for an absorbed placeholder: an identity).
     pub io: Option<ConvertedIo>,
+    /// What the kind of layer adds.
+    pub extra: C,
+}
+
+/// A change to [`Common`] staged by a pass.
+#[derive(Debug)]
+pub(crate) enum CommonChange {
+    /// An absorbed placeholder follows its group into the converted stage.
+    Placeholder,
+    /// Converted with these qparams.
+    Converted(ConvertedIo),
+}
+
+/// The error of a fake-quant whose observer never saw data (`what` names it).
+pub(crate) fn uncalibrated(what: &str) -> Error {
+    Error::pass(
+        format!(
+            "{what} never observed a non-empty tensor, so its scale is still the initial 1.0 \
+             and the int8 model would be wrong"
+        ),
+        "run calibration data through the prepared model (forwards on non-empty batches with \
+         observers enabled) before convert",
+    )
 }
 
 /// What a converted layer knows of its inputs and output.
@@ -88,44 +145,116 @@ pub(crate) struct ConvertedIo {
     pub output: Option<IoQParams>,
 }
 
-impl Clone for Common {
+/// A copy of an output fake-quant that shares nothing with it (a poisoned lock still holds a
+/// consistent fake-quant: every write to it is one assignment).
+fn copy_act_fq(a: &Source) -> Source {
+    let fq = a.fq.lock().unwrap_or_else(|p| p.into_inner());
+    ActFq::new(fq.clone())
+}
+
+impl<P: Clone, C: Clone> Clone for LayerState<P, C> {
+    fn clone(&self) -> Self {
+        match self {
+            LayerState::Float => LayerState::Float,
+            LayerState::Fused => LayerState::Fused,
+            LayerState::Prepared(p) => LayerState::Prepared(Prepared {
+                qconfig: p.qconfig,
+                act_fq: p.act_fq.as_ref().map(copy_act_fq),
+                // A clone has its own fake-quants: its notes start over with its next forward.
+                inputs: Mutex::new(Vec::new()),
+                extra: p.extra.clone(),
+            }),
+            LayerState::Converted(c) => LayerState::Converted(Converted {
+                act_fq: c.act_fq.as_ref().map(copy_act_fq),
+                // The noted sources are the original's fake-quants, not the clone's.
+                inputs: Vec::new(),
+                ..c.clone()
+            }),
+        }
+    }
+}
+
+impl<P: Clone, C: Clone> Clone for Common<P, C> {
     fn clone(&self) -> Self {
         Common {
-            stage: self.stage,
+            state: self.state.clone(),
             training: self.training,
-            qconfig: self.qconfig,
-            act_fq: self
-                .act_fq
-                .as_ref()
-                .and_then(|a| a.fq.lock().ok().map(|g| ActFq::new(g.clone()))),
-            // A clone has its own fake-quants: its notes start over with its next forward.
-            inputs: Mutex::new(Vec::new()),
             absorbed: self.absorbed.clone(),
             trace: self.trace.clone(),
-            io: self.io.clone(),
         }
     }
 }
 
-impl Default for Common {
+impl<P, C> Default for Common<P, C> {
     fn default() -> Self {
         Common {
-            stage: Stage::Float,
+            state: LayerState::Float,
             training: true,
-            qconfig: None,
-            act_fq: None,
-            inputs: Mutex::new(Vec::new()),
             absorbed: None,
             trace: None,
-            io: None,
         }
     }
 }
 
-impl Common {
+impl<P, C> Common<P, C> {
+    /// The stage, as the passes report it.
+    pub fn stage(&self) -> Stage {
+        match &self.state {
+            LayerState::Float => Stage::Float,
+            LayerState::Fused => Stage::Fused,
+            LayerState::Prepared(_) => Stage::Prepared,
+            LayerState::Converted(_) => Stage::Converted,
+        }
+    }
+
+    /// Marks the layer fused (the head of a group or one of its placeholders).
+    pub fn mark_fused(&mut self) {
+        self.state = LayerState::Fused;
+    }
+
+    /// The qconfig the layer was prepared with.
+    pub fn qconfig(&self) -> Option<&QConfig> {
+        match &self.state {
+            LayerState::Prepared(p) => Some(&p.qconfig),
+            LayerState::Converted(c) => c.qconfig.as_ref(),
+            LayerState::Float | LayerState::Fused => None,
+        }
+    }
+
+    /// The prepared state (`None` in other stages).
+    pub fn prepared(&self) -> Option<&Prepared<P>> {
+        match &self.state {
+            LayerState::Prepared(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The converted state (`None` in other stages).
+    pub fn converted(&self) -> Option<&Converted<C>> {
+        match &self.state {
+            LayerState::Converted(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The qparams a converted layer runs with (`None` unless converted, and for an absorbed
+    /// placeholder).
+    pub fn converted_io(&self) -> Option<&ConvertedIo> {
+        self.converted().and_then(|c| c.io.as_ref())
+    }
+
+    /// The output fake-quant (prepared and converted layers that have one).
+    pub fn act_fq(&self) -> Option<&Source> {
+        match &self.state {
+            LayerState::Prepared(p) => p.act_fq.as_ref(),
+            LayerState::Converted(c) => c.act_fq.as_ref(),
+            LayerState::Float | LayerState::Fused => None,
+        }
+    }
+
     /// The identity forward of an absorbed layer.
     pub fn placeholder_forward(&self, p: &Placeholder, x: &Tensor) -> Result<Tensor> {
-        if self.training && self.stage != Stage::Converted {
+        if self.training && self.stage() != Stage::Converted {
             p.trace.check(p.pos, x)?;
         }
         Ok(x.clone())
@@ -133,12 +262,12 @@ impl Common {
 
     /// Notes where this layer's inputs came from (prepared layers only).
     pub fn note_inputs(&self, xs: &[&Tensor]) -> Result<Option<Source>> {
-        if self.stage != Stage::Prepared {
+        let Some(prepared) = self.prepared() else {
             return Ok(None);
-        }
+        };
         let found: Vec<Option<Source>> = xs.iter().map(|x| provenance::lookup(x)).collect();
         let first = found.first().cloned().flatten();
-        let mut inputs = lock(&self.inputs)?;
+        let mut inputs = lock(&prepared.inputs)?;
         if inputs.len() != found.len() {
             *inputs = vec![None; found.len()];
         }
@@ -158,10 +287,14 @@ impl Common {
         Ok(())
     }
 
-    /// The noted sources of the inputs, for convert.
+    /// The noted sources of the inputs, for convert: each must have been noted and its
+    /// producer must have seen data.
     pub fn input_qparams(&self, what: &str) -> Result<Vec<IoQParams>> {
-        let inputs = lock(&self.inputs)?;
-        if inputs.is_empty() || inputs.iter().any(|i| i.is_none()) {
+        let noted = match self.prepared() {
+            Some(p) => lock(&p.inputs)?.clone(),
+            None => Vec::new(),
+        };
+        if noted.is_empty() || noted.iter().any(|i| i.is_none()) {
             return Err(Error::pass(
                 format!(
                     "{what} has no record of which fake-quant produced its input, so its input \
@@ -172,79 +305,112 @@ impl Common {
                  candle-qat's MaxPool2d/Flatten (insert a QuantStub before it otherwise)",
             ));
         }
-        inputs.iter().flatten().map(|s| s.io_qparams()).collect()
-    }
-
-    /// Converts the bookkeeping of a prepared layer: input qparams (`inputs` of them, from the
-    /// noted sources) and output qparams (from its output fake-quant). Returns false for a
-    /// layer that stays float (no qconfig).
-    pub fn convert_io(&mut self, what: &str, inputs: bool) -> Result<bool> {
-        match self.stage {
-            Stage::Converted => {
-                return Err(Error::pass(
-                    format!("{what} is already converted"),
-                    "convert a prepared model once",
-                ))
-            }
-            Stage::Float | Stage::Fused => {
-                if self.absorbed.is_some() {
-                    self.stage = Stage::Converted;
+        noted
+            .iter()
+            .flatten()
+            .map(|s| {
+                if !lock(&s.fq)?.is_calibrated() {
+                    return Err(uncalibrated(&format!(
+                        "the fake-quant that produces {what}'s input"
+                    )));
                 }
-                return Ok(false);
+                s.io_qparams()
+            })
+            .collect()
+    }
+
+    /// The output qparams from the output fake-quant (`None` without one), which must have
+    /// seen data.
+    pub fn output_qparams(&self, what: &str) -> Result<Option<IoQParams>> {
+        match self.act_fq() {
+            Some(a) => {
+                if !lock(&a.fq)?.is_calibrated() {
+                    return Err(uncalibrated(&format!("{what}'s output fake-quant")));
+                }
+                Ok(Some(a.io_qparams()?))
             }
-            Stage::Prepared => {}
+            None => Ok(None),
         }
-        let input_qparams = if inputs {
-            self.input_qparams(what)?
-        } else {
-            Vec::new()
-        };
-        let output = match &self.act_fq {
-            Some(a) => Some(a.io_qparams()?),
-            None => None,
-        };
-        self.io = Some(ConvertedIo {
-            inputs: input_qparams,
-            output,
-        });
-        self.stage = Stage::Converted;
-        Ok(true)
     }
 
-    /// The saved form of a converted simple layer.
-    pub fn int8_state(&self) -> Option<crate::record::Int8State> {
-        self.io.as_ref().map(|io| crate::record::Int8State {
-            inputs: io.inputs.clone(),
-            output: io.output,
-            ..Default::default()
-        })
+    /// Stages the conversion of the bookkeeping of a layer, changing nothing: input qparams
+    /// (`inputs` of them, from the noted sources) and output qparams (from its output
+    /// fake-quant). Unchanged for a layer that stays float (no qconfig).
+    pub fn stage_convert(&self, what: &str, inputs: bool) -> Result<Staged> {
+        match self.stage() {
+            Stage::Converted => Err(Error::pass(
+                format!("{what} is already converted"),
+                "convert a prepared model once",
+            )),
+            Stage::Float | Stage::Fused if self.absorbed.is_some() => {
+                Ok(Staged::new(CommonChange::Placeholder))
+            }
+            Stage::Float | Stage::Fused => Ok(Staged::unchanged()),
+            Stage::Prepared => {
+                let inputs = if inputs {
+                    self.input_qparams(what)?
+                } else {
+                    Vec::new()
+                };
+                let output = self.output_qparams(what)?;
+                Ok(Staged::new(CommonChange::Converted(ConvertedIo {
+                    inputs,
+                    output,
+                })))
+            }
+        }
     }
 
-    /// Restores a converted simple layer.
-    pub fn load_int8_state(&mut self, s: &crate::record::Int8State) -> Result<()> {
-        self.io = Some(ConvertedIo {
-            inputs: s.inputs.clone(),
-            output: s.output,
-        });
-        self.stage = Stage::Converted;
+    /// Checks that the layer can take a saved converted state (not converted yet).
+    pub fn check_loadable(&self, what: &str) -> Result<()> {
+        if self.stage() == Stage::Converted {
+            return Err(Error::pass(
+                format!("{what} is already converted"),
+                "load int8 checkpoints into a float (fused) model",
+            ));
+        }
         Ok(())
     }
 
     /// Identities of the output fake-quant and of the noted input sources (see
-    /// `QuantModule::producer_keys`).
+    /// `QuantModule::producer_keys`): a prepared layer's notes, or those a converted layer
+    /// kept from the forward before convert.
     pub fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
         let key = |s: &Source| Arc::as_ptr(s) as usize;
-        let inputs = self
-            .inputs
-            .lock()
-            .map(|v| v.iter().map(|s| s.as_ref().map(key)).collect())
-            .unwrap_or_default();
-        (self.act_fq.as_ref().map(key), inputs)
+        let keys = |v: &[Option<Source>]| v.iter().map(|s| s.as_ref().map(key)).collect();
+        let inputs = match &self.state {
+            LayerState::Prepared(p) => p.inputs.lock().map(|v| keys(&v)).unwrap_or_default(),
+            LayerState::Converted(c) => keys(&c.inputs),
+            LayerState::Float | LayerState::Fused => Vec::new(),
+        };
+        (self.act_fq().map(key), inputs)
+    }
+
+    /// The layer converted with `io` and the kind's `extra`: the qconfig and output fake-quant
+    /// it was prepared with stay for summaries, and the noted input sources for the
+    /// producers a checkpoint records.
+    pub fn set_converted(&mut self, io: Option<ConvertedIo>, extra: C) {
+        let (qconfig, act_fq, inputs) = match std::mem::replace(&mut self.state, LayerState::Float)
+        {
+            LayerState::Prepared(p) => (
+                Some(p.qconfig),
+                p.act_fq,
+                p.inputs.into_inner().unwrap_or_else(|e| e.into_inner()),
+            ),
+            _ => (None, None, Vec::new()),
+        };
+        self.state = LayerState::Converted(Converted {
+            qconfig,
+            act_fq,
+            inputs,
+            io,
+            extra,
+        });
     }
 
     /// Checks that a converted layer got codes, or a float layer got floats.
     pub fn check_input(&self, x: &Tensor, what: &str) -> Result<()> {
-        let converted = self.io.is_some();
+        let converted = self.converted_io().is_some();
         match (converted, x.dtype()) {
             (true, candle_core::DType::U8)
             | (false, candle_core::DType::F32)
@@ -312,22 +478,21 @@ impl Common {
 
     /// Notes a float layer's op for the ONNX exporter (float and fused stages only).
     pub fn trace_float(&self, xs: &[&Tensor], y: &Tensor, op: impl FnOnce() -> FloatOp) {
-        if matches!(self.stage, Stage::Float | Stage::Fused) {
+        if matches!(self.stage(), Stage::Float | Stage::Fused) {
             trace::record(self, xs, y, || Op::Float(op()))
         }
     }
 
     /// The converted io (only after convert).
     pub fn io(&self) -> Result<&ConvertedIo> {
-        self.io
-            .as_ref()
+        self.converted_io()
             .ok_or_else(|| Error::state("layer has no converted qparams", "report this as a bug"))
     }
 
     /// Runs the output fake-quant (if prepared), notes the producer, and records the group
     /// head's output.
     pub fn finish(&self, y: Tensor) -> Result<Tensor> {
-        let y = match &self.act_fq {
+        let y = match self.prepared().and_then(|p| p.act_fq.as_ref()) {
             Some(a) => {
                 let y = lock(&a.fq)?.forward(&y)?;
                 provenance::record(&y, a);
@@ -341,9 +506,16 @@ impl Common {
         Ok(y)
     }
 
-    /// Records the qconfig and builds the output fake-quant (`with_output`), checking order.
-    pub fn prepare(&mut self, qconfig: Option<&QConfig>, with_output: bool) -> Result<()> {
-        match self.stage {
+    /// Prepares the layer for `qconfig` (`None`: it stays float): `output` says which spec
+    /// its output fake-quant gets (none for an absorbed placeholder), `extra` builds what the
+    /// kind of layer adds. Checks the order of passes; an error changes nothing.
+    pub fn prepare_with(
+        &mut self,
+        qconfig: Option<&QConfig>,
+        output: impl FnOnce(&QConfig) -> Option<FakeQuantizeSpec>,
+        extra: impl FnOnce(&QConfig) -> Result<P>,
+    ) -> Result<()> {
+        match self.stage() {
             Stage::Prepared => {
                 return Err(Error::pass(
                     "prepare_qat was already run on this layer",
@@ -358,32 +530,83 @@ impl Common {
             }
             Stage::Float | Stage::Fused => {}
         }
-        self.qconfig = qconfig.copied();
-        if let (Some(qc), true, None) = (qconfig, with_output, &self.absorbed) {
-            self.act_fq = Some(ActFq::new(qc.activation.build()?));
-        }
-        if qconfig.is_some() {
-            self.stage = Stage::Prepared;
-        }
+        let Some(qc) = qconfig else {
+            return Ok(());
+        };
+        let act_fq = match (output(qc), &self.absorbed) {
+            (Some(spec), None) => Some(ActFq::new(spec.build()?)),
+            _ => None,
+        };
+        let extra = extra(qc)?;
+        self.state = LayerState::Prepared(Prepared {
+            qconfig: *qc,
+            act_fq,
+            inputs: Mutex::new(Vec::new()),
+            extra,
+        });
         Ok(())
     }
 
     pub fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
-        self.act_fq
-            .iter()
-            .filter_map(|a| {
-                a.fq.lock()
-                    .ok()
-                    .map(|g| ("activation".to_string(), g.clone()))
+        self.act_fq()
+            .map(|a| {
+                let fq = a.fq.lock().unwrap_or_else(|p| p.into_inner());
+                ("activation".to_string(), fq.clone())
             })
+            .into_iter()
             .collect()
     }
 
     pub fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
-        if let Some(a) = self.act_fq.as_ref() {
-            if let Ok(mut fq) = a.fq.lock() {
-                f("activation", &mut fq);
-            }
+        if let Some(a) = self.act_fq() {
+            let mut fq = a.fq.lock().unwrap_or_else(|p| p.into_inner());
+            f("activation", &mut fq);
         }
+    }
+}
+
+impl Common {
+    /// Records the qconfig and builds the output fake-quant (`with_output`) of a layer that
+    /// adds nothing of its own.
+    pub fn prepare(&mut self, qconfig: Option<&QConfig>, with_output: bool) -> Result<()> {
+        self.prepare_with(
+            qconfig,
+            |qc| with_output.then_some(qc.activation),
+            |_| Ok(()),
+        )
+    }
+
+    /// The saved form of a converted simple layer.
+    pub fn int8_state(&self) -> Option<crate::record::Int8State> {
+        self.converted_io().map(|io| crate::record::Int8State {
+            inputs: io.inputs.clone(),
+            output: io.output,
+            ..Default::default()
+        })
+    }
+
+    /// Checks and stages a saved converted simple layer, changing nothing.
+    pub fn stage_int8_state(&self, what: &str, s: &crate::record::Int8State) -> Result<Staged> {
+        self.check_loadable(what)?;
+        if !s.weight_codes.is_empty() {
+            return Err(Error::state(
+                format!("the saved layer has int8 weights, but {what} has no weights"),
+                "load a checkpoint saved from a model of the same architecture",
+            ));
+        }
+        Ok(Staged::new(CommonChange::Converted(ConvertedIo {
+            inputs: s.inputs.clone(),
+            output: s.output,
+        })))
+    }
+
+    /// Applies a change staged by [`Common::stage_convert`] or [`Common::stage_int8_state`].
+    pub fn apply(&mut self, change: Staged) -> Result<()> {
+        match change.into_change::<CommonChange>()? {
+            None => {}
+            Some(CommonChange::Placeholder) => self.set_converted(None, ()),
+            Some(CommonChange::Converted(io)) => self.set_converted(Some(io), ()),
+        }
+        Ok(())
     }
 }

@@ -34,7 +34,7 @@ impl FloatFunctional {
 
     /// `a + b` (broadcasting).
     pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[a, b],
                 "FloatFunctional::add",
@@ -50,7 +50,7 @@ impl FloatFunctional {
 
     /// `relu(a + b)`.
     pub fn add_relu(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[a, b],
                 "FloatFunctional::add_relu",
@@ -66,7 +66,7 @@ impl FloatFunctional {
 
     /// `a * b` (broadcasting).
     pub fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[a, b],
                 "FloatFunctional::mul",
@@ -89,7 +89,7 @@ impl FloatFunctional {
             ));
         }
         let refs: Vec<&Tensor> = xs.iter().collect();
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &refs,
                 "FloatFunctional::cat",
@@ -104,7 +104,7 @@ impl FloatFunctional {
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[x],
                 "FloatFunctional",
@@ -116,8 +116,8 @@ impl FloatFunctional {
         self.common.finish(x.clone())
     }
 
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("FloatFunctional", true).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("FloatFunctional", true)
     }
 
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {

@@ -5,6 +5,10 @@ use candle_nn::VarBuilder;
 
 use super::weighted::Weighted;
 use crate::error::{Error, Result};
+use crate::fake_quant::FakeQuantize;
+use crate::model::{QuantModule, Stage, Staged};
+use crate::qconfig::QConfig;
+use crate::record::Int8State;
 
 /// `y = x W^T + b` over the last dim of x. Fusable with BatchNorm1d and ReLU.
 #[derive(Clone, Debug)]
@@ -103,6 +107,58 @@ impl Module for Linear {
     }
 }
 
-super::weighted::weighted_module!(Linear, "Linear", "", int8: true);
+impl QuantModule for Linear {
+    fn kind(&self) -> String {
+        self.w.kind("Linear", "")
+    }
+    fn type_name(&self) -> &'static str {
+        "Linear"
+    }
+    fn stage(&self) -> Stage {
+        self.w.common.stage()
+    }
+    fn set_training(&mut self, training: bool) {
+        self.w.common.training = training;
+    }
+    fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
+        self.w.prepare(qconfig)
+    }
+    fn qconfig(&self) -> Option<&QConfig> {
+        self.w.common.qconfig()
+    }
+    fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
+        self.w.for_each_fake_quant(f)
+    }
+    fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
+        self.w.fake_quants()
+    }
+    fn set_bn_frozen(&mut self, frozen: bool) {
+        self.w.bn_frozen = frozen;
+    }
+    fn stage_convert(&self) -> Result<Staged> {
+        self.w.stage_convert(&self.kind(), true)
+    }
+    fn stage_int8_state(&self, state: Int8State) -> Result<Staged> {
+        self.w.stage_int8_state(&self.kind(), state)
+    }
+    fn apply_staged(&mut self, change: Staged) -> Result<()> {
+        self.w.apply(change)
+    }
+    fn int8_state(&self) -> Option<Int8State> {
+        self.w.int8_state()
+    }
+    fn trace_key(&self) -> Option<usize> {
+        Some(&self.w.common as *const _ as usize)
+    }
+    fn float_params(&self) -> Vec<(&'static str, Tensor)> {
+        self.w.float_params()
+    }
+    fn load_float_params(&mut self, params: Vec<(String, Tensor)>) -> Result<()> {
+        self.w.load_float_params(params)
+    }
+    fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
+        self.w.common.producer_keys()
+    }
+}
 
 crate::model::leaf_quantizable!(Linear);

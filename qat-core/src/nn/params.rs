@@ -56,7 +56,7 @@ impl Weighted {
     /// Weight, bias and a fused BatchNorm's tensors, unless converted (the int8 state holds
     /// what a converted layer computes with).
     pub fn float_params(&self) -> Vec<(&'static str, Tensor)> {
-        if self.common.stage == Stage::Converted {
+        if self.common.stage() == Stage::Converted {
             return Vec::new();
         }
         let mut v = vec![("weight", self.weight.clone())];

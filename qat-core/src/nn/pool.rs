@@ -34,7 +34,7 @@ impl MaxPool2d {
         })
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             self.common.check_input(x, "MaxPool2d")?;
             let y = x.max_pool2d_with_stride(self.kernel_size, self.stride)?;
             self.common.trace(&[x], &y, || Op::OnCodes(self.op()));
@@ -54,8 +54,8 @@ impl MaxPool2d {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("MaxPool2d", false).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("MaxPool2d", false)
     }
 }
 
@@ -84,7 +84,7 @@ impl Flatten {
         }
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             self.common.check_input(x, "Flatten")?;
             let y = x.flatten_from(self.start_dim)?;
             self.common
@@ -100,8 +100,8 @@ impl Flatten {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("Flatten", false).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("Flatten", false)
     }
 }
 

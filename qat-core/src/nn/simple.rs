@@ -17,7 +17,7 @@ macro_rules! simple_module {
                 stringify!($t)
             }
             fn stage(&self) -> $crate::model::Stage {
-                self.common.stage
+                self.common.stage()
             }
             fn set_training(&mut self, training: bool) {
                 self.common.training = training;
@@ -29,7 +29,7 @@ macro_rules! simple_module {
                 self.prepare_with(qconfig, $observed)
             }
             fn qconfig(&self) -> Option<&$crate::qconfig::QConfig> {
-                self.common.qconfig.as_ref()
+                self.common.qconfig()
             }
             fn for_each_fake_quant(
                 &mut self,
@@ -40,8 +40,11 @@ macro_rules! simple_module {
             fn fake_quants(&self) -> Vec<(String, $crate::fake_quant::FakeQuantize)> {
                 self.common.fake_quants()
             }
-            fn convert(&mut self) -> $crate::error::Result<()> {
-                self.convert_with()
+            fn stage_convert(&self) -> $crate::error::Result<$crate::model::Staged> {
+                self.stage_convert_with()
+            }
+            fn apply_staged(&mut self, change: $crate::model::Staged) -> $crate::error::Result<()> {
+                self.common.apply(change)
             }
             fn int8_state(&self) -> Option<$crate::record::Int8State> {
                 self.common.int8_state()
@@ -52,11 +55,11 @@ macro_rules! simple_module {
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.common as *const _ as usize)
             }
-            fn load_int8_state(
-                &mut self,
+            fn stage_int8_state(
+                &self,
                 state: $crate::record::Int8State,
-            ) -> $crate::error::Result<()> {
-                self.common.load_int8_state(&state)
+            ) -> $crate::error::Result<$crate::model::Staged> {
+                self.common.stage_int8_state(stringify!($t), &state)
             }
         }
 

@@ -27,7 +27,7 @@ impl QuantStub {
         Self::default()
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(io) = &self.common.io {
+        if let Some(io) = self.common.converted_io() {
             let what = "QuantStub";
             if x.dtype() == candle_core::DType::U8 {
                 return Err(crate::error::Error::tensor(
@@ -51,8 +51,8 @@ impl QuantStub {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("QuantStub", false).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("QuantStub", false)
     }
 }
 
@@ -62,7 +62,7 @@ impl DeQuantStub {
         Self::default()
     }
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        if self.common.io.is_some() {
+        if self.common.converted_io().is_some() {
             return self.common.converted_float_op(
                 &[x],
                 "DeQuantStub",
@@ -76,8 +76,8 @@ impl DeQuantStub {
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
-    fn convert_with(&mut self) -> Result<()> {
-        self.common.convert_io("DeQuantStub", true).map(|_| ())
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("DeQuantStub", true)
     }
 }
 

@@ -7,12 +7,12 @@ use std::sync::Mutex;
 use candle_core::Tensor;
 
 use super::batch_norm::BnCore;
-use super::common::{lock, Common};
+use super::common::{lock, Common, ConvertedIo, LayerState};
 use super::conv::ConvConfig;
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
 use crate::model::hook as trace;
-use crate::model::Stage;
+use crate::model::{Stage, Staged};
 use crate::qconfig::{Backend, QConfig};
 use crate::qparams::QParams;
 use crate::quantized::{QuantizedWeight, Requant};
@@ -48,6 +48,15 @@ impl IntWeighted {
     }
 }
 
+/// A conversion of a weighted layer, staged by a pass.
+#[derive(Debug)]
+pub(crate) struct WeightedChange {
+    int: IntWeighted,
+    output: IoQParams,
+    /// The weight fake-quant after it observed the weight once more (convert only).
+    weight_fq: Option<FakeQuantize>,
+}
+
 /// The bias as an integer engine adds it: `(acc + int_bias) * (x_scale * w_scale) +
 /// float_bias`. fbgemm/x86 keep the whole bias in float; qnnpack rounds it to int32 in units
 /// of `x_scale * w_scale` (PyTorch's qnnpack kernels do).
@@ -76,34 +85,37 @@ impl IntBias {
     }
 }
 
-#[derive(Debug)]
+/// A conv or linear layer: weight and bias, a BatchNorm fused in for QAT, a fused ReLU, and
+/// its stage with what it holds there (prepared: the weight fake-quant; converted: the int8
+/// form).
+#[derive(Clone, Debug)]
 pub(crate) struct Weighted {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub bn: Option<BnCore>,
     pub bn_frozen: bool,
     pub relu: bool,
-    pub weight_fq: Option<Mutex<FakeQuantize>>,
-    pub common: Common,
-    pub int: Option<IntWeighted>,
+    pub common: Common<WeightFq, IntState>,
 }
 
-impl Clone for Weighted {
+/// A weighted layer's weight fake-quant.
+#[derive(Debug)]
+pub(crate) struct WeightFq(pub Mutex<FakeQuantize>);
+
+impl Clone for WeightFq {
     fn clone(&self) -> Self {
-        Weighted {
-            weight: self.weight.clone(),
-            bias: self.bias.clone(),
-            bn: self.bn.clone(),
-            bn_frozen: self.bn_frozen,
-            relu: self.relu,
-            weight_fq: self
-                .weight_fq
-                .as_ref()
-                .and_then(|m| m.lock().ok().map(|g| Mutex::new(g.clone()))),
-            common: self.common.clone(),
-            int: self.int.clone(),
-        }
+        // A poisoned lock still holds a consistent fake-quant: every write is one assignment.
+        let fq = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        WeightFq(Mutex::new(fq.clone()))
     }
+}
+
+/// What a converted weighted layer holds: its int8 form and the weight fake-quant it was
+/// converted from (`None` when loaded from an int8 file).
+#[derive(Clone, Debug)]
+pub(crate) struct IntState {
+    pub int: IntWeighted,
+    pub weight_fq: Option<WeightFq>,
 }
 
 /// The integer op on codes `xq`: requantized codes with `out`, else the f32 values they round
@@ -137,10 +149,22 @@ impl Weighted {
             bn: None,
             bn_frozen: false,
             relu: false,
-            weight_fq: None,
             common: Common::default(),
-            int: None,
         }
+    }
+
+    /// The weight fake-quant (prepared and converted layers).
+    pub fn weight_fq(&self) -> Option<&Mutex<FakeQuantize>> {
+        match &self.common.state {
+            LayerState::Prepared(p) => Some(&p.extra.0),
+            LayerState::Converted(c) => c.extra.weight_fq.as_ref().map(|w| &w.0),
+            LayerState::Float | LayerState::Fused => None,
+        }
+    }
+
+    /// The int8 form (converted layers).
+    pub fn int(&self) -> Option<&IntWeighted> {
+        self.common.converted().map(|c| &c.extra.int)
     }
 
     pub fn out_channels(&self) -> usize {
@@ -152,11 +176,11 @@ impl Weighted {
     /// arithmetic.
     fn frozen(&self) -> Result<bool> {
         let settled = |f: &FakeQuantize| !f.observer_enabled() && f.fake_quant_enabled();
-        let weight_settled = match &self.weight_fq {
+        let weight_settled = match self.weight_fq() {
             Some(m) => settled(&*lock(m)?),
             None => false,
         };
-        let output_settled = match &self.common.act_fq {
+        let output_settled = match self.common.act_fq() {
             Some(a) => settled(&*lock(&a.fq)?),
             None => false,
         };
@@ -224,7 +248,7 @@ impl Weighted {
             WeightedKind::Conv { config, rank: 2 } => Some(IntOp::Conv2d(config)),
             WeightedKind::Conv { .. } => None,
         };
-        if let Some(int) = &self.int {
+        if let Some(int) = self.int() {
             let y = self.forward_int(int, x, int_op)?;
             self.common.trace(&[x], &y, || Op::IntWeighted {
                 kind,
@@ -251,7 +275,7 @@ impl Weighted {
         // A fused BatchNorm's op runs the ReLU, unless the frozen path below changes the
         // value between the two.
         let bn_relu = self.relu && !frozen && self.bn.is_some();
-        let (y, w_fq) = match (&self.bn, &self.weight_fq) {
+        let (y, w_fq) = match (&self.bn, self.weight_fq()) {
             (Some(bn), Some(wfq)) => {
                 let (w, sf) = self.scaled_weight()?;
                 let w = lock(wfq)?.forward(&w)?;
@@ -278,7 +302,7 @@ impl Weighted {
         // code for code. With observers on, qparams move every batch and the float path
         // (PyTorch's) is used.
 
-        let y = match (frozen, source, int_op, &self.weight_fq, w_fq) {
+        let y = match (frozen, source, int_op, self.weight_fq(), w_fq) {
             (true, Some(src), Some(iop), Some(wfq), Some(_)) => {
                 let scales = Self::symmetric_weight_scales(&*lock(wfq)?);
                 match scales {
@@ -299,7 +323,7 @@ impl Weighted {
                             input.quant_min,
                             input.quant_max,
                         )?;
-                        let backend = self.common.qconfig.map_or(Backend::X86, |q| q.backend);
+                        let backend = self.common.qconfig().map_or(Backend::X86, |q| q.backend);
                         let bias = IntBias::new(&self.folded_bias()?, input.scale, &qw, backend);
                         let exact = int_forward(iop, &xq, &input, &qw, &bias, None)?;
                         (exact + (&y - y.detach())?)?
@@ -314,7 +338,7 @@ impl Weighted {
         } else {
             y
         };
-        if matches!(self.common.stage, Stage::Float | Stage::Fused) && trace::active() {
+        if matches!(self.common.stage(), Stage::Float | Stage::Fused) && trace::active() {
             let (w, _) = self.scaled_weight()?;
             let bias = self.folded_bias()?;
             self.common.trace(&[x], &y, || Op::FloatWeighted {
@@ -345,19 +369,20 @@ impl Weighted {
         )
     }
 
-    /// Converts a prepared layer: the weight (BN folded as the QAT forward scales it) goes
-    /// once more through its fake-quant, as PyTorch's convert does (an enabled observer
-    /// updates), and is quantized with the resulting qparams; the output keeps the range its
-    /// fake-quant trained with.
-    pub fn convert(&mut self, what: &str, supported: bool) -> Result<()> {
-        match self.common.stage {
+    /// Stages the conversion of a prepared layer, changing nothing: the weight (BN folded as
+    /// the QAT forward scales it) goes once more through (a copy of) its fake-quant, as
+    /// PyTorch's convert calls `weight_fake_quant(weight)` (an enabled observer updates), and
+    /// is quantized with the resulting qparams; the output keeps the range its fake-quant
+    /// trained with. Both fake-quants must have seen data.
+    pub fn stage_convert(&self, what: &str, supported: bool) -> Result<Staged> {
+        match self.common.stage() {
             Stage::Converted => {
                 return Err(Error::pass(
                     format!("{what} is already converted"),
                     "convert a prepared model once",
                 ))
             }
-            Stage::Float | Stage::Fused => return Ok(()),
+            Stage::Float | Stage::Fused => return Ok(Staged::unchanged()),
             Stage::Prepared => {}
         }
         if !supported {
@@ -367,15 +392,25 @@ impl Weighted {
                  Conv2d and Linear layers convert to int8)",
             ));
         }
-        let (Some(wfq), Some(_)) = (&self.weight_fq, &self.common.act_fq) else {
+        let (Some(wfq), Some(_)) = (self.weight_fq(), self.common.act_fq()) else {
             return Err(Error::state(
                 "prepared layer without fake-quants",
                 "report this as a bug",
             ));
         };
         let (w_s, _) = self.scaled_weight()?;
-        let mut fq = lock(wfq)?;
+        let mut fq = lock(wfq)?.detached_copy()?;
         fq.forward(&w_s.detach())?;
+        if !fq.is_calibrated() {
+            return Err(Error::pass(
+                format!(
+                    "{what}'s weight fake-quant never observed the weight and its observer is \
+                     disabled, so its scale is still the initial 1.0"
+                ),
+                "enable the observers (enable_observer) before convert, or run a forward with \
+                 observers enabled before disabling them",
+            ));
+        }
         let scales = Self::symmetric_weight_scales(&fq).ok_or_else(|| {
             Error::config(
                 format!("{what} has affine (zero point != 0) weight qparams"),
@@ -384,7 +419,6 @@ impl Weighted {
             )
         })?;
         let range = fq.quant_range();
-        drop(fq);
         let weight = QuantizedWeight::quantize(
             &w_s.detach(),
             &scales,
@@ -392,34 +426,29 @@ impl Weighted {
             range.quant_max(),
         )?;
         let input = self.common.input_qparams(what)?[0];
-        let backend = self.common.qconfig.map_or(Backend::X86, |q| q.backend);
+        let backend = self.common.qconfig().map_or(Backend::X86, |q| q.backend);
         let bias = IntBias::new(&self.folded_bias()?, input.scale, &weight, backend);
         let out = self
             .common
-            .act_fq
-            .as_ref()
-            .map(|a| a.io_qparams())
-            .transpose()?
+            .output_qparams(what)?
             .ok_or_else(|| Error::state("no output fake-quant", "report this as a bug"))?;
         let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
             .with_relu(self.relu);
-        self.common.io = Some(super::common::ConvertedIo {
-            inputs: vec![input],
-            output: Some(out),
-        });
-        self.int = Some(IntWeighted {
-            weight,
-            bias,
-            input,
-            requant,
-        });
-        self.common.stage = Stage::Converted;
-        Ok(())
+        Ok(Staged::new(WeightedChange {
+            int: IntWeighted {
+                weight,
+                bias,
+                input,
+                requant,
+            },
+            output: out,
+            weight_fq: Some(fq),
+        }))
     }
 
     /// The saved form of a converted layer.
     pub fn int8_state(&self) -> Option<crate::record::Int8State> {
-        let int = self.int.as_ref()?;
+        let int = self.int()?;
         Some(crate::record::Int8State {
             weight_codes: int.weight.codes().to_vec(),
             weight_shape: int.weight.shape().to_vec(),
@@ -427,12 +456,14 @@ impl Weighted {
             bias: int.bias.float.clone(),
             bias_int32: int.bias.int.clone(),
             inputs: vec![int.input],
-            output: self.common.io.as_ref().and_then(|io| io.output),
+            output: self.common.converted_io().and_then(|io| io.output),
         })
     }
 
-    /// Restores a converted layer (fused as when it was saved).
-    pub fn load_int8_state(&mut self, what: &str, s: crate::record::Int8State) -> Result<()> {
+    /// Checks a saved converted layer against this one (fused as when it was saved) and
+    /// stages it, changing nothing.
+    pub fn stage_int8_state(&self, what: &str, s: crate::record::Int8State) -> Result<Staged> {
+        self.common.check_loadable(what)?;
         if s.weight_shape != self.weight.dims() {
             return Err(Error::state(
                 format!(
@@ -443,16 +474,17 @@ impl Weighted {
                 "load a checkpoint saved from a model of the same architecture",
             ));
         }
-        let (Some(&input), Some(out)) = (s.inputs.first(), s.output) else {
+        let (&[input], Some(out)) = (s.inputs.as_slice(), s.output) else {
             return Err(Error::state(
-                format!("{what}: the saved layer has no input or output qparams"),
+                format!(
+                    "{what}: the saved layer has {} input qparams and {} output qparams, not \
+                     one each",
+                    s.inputs.len(),
+                    usize::from(s.output.is_some())
+                ),
                 "load a checkpoint written by save_int8",
             ));
         };
-        let weight =
-            QuantizedWeight::from_codes(s.weight_codes, &s.weight_shape, &s.weight_scales)?;
-        let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
-            .with_relu(self.relu);
         let o = self.out_channels();
         if s.bias.len() != o || s.bias_int32.len() != o {
             return Err(Error::state(
@@ -463,47 +495,79 @@ impl Weighted {
                 "load a checkpoint saved from a model of the same architecture",
             ));
         }
-        self.int = Some(IntWeighted {
-            weight,
-            bias: IntBias {
-                int: s.bias_int32,
-                float: s.bias,
+        let weight =
+            QuantizedWeight::from_codes(s.weight_codes, &s.weight_shape, &s.weight_scales)?;
+        let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
+            .with_relu(self.relu);
+        Ok(Staged::new(WeightedChange {
+            int: IntWeighted {
+                weight,
+                bias: IntBias {
+                    int: s.bias_int32,
+                    float: s.bias,
+                },
+                input,
+                requant,
             },
-            input,
-            requant,
-        });
-        self.common.io = Some(super::common::ConvertedIo {
-            inputs: vec![input],
-            output: Some(out),
-        });
-        self.common.stage = Stage::Converted;
+            output: out,
+            weight_fq: None,
+        }))
+    }
+
+    /// Applies a change staged by [`Weighted::stage_convert`] or
+    /// [`Weighted::stage_int8_state`].
+    pub fn apply(&mut self, change: Staged) -> Result<()> {
+        let Some(c) = change.into_change::<WeightedChange>()? else {
+            return Ok(());
+        };
+        let io = ConvertedIo {
+            inputs: vec![c.int.input],
+            output: Some(c.output),
+        };
+        let weight_fq = c.weight_fq.map(|fq| WeightFq(Mutex::new(fq)));
+        self.common.set_converted(
+            Some(io),
+            IntState {
+                int: c.int,
+                weight_fq,
+            },
+        );
         Ok(())
     }
 
     pub fn prepare(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
-        self.common.prepare(qconfig, true)?;
-        if let Some(qc) = qconfig {
-            let fq = FakeQuantize::with_channels(&qc.weight, self.out_channels())?;
-            self.weight_fq = Some(Mutex::new(fq));
-        }
-        Ok(())
+        let channels = self.out_channels();
+        self.common.prepare_with(
+            qconfig,
+            |qc| Some(qc.activation),
+            |qc| {
+                let fq = FakeQuantize::with_channels(&qc.weight, channels)?;
+                Ok(WeightFq(Mutex::new(fq)))
+            },
+        )
     }
 
     pub fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
         let mut v: Vec<_> = self
-            .weight_fq
-            .iter()
-            .filter_map(|m| m.lock().ok().map(|g| ("weight".to_string(), g.clone())))
+            .weight_fq()
+            .map(|m| {
+                let fq = m.lock().unwrap_or_else(|p| p.into_inner());
+                ("weight".to_string(), fq.clone())
+            })
+            .into_iter()
             .collect();
         v.extend(self.common.fake_quants());
         v
     }
 
     pub fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
-        if let Some(m) = self.weight_fq.as_mut() {
-            if let Ok(fq) = m.get_mut() {
-                f("weight", fq);
-            }
+        let weight_fq = match &mut self.common.state {
+            LayerState::Prepared(p) => Some(&mut p.extra.0),
+            LayerState::Converted(c) => c.extra.weight_fq.as_mut().map(|w| &mut w.0),
+            LayerState::Float | LayerState::Fused => None,
+        };
+        if let Some(m) = weight_fq {
+            f("weight", m.get_mut().unwrap_or_else(|p| p.into_inner()));
         }
         self.common.for_each_fake_quant(f);
     }
@@ -529,79 +593,3 @@ impl Weighted {
         }
     }
 }
-
-/// Implements `QuantModule` for a layer struct holding a `w: Weighted` field: `$base` and
-/// `$suffix` make its PyTorch kind (`Conv` + `2d`), `int8` says whether it has an int8
-/// kernel to convert to.
-macro_rules! weighted_module {
-    ($name:ident, $base:literal, $suffix:literal, int8: $int8:expr) => {
-        impl $crate::model::QuantModule for $name {
-            fn kind(&self) -> String {
-                self.w.kind($base, $suffix)
-            }
-            fn type_name(&self) -> &'static str {
-                stringify!($name)
-            }
-            fn stage(&self) -> $crate::model::Stage {
-                self.w.common.stage
-            }
-            fn set_training(&mut self, training: bool) {
-                self.w.common.training = training;
-            }
-            fn prepare_qat(
-                &mut self,
-                qconfig: Option<&$crate::qconfig::QConfig>,
-            ) -> $crate::error::Result<()> {
-                self.w.prepare(qconfig)
-            }
-            fn qconfig(&self) -> Option<&$crate::qconfig::QConfig> {
-                self.w.common.qconfig.as_ref()
-            }
-            fn for_each_fake_quant(
-                &mut self,
-                f: &mut dyn FnMut(&str, &mut $crate::fake_quant::FakeQuantize),
-            ) {
-                self.w.for_each_fake_quant(f)
-            }
-            fn fake_quants(&self) -> Vec<(String, $crate::fake_quant::FakeQuantize)> {
-                self.w.fake_quants()
-            }
-            fn set_bn_frozen(&mut self, frozen: bool) {
-                self.w.bn_frozen = frozen;
-            }
-            fn float_params(&self) -> Vec<(&'static str, candle_core::Tensor)> {
-                self.w.float_params()
-            }
-            fn load_float_params(
-                &mut self,
-                params: Vec<(String, candle_core::Tensor)>,
-            ) -> $crate::error::Result<()> {
-                self.w.load_float_params(params)
-            }
-            fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
-                self.w.common.producer_keys()
-            }
-            fn has_int8_form(&self) -> bool {
-                $int8
-            }
-            fn convert(&mut self) -> $crate::error::Result<()> {
-                let kind = $crate::model::QuantModule::kind(self);
-                self.w.convert(&kind, $int8)
-            }
-            fn int8_state(&self) -> Option<$crate::record::Int8State> {
-                self.w.int8_state()
-            }
-            fn trace_key(&self) -> Option<usize> {
-                Some(&self.w.common as *const _ as usize)
-            }
-            fn load_int8_state(
-                &mut self,
-                state: $crate::record::Int8State,
-            ) -> $crate::error::Result<()> {
-                let kind = $crate::model::QuantModule::kind(self);
-                self.w.load_int8_state(&kind, state)
-            }
-        }
-    };
-}
-pub(crate) use weighted_module;
