@@ -106,35 +106,54 @@ impl QRule {
     }
 }
 
-/// Min, max and whether a NaN was seen, in lanes so that the loop vectorises (the result is
-/// the same as a sequential scan: min and max are exact).
-#[multiversion(targets("x86_64+avx2"))]
-pub(crate) fn min_max(x: &[f32]) -> (f32, f32, bool) {
+/// Min, max and whether a NaN was seen, in f32 lanes so that the loop vectorises (the
+/// result is the same as a sequential scan: min and max are exact). NaNs are caught by
+/// `v - v`, which is NaN for NaN and infinities; only then is the group scanned again.
+#[inline(always)]
+#[allow(clippy::eq_op)] // `v - v` is the NaN/infinity test, not 0.
+fn min_max_inline(x: &[f32]) -> (f32, f32, bool) {
     const LANES: usize = 8;
     let mut lo = [f32::INFINITY; LANES];
     let mut hi = [f32::NEG_INFINITY; LANES];
-    let mut nan = [false; LANES];
+    let mut odd = [0.0f32; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
             let v = c[i];
             lo[i] = if v < lo[i] { v } else { lo[i] };
             hi[i] = if v > hi[i] { v } else { hi[i] };
-            nan[i] |= v.is_nan();
+            odd[i] += v - v;
         }
     }
     for (i, &v) in chunks.remainder().iter().enumerate() {
         lo[i] = if v < lo[i] { v } else { lo[i] };
         hi[i] = if v > hi[i] { v } else { hi[i] };
-        nan[i] |= v.is_nan();
+        odd[i] += v - v;
     }
     let mut out = (f32::INFINITY, f32::NEG_INFINITY, false);
+    let mut any_odd = false;
     for i in 0..LANES {
         out.0 = out.0.min(lo[i]);
         out.1 = out.1.max(hi[i]);
-        out.2 |= nan[i];
+        any_odd |= odd[i].is_nan();
+    }
+    if any_odd {
+        out.2 = x.iter().any(|v| v.is_nan());
     }
     out
+}
+
+/// [`min_max_inline`] of one slice.
+#[multiversion(targets("x86_64+avx2"))]
+pub(crate) fn min_max(x: &[f32]) -> (f32, f32, bool) {
+    min_max_inline(x)
+}
+
+/// [`min_max_inline`] of each group of `len` of `x`.
+#[multiversion(targets("x86_64+avx2"))]
+fn min_max_block(x: &[f32], len: usize, out: &mut Vec<(f32, f32, bool)>) {
+    out.clear();
+    out.extend(x.chunks(len).map(min_max_inline));
 }
 
 /// One group's grid: the code relative to the zero point is clamped to `[lo, hi]` =
@@ -159,7 +178,7 @@ impl Step {
         // round_half_even(t) >= a  <=>  t >= a - 0.5 when that tie rounds up to a (a even),
         // t > a - 0.5 otherwise; likewise <= b. a = lo + 1, b = hi - 1 (strict mask).
         let (a, b) = (lo + 1.0, hi - 1.0);
-        let even = |v: f32| v % 2.0 == 0.0;
+        let even = |v: f32| (v as i64) % 2 == 0;
         let (in_lo, in_hi) = if a > b || a.is_nan() {
             (f32::INFINITY, f32::NEG_INFINITY)
         } else {
@@ -219,41 +238,64 @@ impl Step {
     }
 }
 
-/// `y = fake_quant(x)` for one group (f32).
+/// `y = fake_quant(x)` over groups of `len`, group `k` with `steps[k]` (f32).
 #[multiversion(targets("x86_64+avx2"))]
-fn forward_group(x: &[f32], y: &mut [MaybeUninit<f32>], s: Step) {
-    for (o, &v) in y.iter_mut().zip(x) {
-        o.write(s.fake_quant(v));
+fn forward_block(x: &[f32], y: &mut [MaybeUninit<f32>], steps: &[Step], len: usize) {
+    for ((xg, yg), s) in x.chunks(len).zip(y.chunks_mut(len)).zip(steps) {
+        for (o, &v) in yg.iter_mut().zip(xg) {
+            o.write(s.fake_quant(v));
+        }
     }
 }
 
-/// `dx = in_range ? (dy * scale) * (1/scale) : 0` for one group (f32).
+/// `dx = in_range ? (dy * scale) * (1/scale) : 0` over groups of `len` (f32).
 #[multiversion(targets("x86_64+avx2"))]
-fn backward_group(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], s: Step) {
-    for ((o, &v), &d) in dx.iter_mut().zip(x).zip(dy) {
-        o.write(if s.in_range(v) {
-            (d * s.scale) * s.inv
-        } else {
-            0.0
-        });
+fn backward_block(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], steps: &[Step], len: usize) {
+    for (((xg, dg), og), s) in x
+        .chunks(len)
+        .zip(dy.chunks(len))
+        .zip(dx.chunks_mut(len))
+        .zip(steps)
+    {
+        for ((o, &v), &d) in og.iter_mut().zip(xg).zip(dg) {
+            o.write(if s.in_range(v) {
+                (d * s.scale) * s.inv
+            } else {
+                0.0
+            });
+        }
     }
 }
 
-fn forward_group_any(x: &[f32], y: &mut [MaybeUninit<f32>], s: Step, n: Narrow) {
+fn forward_block_any(x: &[f32], y: &mut [MaybeUninit<f32>], steps: &[Step], len: usize, n: Narrow) {
     if n == Narrow::F32 {
-        forward_group(x, y, s)
-    } else {
-        for (o, &v) in y.iter_mut().zip(x) {
+        return forward_block(x, y, steps, len);
+    }
+    for ((xg, yg), s) in x.chunks(len).zip(y.chunks_mut(len)).zip(steps) {
+        for (o, &v) in yg.iter_mut().zip(xg) {
             o.write(s.fake_quant_narrow(v, n));
         }
     }
 }
 
-fn backward_group_any(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], s: Step, n: Narrow) {
+fn backward_block_any(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    steps: &[Step],
+    len: usize,
+    n: Narrow,
+) {
     if n == Narrow::F32 {
-        backward_group(x, dy, dx, s)
-    } else {
-        for ((o, &v), &d) in dx.iter_mut().zip(x).zip(dy) {
+        return backward_block(x, dy, dx, steps, len);
+    }
+    for (((xg, dg), og), s) in x
+        .chunks(len)
+        .zip(dy.chunks(len))
+        .zip(dx.chunks_mut(len))
+        .zip(steps)
+    {
+        for ((o, &v), &d) in og.iter_mut().zip(xg).zip(dg) {
             o.write(if s.in_range(v) {
                 n.round(n.round(d * s.scale) * s.inv)
             } else {
@@ -261,6 +303,13 @@ fn backward_group_any(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>], s: Ste
             });
         }
     }
+}
+
+/// Groups handled together: their min/max, then their qparams (independent divisions,
+/// which pipeline), then their outputs — about 4096 elements, so the block is still in L1
+/// for the second read.
+fn groups_per_block(len: usize) -> usize {
+    (4096 / len.max(1)).max(1)
 }
 
 /// Per-group scales and zero points (f32, integer-valued zero points).
@@ -312,22 +361,35 @@ where
 /// The dynamic forward: each group's qparams from its own min/max, then its outputs.
 /// `x.len()` is a multiple of `len`.
 pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, GroupParams) {
-    let groups = x.len() / len.max(1);
+    let len = len.max(1);
+    let groups = x.len() / len;
     let mut params = GroupParams {
         scale: vec![0.0; groups],
         zero_point: vec![0.0; groups],
     };
     let per = groups_per_task(len);
     let run = |xs: &[f32], o: &mut [MaybeUninit<f32>], sc: &mut [f32], zp: &mut [f32]| {
-        for (k, (xg, og)) in xs.chunks(len).zip(o.chunks_mut(len)).enumerate() {
-            let (lo, hi, nan) = min_max(xg);
-            let (s, z) = r.qparams(lo, hi, nan);
-            sc[k] = s;
-            zp[k] = z;
-            // An oversized zero point is reported by the caller before the output is used;
-            // its group's values are computed with the zero point clamped into range.
-            let zc = z.clamp(-MAX_ZERO_POINT, MAX_ZERO_POINT);
-            forward_group_any(xg, og, Step::new(s, zc, r.qmin, r.qmax), r.narrow);
+        let b = groups_per_block(len);
+        let mut mm = Vec::with_capacity(b);
+        let mut steps = Vec::with_capacity(b);
+        for (((xb, ob), sb), zb) in xs
+            .chunks(b * len)
+            .zip(o.chunks_mut(b * len))
+            .zip(sc.chunks_mut(b))
+            .zip(zp.chunks_mut(b))
+        {
+            min_max_block(xb, len, &mut mm);
+            steps.clear();
+            for (k, &(lo, hi, nan)) in mm.iter().enumerate() {
+                let (s, z) = r.qparams(lo, hi, nan);
+                sb[k] = s;
+                zb[k] = z;
+                // An oversized zero point is reported by the caller before the output is
+                // used; its group is computed with the zero point clamped into range.
+                let zc = z.clamp(-MAX_ZERO_POINT, MAX_ZERO_POINT);
+                steps.push(Step::new(s, zc, r.qmin, r.qmax));
+            }
+            forward_block_any(xb, ob, &steps, len, r.narrow);
         }
     };
     let n = x.len();
@@ -357,6 +419,25 @@ pub(crate) fn qparams_only(x: &[f32], len: usize, r: QRule) -> GroupParams {
     GroupParams { scale, zero_point }
 }
 
+/// Runs `f(steps, x_block, out_block, first_element)` over blocks of whole groups with the
+/// steps of `p`, in parallel tasks when the data is large.
+fn with_steps<F>(x: &[f32], len: usize, p: &GroupParams, qmin: f32, qmax: f32, f: F) -> Vec<f32>
+where
+    F: Fn(&[Step], &[f32], &mut [MaybeUninit<f32>], usize) + Sync,
+{
+    let len = len.max(1);
+    let b = groups_per_block(len);
+    over_groups(x, len, |g0, xs, o| {
+        let mut steps = Vec::with_capacity(b);
+        for (i, (xb, ob)) in xs.chunks(b * len).zip(o.chunks_mut(b * len)).enumerate() {
+            let first = g0 + i * b;
+            steps.clear();
+            steps.extend((first..first + xb.len() / len).map(|g| p.step(g, qmin, qmax)));
+            f(&steps, xb, ob, first * len);
+        }
+    })
+}
+
 /// The forward with given qparams (static quantizers).
 pub(crate) fn forward_static(
     x: &[f32],
@@ -366,10 +447,8 @@ pub(crate) fn forward_static(
     qmax: f32,
     narrow: Narrow,
 ) -> Vec<f32> {
-    over_groups(x, len, |g0, xs, o| {
-        for (k, (xg, og)) in xs.chunks(len).zip(o.chunks_mut(len)).enumerate() {
-            forward_group_any(xg, og, p.step(g0 + k, qmin, qmax), narrow);
-        }
+    with_steps(x, len, p, qmin, qmax, |steps, xb, ob, _| {
+        forward_block_any(xb, ob, steps, len.max(1), narrow)
     })
 }
 
@@ -383,19 +462,8 @@ pub(crate) fn backward(
     qmax: f32,
     narrow: Narrow,
 ) -> Vec<f32> {
-    let per = groups_per_task(len) * len;
-    over_groups(x, len, |g0, xs, o| {
-        let off = g0 * len;
-        let dys = &dy[off..off + xs.len()];
-        debug_assert!(per >= xs.len());
-        for (k, ((xg, dg), og)) in xs
-            .chunks(len)
-            .zip(dys.chunks(len))
-            .zip(o.chunks_mut(len))
-            .enumerate()
-        {
-            backward_group_any(xg, dg, og, p.step(g0 + k, qmin, qmax), narrow);
-        }
+    with_steps(x, len, p, qmin, qmax, |steps, xb, ob, off| {
+        backward_block_any(xb, &dy[off..off + xb.len()], ob, steps, len.max(1), narrow)
     })
 }
 
@@ -476,7 +544,7 @@ mod tests {
             let (s, z) = r.qparams(lo, hi, nan);
             assert_eq!((p.scale[g], p.zero_point[g]), (s, z));
             let mut o = vec![MaybeUninit::uninit(); 40];
-            forward_group(xs, &mut o, Step::new(s, z, -8.0, 7.0));
+            forward_block(xs, &mut o, &[Step::new(s, z, -8.0, 7.0)], 40);
             assert_eq!(init(o), y[g * 40..(g + 1) * 40].to_vec());
         }
         let dy: Vec<f32> = (0..n).map(|i| (i % 17) as f32 - 8.0).collect();

@@ -229,6 +229,14 @@ impl CustomOp2 for IntxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "{}: x has shape {:?}, grad {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
+        }
         let r = self.rule;
         let run = |x: &[f32], dy: &[f32]| {
             k::backward(x, dy, self.len, &self.params, r.qmin, r.qmax, r.narrow)
