@@ -106,54 +106,227 @@ impl QRule {
     }
 }
 
-/// Min, max and whether a NaN was seen, in f32 lanes so that the loop vectorises (the
-/// result is the same as a sequential scan: min and max are exact). NaNs are caught by
-/// `v - v`, which is NaN for NaN and infinities; only then is the group scanned again.
+/// [`min_max_tree`] of one slice.
+#[multiversion(targets("x86_64+avx2"))]
+pub(crate) fn min_max(x: &[f32]) -> (f32, f32, bool) {
+    min_max_tree(x)
+}
+
+/// [`min_max_tree`] of each group of `len` of `x`.
+#[multiversion(targets("x86_64+avx2"))]
+fn min_max_block(x: &[f32], len: usize, out: &mut Vec<(f32, f32, bool)>) {
+    out.clear();
+    out.extend(x.chunks(len).map(min_max_tree));
+}
+
+/// The `t` whose code `round_half_even(t)` lies strictly between the integers `lo` and
+/// `hi`, as `in_lo <= t <= in_hi` (empty when there is no such code, or for NaN bounds).
+/// `round_half_even(t) >= a` iff `t >= a - 0.5` when that tie rounds up to `a` (a even),
+/// `t > a - 0.5` otherwise, i.e. `t >= next_up(a - 0.5)`; likewise `<= b`, with `a = lo +
+/// 1`, `b = hi - 1`. Branch-free (`a - 0.5` is never 0, so the neighbour is one ulp in the
+/// bits), so that it vectorises over groups.
 #[inline(always)]
-#[allow(clippy::eq_op)] // `v - v` is the NaN/infinity test, not 0.
-fn min_max_inline(x: &[f32]) -> (f32, f32, bool) {
-    const LANES: usize = 8;
+fn strict_bounds(lo: f32, hi: f32) -> (f32, f32) {
+    let (a, b) = (lo + 1.0, hi - 1.0);
+    let (la, hb) = (a - 0.5, b + 0.5);
+    let away = |v: f32, up: bool| {
+        let bits = v.to_bits();
+        f32::from_bits(if (v > 0.0) == up {
+            bits.wrapping_add(1)
+        } else {
+            bits.wrapping_sub(1)
+        })
+    };
+    let in_lo = if (a as i32) & 1 == 0 {
+        la
+    } else {
+        away(la, true)
+    };
+    let in_hi = if (b as i32) & 1 == 0 {
+        hb
+    } else {
+        away(hb, false)
+    };
+    if a <= b {
+        (in_lo, in_hi)
+    } else {
+        (f32::INFINITY, f32::NEG_INFINITY)
+    }
+}
+
+/// Min, max and NaN flag of one group with a tree reduction of the lanes (select-based, so
+/// that it maps to vector min/max; the values are those of a sequential scan up to the
+/// sign of a zero, which no qparams rule distinguishes).
+#[inline(always)]
+fn min_max_lanes<const LANES: usize>(x: &[f32]) -> (f32, f32, bool) {
     let mut lo = [f32::INFINITY; LANES];
     let mut hi = [f32::NEG_INFINITY; LANES];
-    let mut odd = [0.0f32; LANES];
+    let mut nan = [0u32; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
             let v = c[i];
             lo[i] = if v < lo[i] { v } else { lo[i] };
             hi[i] = if v > hi[i] { v } else { hi[i] };
-            odd[i] += v - v;
+            nan[i] |= v.is_nan() as u32;
         }
     }
     for (i, &v) in chunks.remainder().iter().enumerate() {
         lo[i] = if v < lo[i] { v } else { lo[i] };
         hi[i] = if v > hi[i] { v } else { hi[i] };
-        odd[i] += v - v;
+        nan[i] |= v.is_nan() as u32;
     }
-    let mut out = (f32::INFINITY, f32::NEG_INFINITY, false);
-    let mut any_odd = false;
-    for i in 0..LANES {
-        out.0 = out.0.min(lo[i]);
-        out.1 = out.1.max(hi[i]);
-        any_odd |= odd[i].is_nan();
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            lo[i] = if lo[i + w] < lo[i] { lo[i + w] } else { lo[i] };
+            hi[i] = if hi[i + w] > hi[i] { hi[i + w] } else { hi[i] };
+            nan[i] |= nan[i + w];
+        }
+        w /= 2;
     }
-    if any_odd {
-        out.2 = x.iter().any(|v| v.is_nan());
-    }
-    out
+    (lo[0], hi[0], nan[0] != 0)
 }
 
-/// [`min_max_inline`] of one slice.
-#[multiversion(targets("x86_64+avx2"))]
-pub(crate) fn min_max(x: &[f32]) -> (f32, f32, bool) {
-    min_max_inline(x)
+/// [`min_max_lanes`] with 8 lanes for short groups (a short tree) and 32 for long ones
+/// (four independent vector chains, so the loop runs at throughput, not latency).
+#[inline(always)]
+fn min_max_tree(x: &[f32]) -> (f32, f32, bool) {
+    if x.len() >= 128 {
+        min_max_lanes::<32>(x)
+    } else {
+        min_max_lanes::<8>(x)
+    }
 }
 
-/// [`min_max_inline`] of each group of `len` of `x`.
+/// Scratch space of the f32 dynamic forward: per group of a block, its min, max and NaN
+/// flag, then its reciprocal scale and clamp bounds.
+#[derive(Default)]
+struct Scratch {
+    min: Vec<f32>,
+    max: Vec<f32>,
+    nan: Vec<bool>,
+    inv: Vec<f32>,
+    lo: Vec<f32>,
+    hi: Vec<f32>,
+}
+
+/// The f32 dynamic forward of one block of groups: each group's min/max, then all their
+/// qparams in one branch-free loop (the divisions of different groups vectorise), then
+/// the codes. Gives the bits of [`QRule::qparams`] and [`Step::fake_quant`].
 #[multiversion(targets("x86_64+avx2"))]
-fn min_max_block(x: &[f32], len: usize, out: &mut Vec<(f32, f32, bool)>) {
-    out.clear();
-    out.extend(x.chunks(len).map(min_max_inline));
+fn dynamic_block_f32(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    sc: &mut [f32],
+    zp: &mut [f32],
+    len: usize,
+    r: QRule,
+    t: &mut Scratch,
+) {
+    let g = x.len() / len;
+    for v in [&mut t.min, &mut t.max, &mut t.inv, &mut t.lo, &mut t.hi] {
+        v.resize(g, 0.0);
+    }
+    t.nan.resize(g, false);
+    for (k, xg) in x.chunks(len).enumerate() {
+        let (lo, hi, nan) = min_max_tree(xg);
+        t.min[k] = lo;
+        t.max[k] = hi;
+        t.nan[k] = nan;
+    }
+    let (qmin, qmax, eps) = (r.qmin, r.qmax, r.eps);
+    let floor = |s: f32| if s < eps { eps } else { s };
+    let (sc, zp) = (&mut sc[..g], &mut zp[..g]);
+    match r.rule {
+        Rule::Symmetric { div } => {
+            for k in 0..g {
+                let (mn, mx) = (t.min[k], t.max[k]);
+                let a = if mn < 0.0 { -mn } else { 0.0 };
+                let b = if mx > 0.0 { mx } else { 0.0 };
+                sc[k] = floor((if a > b { a } else { b }) / div);
+                zp[k] = 0.0;
+            }
+        }
+        Rule::Asymmetric => {
+            for k in 0..g {
+                let lo = if t.min[k] < 0.0 { t.min[k] } else { 0.0 };
+                let hi = if t.max[k] > 0.0 { t.max[k] } else { 0.0 };
+                let s = floor((hi - lo) / (qmax - qmin));
+                // |lo / s| <= qmax - qmin (up to rounding), so the trick rounds exactly.
+                let z = qmin - round_small(lo / s);
+                let z = if z < qmin { qmin } else { z };
+                sc[k] = s;
+                zp[k] = if z > qmax { qmax } else { z };
+            }
+        }
+        Rule::Tinygemm { levels, mid } => {
+            for k in 0..g {
+                let s = floor((t.max[k] - t.min[k]) / levels);
+                sc[k] = s;
+                zp[k] = (t.min[k] + s * mid).trunc();
+            }
+        }
+    }
+    for k in 0..g {
+        if t.nan[k] {
+            sc[k] = f32::NAN;
+            zp[k] = f32::NAN;
+        }
+        let z = zp[k];
+        let z = if z < -MAX_ZERO_POINT {
+            -MAX_ZERO_POINT
+        } else {
+            z
+        };
+        let z = if z > MAX_ZERO_POINT {
+            MAX_ZERO_POINT
+        } else {
+            z
+        };
+        t.inv[k] = 1.0 / sc[k];
+        t.lo[k] = qmin - z;
+        t.hi[k] = qmax - z;
+    }
+    for (k, (xg, yg)) in x.chunks(len).zip(y.chunks_mut(len)).enumerate() {
+        let (s, inv, lo, hi) = (sc[k], t.inv[k], t.lo[k], t.hi[k]);
+        for (o, &v) in yg.iter_mut().zip(xg) {
+            let c = v * inv;
+            let c = if c < lo { lo } else { c };
+            o.write(round_small(if c > hi { hi } else { c }) * s);
+        }
+    }
+}
+
+/// The f32 straight-through backward of a block of groups with the given qparams.
+#[multiversion(targets("x86_64+avx2"))]
+fn backward_block_f32(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    sc: &[f32],
+    zp: &[f32],
+    len: usize,
+    (qmin, qmax): (f32, f32),
+) {
+    for (k, ((xg, dg), og)) in x
+        .chunks(len)
+        .zip(dy.chunks(len))
+        .zip(dx.chunks_mut(len))
+        .enumerate()
+    {
+        let (s, z) = (sc[k], zp[k].clamp(-MAX_ZERO_POINT, MAX_ZERO_POINT));
+        let inv = 1.0 / s;
+        let (in_lo, in_hi) = strict_bounds(qmin - z, qmax - z);
+        for ((o, &v), &d) in og.iter_mut().zip(xg).zip(dg) {
+            let t = v * inv;
+            o.write(if t >= in_lo && t <= in_hi {
+                (d * s) * inv
+            } else {
+                0.0
+            });
+        }
+    }
 }
 
 /// One group's grid: the code relative to the zero point is clamped to `[lo, hi]` =
@@ -175,26 +348,7 @@ impl Step {
     /// [`MAX_ZERO_POINT`] or NaN (checked by the callers).
     pub fn new(scale: f32, zero_point: f32, qmin: f32, qmax: f32) -> Self {
         let (lo, hi) = (qmin - zero_point, qmax - zero_point);
-        // round_half_even(t) >= a  <=>  t >= a - 0.5 when that tie rounds up to a (a even),
-        // t > a - 0.5 otherwise; likewise <= b. a = lo + 1, b = hi - 1 (strict mask).
-        let (a, b) = (lo + 1.0, hi - 1.0);
-        let even = |v: f32| (v as i64) % 2 == 0;
-        let (in_lo, in_hi) = if a > b || a.is_nan() {
-            (f32::INFINITY, f32::NEG_INFINITY)
-        } else {
-            (
-                if even(a) {
-                    a - 0.5
-                } else {
-                    (a - 0.5).next_up()
-                },
-                if even(b) {
-                    b + 0.5
-                } else {
-                    (b + 0.5).next_down()
-                },
-            )
-        };
+        let (in_lo, in_hi) = strict_bounds(lo, hi);
         Step {
             scale,
             inv: 1.0 / scale,
@@ -372,12 +526,17 @@ pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, Gro
         let b = groups_per_block(len);
         let mut mm = Vec::with_capacity(b);
         let mut steps = Vec::with_capacity(b);
+        let mut scratch = Scratch::default();
         for (((xb, ob), sb), zb) in xs
             .chunks(b * len)
             .zip(o.chunks_mut(b * len))
             .zip(sc.chunks_mut(b))
             .zip(zp.chunks_mut(b))
         {
+            if r.narrow == Narrow::F32 {
+                dynamic_block_f32(xb, ob, sb, zb, len, r, &mut scratch);
+                continue;
+            }
             min_max_block(xb, len, &mut mm);
             steps.clear();
             for (k, &(lo, hi, nan)) in mm.iter().enumerate() {
@@ -409,11 +568,15 @@ pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, Gro
 
 /// Only the qparams of every group (for static quantizers and range-learning init).
 pub(crate) fn qparams_only(x: &[f32], len: usize, r: QRule) -> GroupParams {
+    let len = len.max(1);
+    let per = groups_per_task(len) * len;
     let (scale, zero_point) = x
-        .par_chunks(len.max(1))
-        .map(|g| {
-            let (lo, hi, nan) = min_max(g);
-            r.qparams(lo, hi, nan)
+        .par_chunks(per)
+        .flat_map_iter(|xs| {
+            xs.chunks(len).map(|g| {
+                let (lo, hi, nan) = min_max(g);
+                r.qparams(lo, hi, nan)
+            })
         })
         .unzip();
     GroupParams { scale, zero_point }
@@ -462,8 +625,16 @@ pub(crate) fn backward(
     qmax: f32,
     narrow: Narrow,
 ) -> Vec<f32> {
+    let len = len.max(1);
+    if narrow == Narrow::F32 {
+        return over_groups(x, len, |g0, xs, o| {
+            let (off, g) = (g0 * len, xs.len() / len);
+            let (sc, zp) = (&p.scale[g0..g0 + g], &p.zero_point[g0..g0 + g]);
+            backward_block_f32(xs, &dy[off..off + xs.len()], o, sc, zp, len, (qmin, qmax))
+        });
+    }
     with_steps(x, len, p, qmin, qmax, |steps, xb, ob, off| {
-        backward_block_any(xb, &dy[off..off + xb.len()], ob, steps, len.max(1), narrow)
+        backward_block_any(xb, &dy[off..off + xb.len()], ob, steps, len, narrow)
     })
 }
 
@@ -502,6 +673,38 @@ mod tests {
                 if !q.is_nan() {
                     assert_eq!(s.fake_quant(x), want, "t {t}, {s:?}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn nan_groups_give_nan_qparams_and_outputs_in_every_path() {
+        for rule in [
+            Rule::Symmetric { div: 7.5 },
+            Rule::Asymmetric,
+            Rule::Tinygemm {
+                levels: 15.0,
+                mid: 8.0,
+            },
+        ] {
+            let r = QRule {
+                rule,
+                qmin: -8.0,
+                qmax: 7.0,
+                eps: 1e-6,
+                narrow: Narrow::F32,
+            };
+            for len in [8usize, 200] {
+                let mut x: Vec<f32> = (0..3 * len).map(|i| i as f32 * 0.01 - 1.0).collect();
+                x[len + 3] = f32::NAN;
+                let (y, p) = forward_dynamic(&x, len, r);
+                let q = qparams_only(&x, len, r);
+                let b = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(b(&p.scale), b(&q.scale), "{rule:?}");
+                assert_eq!(b(&p.zero_point), b(&q.zero_point), "{rule:?}");
+                assert!(p.scale[1].is_nan() && p.zero_point[1].is_nan());
+                assert!(y[len..2 * len].iter().all(|v| v.is_nan()), "{rule:?}");
+                assert!(y[..len].iter().chain(&y[2 * len..]).all(|v| !v.is_nan()));
             }
         }
     }
