@@ -20,6 +20,8 @@ mod fake_quant;
 mod fake_quantize_module;
 #[path = "golden_support/fusion.rs"]
 mod fusion;
+#[path = "golden_support/intx.rs"]
+mod intx;
 #[path = "golden_support/learnable.rs"]
 mod learnable;
 #[path = "golden_support/model_e2e.rs"]
@@ -53,6 +55,7 @@ const HANDLERS: &[(&str, Handler)] = &[
     ("model_e2e", model_e2e::run),
     ("quantized_linear", quantized::run_linear),
     ("quantized_conv2d", quantized::run_conv),
+    ("intx_fake_quant", intx::run),
 ];
 
 fn main() -> ExitCode {
