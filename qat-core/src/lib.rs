@@ -3,6 +3,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod fake_quant;
 pub mod fuse;
+pub mod ggml;
 mod host;
 pub(crate) mod kernels;
 pub mod model;

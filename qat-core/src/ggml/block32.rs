@@ -1,0 +1,461 @@
+//! The CPU kernels of the 32-element GGML block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1):
+//! fake quantization, the straight-through mask and the raw block bytes, each bit-exact
+//! with candle 0.11.1's `GgmlType::from_float` / `to_float` (`quantized/k_quants.rs`).
+//!
+//! Every expression mirrors candle's, operation for operation, in f32: the block statistic
+//! (signed largest-|x| value, absolute maximum, or minimum and maximum), the scale `d`, its
+//! f32 reciprocal `id` (0 for a zero scale), the scale rounded to f16 (nearest even) for
+//! storage and dequantization, and the code: Q8_0 `round(x * id)` (half away from zero)
+//! saturated to i8; Q4_0 `min(15, (x * id + 8.5) as u8)`; Q4_1 `min(15, ((x - min) * id +
+//! 0.5) as u8)`; Q5_0 `min(31, (x * id + 16.5) as i8)` keeping 5 bits; Q5_1 `((x - min) *
+//! id + 0.5) as u8` keeping 5 bits. Rust's float-to-int `as` saturates (NaN gives 0) as
+//! candle's does, and Rust never contracts `a * b + c` into an FMA, so the same source gives
+//! the same bits.
+//!
+//! An element's code is *clamped* when the quantizer's saturation or `min` changed the
+//! truncated value, i.e. when the pre-truncation value `v` lies outside `(-1, hi + 1)`
+//! (`hi` = 15 or 31; for Q8_0 when `round(x * id)` lies outside `[-128, 127]`); NaN counts
+//! as clamped. The straight-through gradient is 0 there.
+
+use std::mem::MaybeUninit;
+
+use half::f16;
+use multiversion::multiversion;
+
+/// Elements per block.
+pub(crate) const QK: usize = 32;
+
+/// The five 32-element types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind32 {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+}
+
+/// One quantized block's constants, computed from its 32 inputs.
+trait Block: Sized {
+    /// Bytes of the block as GGUF stores it.
+    const BYTES: usize;
+    fn new(xs: &[f32]) -> Self;
+    /// dequantize(quantize(x)).
+    fn value(&self, x: f32) -> f32;
+    /// Whether `x`'s code was not clamped.
+    fn in_range(&self, x: f32) -> bool;
+    /// The block's bytes (`out.len() == BYTES`).
+    fn write(&self, xs: &[f32], out: &mut [u8]);
+}
+
+/// The largest |x| of the block, NaNs ignored, 0 for an empty or all-NaN block: candle's
+/// `if amax < x.abs() { amax = x.abs() }` (and `amax.max(x.abs())`, the same value). Kept
+/// in 8 lanes so that it vectorizes; the maximum does not depend on the order.
+#[inline(always)]
+fn abs_max(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for c in xs.chunks_exact(8) {
+        for l in 0..8 {
+            let a = c[l].abs();
+            acc[l] = if acc[l] < a { a } else { acc[l] };
+        }
+    }
+    acc.iter().fold(0f32, |m, &a| if m < a { a } else { m })
+}
+
+/// candle's `max` of Q4_0/Q5_0/Q8_K: the first element whose |x| is the block's largest
+/// (its sign kept), `+0.0` when that is 0.
+#[inline(always)]
+pub(crate) fn signed_abs_max(xs: &[f32]) -> f32 {
+    let amax = abs_max(xs);
+    if amax == 0.0 {
+        return 0.0;
+    }
+    // The first element reaching the final maximum is where candle's strict `<` last
+    // updated: every earlier element is smaller (or NaN).
+    xs.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0)
+}
+
+/// candle's `min` and `max` of Q4_1/Q5_1 (`f32::min(x, min)` from +inf, `f32::max(x, max)`
+/// from -inf: NaNs ignored). Signed zeros: see [`zero_sign`].
+#[inline(always)]
+fn min_max(xs: &[f32]) -> (f32, f32) {
+    let mut lo = [f32::INFINITY; 8];
+    let mut hi = [f32::NEG_INFINITY; 8];
+    for c in xs.chunks_exact(8) {
+        for l in 0..8 {
+            lo[l] = if c[l] < lo[l] { c[l] } else { lo[l] };
+            hi[l] = if c[l] > hi[l] { c[l] } else { hi[l] };
+        }
+    }
+    let min = lo
+        .iter()
+        .fold(f32::INFINITY, |m, &v| if v < m { v } else { m });
+    let max = hi
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    (zero_sign(min, xs, true), zero_sign(max, xs, false))
+}
+
+/// The sign candle's compiled `f32::min` / `f32::max` fold leaves on a zero result. On
+/// x86-64 `f32::min(x, acc)` lowers to `minss` with the accumulator first, which returns
+/// the second operand on equal inputs: each zero element replaces an equal zero
+/// accumulator, so the last zero of the block decides the sign. Not a value question
+/// (`-0.0 == 0.0`), but the f16 bytes of Q4_1/Q5_1's stored minimum differ.
+#[inline(always)]
+fn zero_sign(v: f32, xs: &[f32], _is_min: bool) -> f32 {
+    if v != 0.0 {
+        return v;
+    }
+    xs.iter().rev().copied().find(|&x| x == 0.0).unwrap_or(v)
+}
+
+#[inline(always)]
+fn inv(d: f32) -> f32 {
+    if d != 0f32 {
+        1. / d
+    } else {
+        0.
+    }
+}
+
+#[inline(always)]
+fn put_f16(out: &mut [u8], v: f16) {
+    out[..2].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Q8_0: `d = amax / 127`, codes `round(x * id)` saturated to i8.
+struct Q8_0 {
+    id: f32,
+    d16: f16,
+    d: f32,
+}
+
+impl Block for Q8_0 {
+    const BYTES: usize = 34;
+
+    #[inline(always)]
+    fn new(xs: &[f32]) -> Self {
+        let d = abs_max(xs) / ((1 << 7) - 1) as f32;
+        let d16 = f16::from_f32(d);
+        Q8_0 {
+            id: inv(d),
+            d16,
+            d: d16.to_f32(),
+        }
+    }
+
+    #[inline(always)]
+    fn value(&self, x: f32) -> f32 {
+        (f32::round(x * self.id) as i8) as f32 * self.d
+    }
+
+    #[inline(always)]
+    fn in_range(&self, x: f32) -> bool {
+        let r = f32::round(x * self.id);
+        (-128.0..=127.0).contains(&r)
+    }
+
+    fn write(&self, xs: &[f32], out: &mut [u8]) {
+        put_f16(out, self.d16);
+        for (o, &x) in out[2..].iter_mut().zip(xs) {
+            *o = (f32::round(x * self.id) as i8) as u8;
+        }
+    }
+}
+
+/// Q4_0: `d = max / -8` (max the signed largest-|x| value), codes `min(15, (x*id + 8.5) as
+/// u8)`, value `(code - 8) * d`.
+struct Q4_0 {
+    id: f32,
+    d16: f16,
+    d: f32,
+}
+
+impl Q4_0 {
+    #[inline(always)]
+    fn code(&self, x: f32) -> u8 {
+        u8::min(15, (x * self.id + 8.5) as u8)
+    }
+}
+
+impl Block for Q4_0 {
+    const BYTES: usize = 18;
+
+    #[inline(always)]
+    fn new(xs: &[f32]) -> Self {
+        let d = signed_abs_max(xs) / -8.0;
+        let d16 = f16::from_f32(d);
+        Q4_0 {
+            id: inv(d),
+            d16,
+            d: d16.to_f32(),
+        }
+    }
+
+    #[inline(always)]
+    fn value(&self, x: f32) -> f32 {
+        (self.code(x) as i16 - 8) as f32 * self.d
+    }
+
+    #[inline(always)]
+    fn in_range(&self, x: f32) -> bool {
+        let v = x * self.id + 8.5;
+        v > -1.0 && v < 16.0
+    }
+
+    fn write(&self, xs: &[f32], out: &mut [u8]) {
+        put_f16(out, self.d16);
+        for j in 0..QK / 2 {
+            out[2 + j] = self.code(xs[j]) | (self.code(xs[j + QK / 2]) << 4);
+        }
+    }
+}
+
+/// Q4_1: `d = (max - min) / 15`, codes `min(15, ((x - min) * id + 0.5) as u8)`, value
+/// `code * d + m` (d and m the f16 scale and minimum).
+struct Q4_1 {
+    min: f32,
+    id: f32,
+    d16: f16,
+    m16: f16,
+    d: f32,
+    m: f32,
+}
+
+impl Q4_1 {
+    #[inline(always)]
+    fn code(&self, x: f32) -> u8 {
+        u8::min(15, ((x - self.min) * self.id + 0.5) as u8)
+    }
+}
+
+impl Block for Q4_1 {
+    const BYTES: usize = 20;
+
+    #[inline(always)]
+    fn new(xs: &[f32]) -> Self {
+        let (min, max) = min_max(xs);
+        let d = (max - min) / ((1 << 4) - 1) as f32;
+        let (d16, m16) = (f16::from_f32(d), f16::from_f32(min));
+        Q4_1 {
+            min,
+            id: inv(d),
+            d16,
+            m16,
+            d: d16.to_f32(),
+            m: m16.to_f32(),
+        }
+    }
+
+    #[inline(always)]
+    fn value(&self, x: f32) -> f32 {
+        (self.code(x) as f32) * self.d + self.m
+    }
+
+    #[inline(always)]
+    fn in_range(&self, x: f32) -> bool {
+        let v = (x - self.min) * self.id + 0.5;
+        v > -1.0 && v < 16.0
+    }
+
+    fn write(&self, xs: &[f32], out: &mut [u8]) {
+        put_f16(out, self.d16);
+        put_f16(&mut out[2..], self.m16);
+        for j in 0..QK / 2 {
+            out[4 + j] = self.code(xs[j]) | (self.code(xs[j + QK / 2]) << 4);
+        }
+    }
+}
+
+/// Packs 32 five-bit codes as Q5_0/Q5_1 store them: `qh` (bit 4 of each code, little
+/// endian u32) then `qs` (low nibbles, element `j` and `j + 16` in one byte).
+#[inline(always)]
+fn write_q5(codes: impl Fn(usize) -> u8, out: &mut [u8]) {
+    let mut qh = 0u32;
+    for j in 0..QK / 2 {
+        let (c0, c1) = (codes(j), codes(j + QK / 2));
+        out[4 + j] = (c0 & 0x0F) | ((c1 & 0x0F) << 4);
+        qh |= ((c0 as u32 & 0x10) >> 4) << j;
+        qh |= ((c1 as u32 & 0x10) >> 4) << (j + QK / 2);
+    }
+    out[..4].copy_from_slice(&qh.to_le_bytes());
+}
+
+/// Q5_0: `d = max / -16`, codes `min(31, (x * id + 16.5) as i8)` (5 bits kept), value
+/// `(code - 16) * d`.
+struct Q5_0 {
+    id: f32,
+    d16: f16,
+    d: f32,
+}
+
+impl Q5_0 {
+    /// candle's `xi` before packing (a negative i8 reinterpreted, as candle does).
+    #[inline(always)]
+    fn code(&self, x: f32) -> u8 {
+        ((x * self.id + 16.5) as i8).min(31) as u8
+    }
+}
+
+impl Block for Q5_0 {
+    const BYTES: usize = 22;
+
+    #[inline(always)]
+    fn new(xs: &[f32]) -> Self {
+        let d = signed_abs_max(xs) / -16.;
+        let d16 = f16::from_f32(d);
+        Q5_0 {
+            id: inv(d),
+            d16,
+            d: d16.to_f32(),
+        }
+    }
+
+    #[inline(always)]
+    fn value(&self, x: f32) -> f32 {
+        ((self.code(x) & 0x1F) as i32 - 16) as f32 * self.d
+    }
+
+    #[inline(always)]
+    fn in_range(&self, x: f32) -> bool {
+        let v = x * self.id + 16.5;
+        v > -1.0 && v < 32.0
+    }
+
+    fn write(&self, xs: &[f32], out: &mut [u8]) {
+        put_f16(out, self.d16);
+        write_q5(|j| self.code(xs[j]), &mut out[2..]);
+    }
+}
+
+/// Q5_1: `d = (max - min) / 31`, codes `((x - min) * id + 0.5) as u8` (5 bits kept), value
+/// `code * d + m`.
+struct Q5_1 {
+    min: f32,
+    id: f32,
+    d16: f16,
+    m16: f16,
+    d: f32,
+    m: f32,
+}
+
+impl Q5_1 {
+    #[inline(always)]
+    fn code(&self, x: f32) -> u8 {
+        ((x - self.min) * self.id + 0.5) as u8
+    }
+}
+
+impl Block for Q5_1 {
+    const BYTES: usize = 24;
+
+    #[inline(always)]
+    fn new(xs: &[f32]) -> Self {
+        let (min, max) = min_max(xs);
+        let d = (max - min) / ((1 << 5) - 1) as f32;
+        let (d16, m16) = (f16::from_f32(d), f16::from_f32(min));
+        Q5_1 {
+            min,
+            id: inv(d),
+            d16,
+            m16,
+            d: d16.to_f32(),
+            m: m16.to_f32(),
+        }
+    }
+
+    #[inline(always)]
+    fn value(&self, x: f32) -> f32 {
+        ((self.code(x) & 0x1F) as f32) * self.d + self.m
+    }
+
+    #[inline(always)]
+    fn in_range(&self, x: f32) -> bool {
+        let v = (x - self.min) * self.id + 0.5;
+        v > -1.0 && v < 32.0
+    }
+
+    fn write(&self, xs: &[f32], out: &mut [u8]) {
+        put_f16(out, self.d16);
+        put_f16(&mut out[2..], self.m16);
+        write_q5(|j| self.code(xs[j]), &mut out[4..]);
+    }
+}
+
+#[inline(always)]
+fn fwd<B: Block>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(QK)) {
+        let b = B::new(xb);
+        for (o, &v) in yb.iter_mut().zip(xb) {
+            o.write(b.value(v));
+        }
+    }
+}
+
+#[inline(always)]
+fn bwd<B: Block>(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
+    for ((xb, db), ob) in x
+        .chunks_exact(QK)
+        .zip(dy.chunks_exact(QK))
+        .zip(dx.chunks_exact_mut(QK))
+    {
+        let b = B::new(xb);
+        for ((o, &v), &d) in ob.iter_mut().zip(xb).zip(db) {
+            o.write(if b.in_range(v) { d } else { 0.0 });
+        }
+    }
+}
+
+#[inline(always)]
+fn bytes<B: Block>(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(B::BYTES)) {
+        B::new(xb).write(xb, ob);
+    }
+}
+
+/// `y = dequantize(quantize(x))`; `x.len()` a multiple of 32 (whole blocks), `y` as long.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+pub(crate) fn forward(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    match kind {
+        Kind32::Q8_0 => fwd::<Q8_0>(x, y),
+        Kind32::Q4_0 => fwd::<Q4_0>(x, y),
+        Kind32::Q4_1 => fwd::<Q4_1>(x, y),
+        Kind32::Q5_0 => fwd::<Q5_0>(x, y),
+        Kind32::Q5_1 => fwd::<Q5_1>(x, y),
+    }
+}
+
+/// The straight-through backward: `dx = dy` where the code was not clamped, else 0.
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+pub(crate) fn backward(kind: Kind32, x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
+    match kind {
+        Kind32::Q8_0 => bwd::<Q8_0>(x, dy, dx),
+        Kind32::Q4_0 => bwd::<Q4_0>(x, dy, dx),
+        Kind32::Q4_1 => bwd::<Q4_1>(x, dy, dx),
+        Kind32::Q5_0 => bwd::<Q5_0>(x, dy, dx),
+        Kind32::Q5_1 => bwd::<Q5_1>(x, dy, dx),
+    }
+}
+
+/// Bytes of one block of `kind`.
+pub(crate) fn block_bytes(kind: Kind32) -> usize {
+    match kind {
+        Kind32::Q8_0 => Q8_0::BYTES,
+        Kind32::Q4_0 => Q4_0::BYTES,
+        Kind32::Q4_1 => Q4_1::BYTES,
+        Kind32::Q5_0 => Q5_0::BYTES,
+        Kind32::Q5_1 => Q5_1::BYTES,
+    }
+}
+
+/// The GGML blocks of `x` (`x.len() / 32` blocks of [`block_bytes`] each, in order).
+pub(crate) fn quantize(kind: Kind32, x: &[f32], out: &mut [u8]) {
+    match kind {
+        Kind32::Q8_0 => bytes::<Q8_0>(x, out),
+        Kind32::Q4_0 => bytes::<Q4_0>(x, out),
+        Kind32::Q4_1 => bytes::<Q4_1>(x, out),
+        Kind32::Q5_0 => bytes::<Q5_0>(x, out),
+        Kind32::Q5_1 => bytes::<Q5_1>(x, out),
+    }
+}
