@@ -16,6 +16,8 @@ mod fake_quant;
 mod fake_quantize_module;
 #[path = "golden_support/fusion.rs"]
 mod fusion;
+#[path = "golden_support/ggml.rs"]
+mod ggml;
 #[path = "golden_support/learnable.rs"]
 mod learnable;
 #[path = "golden_support/model_e2e.rs"]
@@ -43,6 +45,7 @@ fn run(case: &Case) -> Outcome {
         "model_e2e" => model_e2e::run(case),
         "quantized_linear" => quantized::run_linear(case).into(),
         "quantized_conv2d" => quantized::run_conv(case).into(),
+        "ggml_fake_quant" => ggml::run(case).into(),
         k if PENDING.contains(&k) => Outcome::Pending,
         k => Outcome::Fail(format!("unknown kind `{k}`")),
     }
