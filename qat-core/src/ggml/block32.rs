@@ -110,6 +110,34 @@ fn zero_sign(v: f32, xs: &[f32], _is_min: bool) -> f32 {
     xs.iter().rev().copied().find(|&x| x == 0.0).unwrap_or(v)
 }
 
+// Codes are computed as integral f32 values, in the float domain, so that the loops
+// vectorize: Rust's saturating float-to-int casts are scalarized in vector code, and a
+// clamped, truncated f32 is the same integer.
+
+/// candle's `(v as u8).min(hi)` (`as` saturating, NaN to 0), for `hi <= 255`.
+#[inline(always)]
+fn trunc_u8_min(v: f32, hi: f32) -> f32 {
+    let a = if v >= 0.0 { v } else { 0.0 };
+    // `+ 0.0` turns a -0.0 code into the +0.0 an integer converts to.
+    (if a < hi { a } else { hi }).trunc() + 0.0
+}
+
+/// candle's `v as i8` (saturating, NaN to 0).
+#[inline(always)]
+pub(crate) fn sat_i8(v: f32) -> f32 {
+    let a = if v < 127.0 { v } else { 127.0 };
+    let a = if a > -128.0 { a } else { -128.0 };
+    // NaN fell through both selects to -128; the cast gives 0.
+    // `+ 0.0`: a code of -0.0 (from `round(-0.3)`) is the integer 0, i.e. +0.0.
+    (if v == v { a } else { 0.0 }).trunc() + 0.0
+}
+
+/// The low 5 bits of an integral `t` in `-128..=255` (two's complement), as `t & 0x1F`.
+#[inline(always)]
+fn low5(t: f32) -> f32 {
+    t - 32.0 * (t * (1.0 / 32.0)).floor()
+}
+
 #[inline(always)]
 fn inv(d: f32) -> f32 {
     if d != 0f32 {
@@ -147,7 +175,7 @@ impl Block for Q8_0 {
 
     #[inline(always)]
     fn value(&self, x: f32) -> f32 {
-        (f32::round(x * self.id) as i8) as f32 * self.d
+        sat_i8(f32::round(x * self.id)) * self.d
     }
 
     #[inline(always)]
@@ -159,7 +187,7 @@ impl Block for Q8_0 {
     fn write(&self, xs: &[f32], out: &mut [u8]) {
         put_f16(out, self.d16);
         for (o, &x) in out[2..].iter_mut().zip(xs) {
-            *o = (f32::round(x * self.id) as i8) as u8;
+            *o = sat_i8(f32::round(x * self.id)) as i8 as u8;
         }
     }
 }
@@ -173,9 +201,10 @@ struct Q4_0 {
 }
 
 impl Q4_0 {
+    /// candle's `u8::min(15, (x * id + 8.5) as u8)`.
     #[inline(always)]
-    fn code(&self, x: f32) -> u8 {
-        u8::min(15, (x * self.id + 8.5) as u8)
+    fn code(&self, x: f32) -> f32 {
+        trunc_u8_min(x * self.id + 8.5, 15.0)
     }
 }
 
@@ -195,7 +224,7 @@ impl Block for Q4_0 {
 
     #[inline(always)]
     fn value(&self, x: f32) -> f32 {
-        (self.code(x) as i16 - 8) as f32 * self.d
+        (self.code(x) - 8.0) * self.d
     }
 
     #[inline(always)]
@@ -207,7 +236,7 @@ impl Block for Q4_0 {
     fn write(&self, xs: &[f32], out: &mut [u8]) {
         put_f16(out, self.d16);
         for j in 0..QK / 2 {
-            out[2 + j] = self.code(xs[j]) | (self.code(xs[j + QK / 2]) << 4);
+            out[2 + j] = self.code(xs[j]) as u8 | ((self.code(xs[j + QK / 2]) as u8) << 4);
         }
     }
 }
@@ -224,9 +253,10 @@ struct Q4_1 {
 }
 
 impl Q4_1 {
+    /// candle's `u8::min(15, ((x - min) * id + 0.5) as u8)`.
     #[inline(always)]
-    fn code(&self, x: f32) -> u8 {
-        u8::min(15, ((x - self.min) * self.id + 0.5) as u8)
+    fn code(&self, x: f32) -> f32 {
+        trunc_u8_min((x - self.min) * self.id + 0.5, 15.0)
     }
 }
 
@@ -250,7 +280,7 @@ impl Block for Q4_1 {
 
     #[inline(always)]
     fn value(&self, x: f32) -> f32 {
-        (self.code(x) as f32) * self.d + self.m
+        self.code(x) * self.d + self.m
     }
 
     #[inline(always)]
@@ -263,7 +293,7 @@ impl Block for Q4_1 {
         put_f16(out, self.d16);
         put_f16(&mut out[2..], self.m16);
         for j in 0..QK / 2 {
-            out[4 + j] = self.code(xs[j]) | (self.code(xs[j + QK / 2]) << 4);
+            out[4 + j] = self.code(xs[j]) as u8 | ((self.code(xs[j + QK / 2]) as u8) << 4);
         }
     }
 }
@@ -271,10 +301,10 @@ impl Block for Q4_1 {
 /// Packs 32 five-bit codes as Q5_0/Q5_1 store them: `qh` (bit 4 of each code, little
 /// endian u32) then `qs` (low nibbles, element `j` and `j + 16` in one byte).
 #[inline(always)]
-fn write_q5(codes: impl Fn(usize) -> u8, out: &mut [u8]) {
+fn write_q5(codes: impl Fn(usize) -> f32, out: &mut [u8]) {
     let mut qh = 0u32;
     for j in 0..QK / 2 {
-        let (c0, c1) = (codes(j), codes(j + QK / 2));
+        let (c0, c1) = (codes(j) as u8, codes(j + QK / 2) as u8);
         out[4 + j] = (c0 & 0x0F) | ((c1 & 0x0F) << 4);
         qh |= ((c0 as u32 & 0x10) >> 4) << j;
         qh |= ((c1 as u32 & 0x10) >> 4) << (j + QK / 2);
@@ -291,10 +321,12 @@ struct Q5_0 {
 }
 
 impl Q5_0 {
-    /// candle's `xi` before packing (a negative i8 reinterpreted, as candle does).
+    /// candle's `((x * id + 16.5) as i8).min(31) as u8`, to the 5 bits it stores (a
+    /// negative code, possible only with an infinite `id`, wraps as candle's does).
     #[inline(always)]
-    fn code(&self, x: f32) -> u8 {
-        ((x * self.id + 16.5) as i8).min(31) as u8
+    fn code(&self, x: f32) -> f32 {
+        let t = sat_i8(x * self.id + 16.5);
+        low5(if t < 31.0 { t } else { 31.0 })
     }
 }
 
@@ -314,7 +346,7 @@ impl Block for Q5_0 {
 
     #[inline(always)]
     fn value(&self, x: f32) -> f32 {
-        ((self.code(x) & 0x1F) as i32 - 16) as f32 * self.d
+        (self.code(x) - 16.0) * self.d
     }
 
     #[inline(always)]
@@ -341,9 +373,10 @@ struct Q5_1 {
 }
 
 impl Q5_1 {
+    /// candle's `((x - min) * id + 0.5) as u8`, to the 5 bits it stores.
     #[inline(always)]
-    fn code(&self, x: f32) -> u8 {
-        ((x - self.min) * self.id + 0.5) as u8
+    fn code(&self, x: f32) -> f32 {
+        low5(trunc_u8_min((x - self.min) * self.id + 0.5, 255.0))
     }
 }
 
@@ -367,7 +400,7 @@ impl Block for Q5_1 {
 
     #[inline(always)]
     fn value(&self, x: f32) -> f32 {
-        ((self.code(x) & 0x1F) as f32) * self.d + self.m
+        self.code(x) * self.d + self.m
     }
 
     #[inline(always)]

@@ -9,7 +9,7 @@ use std::mem::MaybeUninit;
 
 use multiversion::multiversion;
 
-use super::block32::signed_abs_max;
+use super::block32::{sat_i8, signed_abs_max};
 
 /// Values per block.
 pub(crate) const QK_K: usize = 256;
@@ -39,8 +39,8 @@ impl Q8K {
 
     #[inline(always)]
     fn value(&self, x: f32) -> f32 {
-        let v = (self.iscale * x).round();
-        (v.clamp(-128., 127.) as i8) as f32 * self.d
+        // candle: `v.clamp(-128., 127.) as i8` (NaN stays NaN, cast to 0).
+        sat_i8((self.iscale * x).round()) * self.d
     }
 
     #[inline(always)]
