@@ -20,6 +20,7 @@
 use std::mem::MaybeUninit;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use multiversion::multiversion;
 
 /// Elements per block.
@@ -39,7 +40,14 @@ pub(crate) enum Kind32 {
 trait Block: Sized {
     /// Bytes of the block as GGUF stores it.
     const BYTES: usize;
-    fn new(xs: &[f32]) -> Self;
+    /// The block's scale `d` and minimum (0 for the symmetric types), unrounded.
+    fn stats(xs: &[f32]) -> (f32, f32);
+    /// The block from its unrounded scale and minimum and their f16 roundings.
+    fn from_parts(d: f32, min: f32, d16: f16, m16: f16) -> Self;
+    fn new(xs: &[f32]) -> Self {
+        let (d, min) = Self::stats(xs);
+        Self::from_parts(d, min, f16::from_f32(d), f16::from_f32(min))
+    }
     /// dequantize(quantize(x)).
     fn value(&self, x: f32) -> f32;
     /// Whether `x`'s code was not clamped.
@@ -54,7 +62,7 @@ trait Block: Sized {
 #[inline(always)]
 fn abs_max(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    for c in xs.chunks_exact(8) {
+    for c in xs.as_chunks::<8>().0 {
         for l in 0..8 {
             let a = c[l].abs();
             acc[l] = if acc[l] < a { a } else { acc[l] };
@@ -63,8 +71,8 @@ fn abs_max(xs: &[f32]) -> f32 {
     acc.iter().fold(0f32, |m, &a| if m < a { a } else { m })
 }
 
-/// candle's `max` of Q4_0/Q5_0/Q8_K: the first element whose |x| is the block's largest
-/// (its sign kept), `+0.0` when that is 0.
+/// candle's `max` of Q4_0/Q5_0 (32 values) and Q8_K (256): the first element whose |x| is
+/// the block's largest (its sign kept), `+0.0` when that is 0.
 #[inline(always)]
 pub(crate) fn signed_abs_max(xs: &[f32]) -> f32 {
     let amax = abs_max(xs);
@@ -72,8 +80,17 @@ pub(crate) fn signed_abs_max(xs: &[f32]) -> f32 {
         return 0.0;
     }
     // The first element reaching the final maximum is where candle's strict `<` last
-    // updated: every earlier element is smaller (or NaN).
-    xs.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0)
+    // updated: every earlier element is smaller (or NaN). Found 32 at a time by bitmask.
+    for (k, c) in xs.as_chunks::<32>().0.iter().enumerate() {
+        let mut hit = 0u32;
+        for (i, &x) in c.iter().enumerate() {
+            hit |= ((x.abs() == amax) as u32) << i;
+        }
+        if hit != 0 {
+            return xs[32 * k + hit.trailing_zeros() as usize];
+        }
+    }
+    0.0
 }
 
 /// candle's `min` and `max` of Q4_1/Q5_1 (`f32::min(x, min)` from +inf, `f32::max(x, max)`
@@ -82,7 +99,7 @@ pub(crate) fn signed_abs_max(xs: &[f32]) -> f32 {
 fn min_max(xs: &[f32]) -> (f32, f32) {
     let mut lo = [f32::INFINITY; 8];
     let mut hi = [f32::NEG_INFINITY; 8];
-    for c in xs.chunks_exact(8) {
+    for c in xs.as_chunks::<8>().0 {
         for l in 0..8 {
             lo[l] = if c[l] < lo[l] { c[l] } else { lo[l] };
             hi[l] = if c[l] > hi[l] { c[l] } else { hi[l] };
@@ -129,7 +146,7 @@ pub(crate) fn sat_i8(v: f32) -> f32 {
     let a = if a > -128.0 { a } else { -128.0 };
     // NaN fell through both selects to -128; the cast gives 0.
     // `+ 0.0`: a code of -0.0 (from `round(-0.3)`) is the integer 0, i.e. +0.0.
-    (if v == v { a } else { 0.0 }).trunc() + 0.0
+    (if v.is_nan() { 0.0 } else { a }).trunc() + 0.0
 }
 
 /// The low 5 bits of an integral `t` in `-128..=255` (two's complement), as `t & 0x1F`.
@@ -163,9 +180,12 @@ impl Block for Q8_0 {
     const BYTES: usize = 34;
 
     #[inline(always)]
-    fn new(xs: &[f32]) -> Self {
-        let d = abs_max(xs) / ((1 << 7) - 1) as f32;
-        let d16 = f16::from_f32(d);
+    fn stats(xs: &[f32]) -> (f32, f32) {
+        (abs_max(xs) / ((1 << 7) - 1) as f32, 0.0)
+    }
+
+    #[inline(always)]
+    fn from_parts(d: f32, _: f32, d16: f16, _: f16) -> Self {
         Q8_0 {
             id: inv(d),
             d16,
@@ -212,9 +232,12 @@ impl Block for Q4_0 {
     const BYTES: usize = 18;
 
     #[inline(always)]
-    fn new(xs: &[f32]) -> Self {
-        let d = signed_abs_max(xs) / -8.0;
-        let d16 = f16::from_f32(d);
+    fn stats(xs: &[f32]) -> (f32, f32) {
+        (signed_abs_max(xs) / -8.0, 0.0)
+    }
+
+    #[inline(always)]
+    fn from_parts(d: f32, _: f32, d16: f16, _: f16) -> Self {
         Q4_0 {
             id: inv(d),
             d16,
@@ -264,10 +287,13 @@ impl Block for Q4_1 {
     const BYTES: usize = 20;
 
     #[inline(always)]
-    fn new(xs: &[f32]) -> Self {
+    fn stats(xs: &[f32]) -> (f32, f32) {
         let (min, max) = min_max(xs);
-        let d = (max - min) / ((1 << 4) - 1) as f32;
-        let (d16, m16) = (f16::from_f32(d), f16::from_f32(min));
+        ((max - min) / ((1 << 4) - 1) as f32, min)
+    }
+
+    #[inline(always)]
+    fn from_parts(d: f32, min: f32, d16: f16, m16: f16) -> Self {
         Q4_1 {
             min,
             id: inv(d),
@@ -334,9 +360,12 @@ impl Block for Q5_0 {
     const BYTES: usize = 22;
 
     #[inline(always)]
-    fn new(xs: &[f32]) -> Self {
-        let d = signed_abs_max(xs) / -16.;
-        let d16 = f16::from_f32(d);
+    fn stats(xs: &[f32]) -> (f32, f32) {
+        (signed_abs_max(xs) / -16., 0.0)
+    }
+
+    #[inline(always)]
+    fn from_parts(d: f32, _: f32, d16: f16, _: f16) -> Self {
         Q5_0 {
             id: inv(d),
             d16,
@@ -384,10 +413,13 @@ impl Block for Q5_1 {
     const BYTES: usize = 24;
 
     #[inline(always)]
-    fn new(xs: &[f32]) -> Self {
+    fn stats(xs: &[f32]) -> (f32, f32) {
         let (min, max) = min_max(xs);
-        let d = (max - min) / ((1 << 5) - 1) as f32;
-        let (d16, m16) = (f16::from_f32(d), f16::from_f32(min));
+        ((max - min) / ((1 << 5) - 1) as f32, min)
+    }
+
+    #[inline(always)]
+    fn from_parts(d: f32, min: f32, d16: f16, m16: f16) -> Self {
         Q5_1 {
             min,
             id: inv(d),
@@ -416,28 +448,47 @@ impl Block for Q5_1 {
     }
 }
 
+/// Blocks per group: the scales of a group are rounded to f16 in one slice conversion
+/// (one feature check, F16C 8 at a time) between the statistics pass and the element pass;
+/// the group's inputs stay in L1 between the two.
+const GROUP: usize = 64;
+
+/// Runs `f(block, xs, offset)` for every block of `x`, the blocks built group by group.
 #[inline(always)]
-fn fwd<B: Block>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
-    for (xb, yb) in x.chunks_exact(QK).zip(y.chunks_exact_mut(QK)) {
-        let b = B::new(xb);
-        for (o, &v) in yb.iter_mut().zip(xb) {
-            o.write(b.value(v));
+fn for_blocks<B: Block>(x: &[f32], mut f: impl FnMut(&B, &[f32], usize)) {
+    let (mut d, mut min) = ([0f32; GROUP], [0f32; GROUP]);
+    let (mut d16, mut m16) = ([f16::ZERO; GROUP], [f16::ZERO; GROUP]);
+    for (g, xg) in x.chunks(GROUP * QK).enumerate() {
+        let nb = xg.len() / QK;
+        for (b, xb) in xg.chunks_exact(QK).enumerate() {
+            (d[b], min[b]) = B::stats(xb);
+        }
+        d16[..nb].convert_from_f32_slice(&d[..nb]);
+        m16[..nb].convert_from_f32_slice(&min[..nb]);
+        for (b, xb) in xg.chunks_exact(QK).enumerate() {
+            let block = B::from_parts(d[b], min[b], d16[b], m16[b]);
+            f(&block, xb, (g * GROUP + b) * QK);
         }
     }
 }
 
 #[inline(always)]
+fn fwd<B: Block>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    for_blocks::<B>(x, |b, xb, off| {
+        for (o, &v) in y[off..off + QK].iter_mut().zip(xb) {
+            o.write(b.value(v));
+        }
+    });
+}
+
+#[inline(always)]
 fn bwd<B: Block>(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
-    for ((xb, db), ob) in x
-        .chunks_exact(QK)
-        .zip(dy.chunks_exact(QK))
-        .zip(dx.chunks_exact_mut(QK))
-    {
-        let b = B::new(xb);
-        for ((o, &v), &d) in ob.iter_mut().zip(xb).zip(db) {
+    for_blocks::<B>(x, |b, xb, off| {
+        let r = off..off + QK;
+        for ((o, &v), &d) in dx[r.clone()].iter_mut().zip(xb).zip(&dy[r]) {
             o.write(if b.in_range(v) { d } else { 0.0 });
         }
-    }
+    });
 }
 
 #[inline(always)]
