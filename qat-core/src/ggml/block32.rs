@@ -72,31 +72,30 @@ fn abs_max(xs: &[f32]) -> f32 {
 }
 
 /// candle's `max` of Q4_0/Q5_0 (32 values) and Q8_K (256): the first element whose |x| is
-/// the block's largest (its sign kept), `+0.0` when that is 0.
+/// the block's largest (its sign kept), `+0.0` when that is 0. From the block's minimum
+/// and maximum (vectorized); only a block holding both `+amax` and `-amax` looks for the
+/// first of them (candle's strict `<` keeps the first).
 #[inline(always)]
 pub(crate) fn signed_abs_max(xs: &[f32]) -> f32 {
-    let amax = abs_max(xs);
+    let (lo, hi) = raw_min_max(xs);
+    let neg = -lo;
+    let amax = if hi > 0.0 { hi } else { 0.0 };
+    let amax = if neg > amax { neg } else { amax };
     if amax == 0.0 {
-        return 0.0;
+        0.0
+    } else if hi == amax && neg == amax {
+        xs.iter().copied().find(|x| x.abs() == amax).unwrap_or(0.0)
+    } else if hi == amax {
+        hi
+    } else {
+        lo
     }
-    // The first element reaching the final maximum is where candle's strict `<` last
-    // updated: every earlier element is smaller (or NaN). Found 32 at a time by bitmask.
-    for (k, c) in xs.as_chunks::<32>().0.iter().enumerate() {
-        let mut hit = 0u32;
-        for (i, &x) in c.iter().enumerate() {
-            hit |= ((x.abs() == amax) as u32) << i;
-        }
-        if hit != 0 {
-            return xs[32 * k + hit.trailing_zeros() as usize];
-        }
-    }
-    0.0
 }
 
-/// candle's `min` and `max` of Q4_1/Q5_1 (`f32::min(x, min)` from +inf, `f32::max(x, max)`
-/// from -inf: NaNs ignored). Signed zeros: see [`zero_sign`].
+/// The minimum and maximum of the block, NaNs ignored (+inf / -inf for an all-NaN block),
+/// in 8 lanes; the sign of a zero result is unspecified.
 #[inline(always)]
-fn min_max(xs: &[f32]) -> (f32, f32) {
+fn raw_min_max(xs: &[f32]) -> (f32, f32) {
     let mut lo = [f32::INFINITY; 8];
     let mut hi = [f32::NEG_INFINITY; 8];
     for c in xs.as_chunks::<8>().0 {
@@ -111,6 +110,14 @@ fn min_max(xs: &[f32]) -> (f32, f32) {
     let max = hi
         .iter()
         .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    (min, max)
+}
+
+/// candle's `min` and `max` of Q4_1/Q5_1 (`f32::min(x, min)` from +inf, `f32::max(x, max)`
+/// from -inf: NaNs ignored). Signed zeros: see [`zero_sign`].
+#[inline(always)]
+fn min_max(xs: &[f32]) -> (f32, f32) {
+    let (min, max) = raw_min_max(xs);
     (zero_sign(min, xs, true), zero_sign(max, xs, false))
 }
 
