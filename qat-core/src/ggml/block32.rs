@@ -77,10 +77,18 @@ fn abs_max(xs: &[f32]) -> f32 {
 /// first of them (candle's strict `<` keeps the first).
 #[inline(always)]
 pub(crate) fn signed_abs_max(xs: &[f32]) -> f32 {
-    let (lo, hi) = raw_min_max(xs);
-    let neg = -lo;
-    let amax = if hi > 0.0 { hi } else { 0.0 };
-    let amax = if neg > amax { neg } else { amax };
+    // The largest positive value and the largest negated value, from 0, NaNs ignored (the
+    // same select as `abs_max`, which compiles to `maxps`).
+    let (mut pos, mut neg) = ([0f32; 8], [0f32; 8]);
+    for c in xs.as_chunks::<8>().0 {
+        for l in 0..8 {
+            pos[l] = if pos[l] < c[l] { c[l] } else { pos[l] };
+            neg[l] = if neg[l] < -c[l] { -c[l] } else { neg[l] };
+        }
+    }
+    let hi = pos.iter().fold(0f32, |m, &a| if m < a { a } else { m });
+    let neg = neg.iter().fold(0f32, |m, &a| if m < a { a } else { m });
+    let amax = if hi < neg { neg } else { hi };
     if amax == 0.0 {
         0.0
     } else if hi == amax && neg == amax {
@@ -88,7 +96,7 @@ pub(crate) fn signed_abs_max(xs: &[f32]) -> f32 {
     } else if hi == amax {
         hi
     } else {
-        lo
+        -neg
     }
 }
 
