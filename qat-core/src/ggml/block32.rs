@@ -8,9 +8,11 @@
 //! storage and dequantization, and the code: Q8_0 `round(x * id)` (half away from zero)
 //! saturated to i8; Q4_0 `min(15, (x * id + 8.5) as u8)`; Q4_1 `min(15, ((x - min) * id +
 //! 0.5) as u8)`; Q5_0 `min(31, (x * id + 16.5) as i8)` keeping 5 bits; Q5_1 `((x - min) *
-//! id + 0.5) as u8` keeping 5 bits. Rust's float-to-int `as` saturates (NaN gives 0) as
-//! candle's does, and Rust never contracts `a * b + c` into an FMA, so the same source gives
-//! the same bits.
+//! id + 0.5) as u8` keeping 5 bits. Rust never contracts `a * b + c` into an FMA, so the
+//! same f32 expressions give the same bits. The saturating casts (`as u8` / `as i8`: clamp,
+//! truncate, NaN to 0) are restated as selects, `trunc` and `+ 0.0` on f32 so that the
+//! loops vectorize; tests/ggml.rs checks them against candle on NaN, infinite, overflowing
+//! and signed-zero blocks.
 //!
 //! An element's code is *clamped* when the quantizer's saturation or `min` changed the
 //! truncated value, i.e. when the pre-truncation value `v` lies outside `(-1, hi + 1)`
@@ -129,11 +131,11 @@ fn min_max(xs: &[f32]) -> (f32, f32) {
     (zero_sign(min, xs, true), zero_sign(max, xs, false))
 }
 
-/// The sign candle's compiled `f32::min` / `f32::max` fold leaves on a zero result. On
-/// x86-64 `f32::min(x, acc)` lowers to `minss` with the accumulator first, which returns
-/// the second operand on equal inputs: each zero element replaces an equal zero
-/// accumulator, so the last zero of the block decides the sign. Not a value question
-/// (`-0.0 == 0.0`), but the f16 bytes of Q4_1/Q5_1's stored minimum differ.
+/// The sign candle's compiled `f32::min` / `f32::max` fold leaves on a zero result (not a
+/// value question, `-0.0 == 0.0`, but the f16 bytes of Q4_1/Q5_1's stored minimum differ):
+/// the last zero of the block, as measured against candle 0.11.1 on x86-64 (tests/ggml.rs,
+/// the signed-zero blocks), where `f32::min(x, acc)` returns its second operand on equal
+/// inputs.
 #[inline(always)]
 fn zero_sign(v: f32, xs: &[f32], _is_min: bool) -> f32 {
     if v != 0.0 {
