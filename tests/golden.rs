@@ -20,6 +20,8 @@ mod fake_quant;
 mod fake_quantize_module;
 #[path = "golden_support/fusion.rs"]
 mod fusion;
+#[path = "golden_support/ggml.rs"]
+mod ggml;
 #[path = "golden_support/intx.rs"]
 mod intx;
 #[path = "golden_support/learnable.rs"]
@@ -56,6 +58,7 @@ const HANDLERS: &[(&str, Handler)] = &[
     ("quantized_linear", quantized::run_linear),
     ("quantized_conv2d", quantized::run_conv),
     ("intx_fake_quant", intx::run),
+    ("ggml_fake_quant", ggml::run),
 ];
 
 fn main() -> ExitCode {

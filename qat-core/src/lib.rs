@@ -8,6 +8,7 @@ pub mod error;
 pub mod fake_quant;
 pub mod fuse;
 pub mod geometry;
+pub mod ggml;
 mod host;
 pub(crate) mod kernels;
 pub mod model;
