@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::model::{FuseMode, ModulePath, Stage};
-use crate::nn::common::{GroupTrace, Placeholder};
+use crate::nn::common::{GroupTrace, Member, Placeholder};
 use crate::nn::weighted::Weighted;
 use crate::nn::{
     BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormInner, Conv1d, Conv2d, Conv3d, Linear, ReLU,
@@ -118,12 +118,11 @@ fn link(
     let trace = GroupTrace::new(group.member_paths());
     for (i, m) in members.into_iter().enumerate() {
         m.absorbed = Some(Placeholder {
-            trace: trace.clone(),
-            pos: i + 1,
+            member: Member::new(trace.clone(), i + 1),
         });
         m.stage = Stage::Fused;
     }
-    head.trace = Some(trace);
+    head.trace = Some(Member::new(trace, 0));
     head.stage = Stage::Fused;
 }
 

@@ -9,12 +9,31 @@ use crate::error::{Error, Result};
 use crate::observer::{Observer, ObserverState};
 use crate::qparams::{QParams, QuantRange};
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Learnable {
     scale: Var,
     zero_point: Var,
     use_grad_scaling: bool,
     learning_enabled: bool,
+}
+
+/// A copy with its own Vars: a clone of a model trains its own scales (cloning a `Var` would
+/// share its storage with the original).
+impl Clone for Learnable {
+    fn clone(&self) -> Self {
+        // `detach` drops the variable flag, so `from_tensor` copies the storage. The Vars are
+        // small f32 CPU tensors (see `with_channels`), whose copy cannot fail.
+        let own = |v: &Var| {
+            Var::from_tensor(&v.as_tensor().detach())
+                .expect("copying a small f32 CPU tensor cannot fail")
+        };
+        Learnable {
+            scale: own(&self.scale),
+            zero_point: own(&self.zero_point),
+            use_grad_scaling: self.use_grad_scaling,
+            learning_enabled: self.learning_enabled,
+        }
+    }
 }
 
 /// Observes what goes through it and fake-quantizes it: PyTorch's `FakeQuantize` (and, when

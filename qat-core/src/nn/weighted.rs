@@ -13,10 +13,10 @@ use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
 use crate::model::hook as trace;
 use crate::model::Stage;
-use crate::record::IoQParams;
 use crate::qconfig::{Backend, QConfig};
 use crate::qparams::QParams;
 use crate::quantized::{QuantizedWeight, Requant};
+use crate::record::IoQParams;
 use crate::record::{Op, WeightedKind};
 
 /// The integer op behind a weighted layer.
