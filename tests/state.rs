@@ -189,3 +189,16 @@ fn a_lookup_that_fails_after_a_good_forward_is_an_error_at_convert() -> candle_q
     assert!(e.contains("insert a QuantStub"), "{e}");
     Ok(())
 }
+
+#[test]
+fn a_cloned_learnable_fake_quant_trains_its_own_scale() -> candle_qat::Result<()> {
+    use candle_qat::qconfig::LearnableSpec;
+    let mut fq = QConfig::default_qat(Backend::X86).activation.build()?;
+    fq.forward(&Tensor::new(&[0.0f32, 2.54], &Device::Cpu)?)?;
+    fq.make_learnable(LearnableSpec::default())?;
+    let copy = fq.clone();
+    copy.learnable_vars()[0].set(&Tensor::new(&[0.5f32], &Device::Cpu)?)?;
+    assert_eq!(copy.scale(), vec![0.5]);
+    assert_eq!(fq.scale(), vec![0.02]);
+    Ok(())
+}
