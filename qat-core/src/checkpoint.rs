@@ -64,16 +64,23 @@ fn st_err(path: &Path, e: impl std::fmt::Display) -> Error {
     )
 }
 
+fn st_write_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::write(
+        format!("{}: {e}", path.display()),
+        "check that the directory exists and is writable and that the disk has room",
+    )
+}
+
 fn write(path: &Path, entries: &[(String, Entry)], meta: HashMap<String, String>) -> Result<()> {
     let views: Vec<(String, TensorView)> = entries
         .iter()
         .map(|(k, e)| {
             TensorView::new(e.dtype, e.shape.clone(), &e.bytes)
                 .map(|v| (k.clone(), v))
-                .map_err(|err| st_err(path, err))
+                .map_err(|err| st_write_err(path, err))
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| st_err(path, e))
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| st_write_err(path, e))
 }
 
 /// A safetensors file read into memory.

@@ -28,6 +28,7 @@ struct ForEach<F>(F);
 
 impl<F: FnMut(&ModulePath, &mut dyn QuantModule) -> Result<()>> ModuleVisitorMut for ForEach<F> {
     fn layer(&mut self, path: &ModulePath, module: &mut dyn QuantModule) -> Result<()> {
+        module.set_path(path);
         (self.0)(path, module).map_err(|e| match e {
             e @ Error::InModule { .. } => e,
             e => e.in_module(path.dotted()),
@@ -94,6 +95,7 @@ impl ModuleVisitorMut for Prepare<'_> {
             .mapping
             .resolve(&dotted, module.type_name(), self.parent().as_ref());
         self.seen_paths.push(dotted.clone());
+        module.set_path(path);
         module
             .prepare_qat(qc.as_ref())
             .map_err(|e| e.in_module(dotted))

@@ -68,6 +68,13 @@ pub(crate) fn record(t: &Tensor, src: &Source) {
     src.outputs.note(t)
 }
 
+/// Notes that `to` (a reshape of `from`) came from wherever `from` came from, if anywhere.
+pub(crate) fn alias(from: &Tensor, to: &Tensor) {
+    if let Some(src) = lookup(from, None) {
+        record(to, &src);
+    }
+}
+
 /// The fake-quant `t` came out of, if any of the live ones produced it recently; `hint` (the
 /// producer found last time) is tried first.
 pub(crate) fn lookup(t: &Tensor, hint: Option<&Source>) -> Option<Source> {

@@ -121,6 +121,9 @@ pub(crate) struct Common {
     pub trace: Option<Member>,
     /// Input and output qparams once converted.
     pub io: Option<ConvertedIo>,
+    /// The module path, learnt when a pass walks the model (empty until then), to name the
+    /// layer in its forward errors.
+    pub path: String,
 }
 
 /// What a converted layer knows of its inputs and output.
@@ -146,6 +149,7 @@ impl Clone for Common {
             absorbed: self.absorbed.clone(),
             trace: self.trace.clone(),
             io: self.io.clone(),
+            path: self.path.clone(),
         }
     }
 }
@@ -161,11 +165,26 @@ impl Default for Common {
             absorbed: None,
             trace: None,
             io: None,
+            path: String::new(),
         }
     }
 }
 
 impl Common {
+    /// Names this layer (its module path, once a pass learnt it) in an error of its forward.
+    pub fn at_path(&self, e: Error) -> Error {
+        match e {
+            e @ Error::InModule { .. } => e,
+            e if self.path.is_empty() => e,
+            e => e.in_module(self.path.clone()),
+        }
+    }
+
+    /// Runs `f` (a forward), naming this layer in its error.
+    pub fn named<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        f().map_err(|e| self.at_path(e))
+    }
+
     /// The identity forward of an absorbed layer.
     pub fn placeholder_forward(&self, p: &Placeholder, x: &Tensor) -> Result<Tensor> {
         if self.training && self.stage != Stage::Converted {
@@ -218,7 +237,7 @@ impl Common {
             ));
         }
         if let Some(i) = inputs.iter().position(Option::is_none) {
-            return Err(Error::pass(
+            return Err(Error::region(
                 format!(
                     "{what}: in the last prepared forward, input {i} was not the output of any \
                      live fake-quant (nor of a MaxPool2d/Flatten/ReLU after one), so its input \
