@@ -46,6 +46,13 @@ impl Module for Net {
     }
 }
 
+fn prepare_x86<M: Quantizable>(m: &mut M) -> candle_qat::Result<()> {
+    prepare_qat(
+        m,
+        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
+    )
+}
+
 fn prepared() -> candle_qat::Result<Net> {
     let dev = Device::Cpu;
     let mut m = Net::new(VarBuilder::from_varmap(
@@ -54,10 +61,7 @@ fn prepared() -> candle_qat::Result<Net> {
         &dev,
     ))?;
     fuse_modules_qat(&mut m)?;
-    prepare_qat(
-        &mut m,
-        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
-    )?;
+    prepare_x86(&mut m)?;
     Ok(m)
 }
 
@@ -126,10 +130,7 @@ fn prepared_and_converted_linear_both_take_one_sample() -> candle_qat::Result<()
         fc: Linear::new(12, 2, true, vb.pp("fc"))?,
         dequant: DeQuantStub::new(),
     };
-    prepare_qat(
-        &mut m,
-        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
-    )?;
+    prepare_x86(&mut m)?;
     let batch = x(&[4, 12])?;
     m.forward(&batch)?;
     disable_observer(&mut m)?;
@@ -199,10 +200,7 @@ fn a_missing_quant_stub_is_not_a_pass_order_error() -> candle_qat::Result<()> {
         fc: Linear::new(12, 2, true, vb.pp("fc"))?,
         dequant: DeQuantStub::new(),
     };
-    prepare_qat(
-        &mut m,
-        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
-    )?;
+    prepare_x86(&mut m)?;
     m.dequant.forward(&m.fc.forward(&x(&[2, 12])?)?)?;
     let e = convert(&mut m).unwrap_err().to_string();
     assert!(!e.contains("wrong pass order"), "{e}");

@@ -115,17 +115,24 @@ fn act_scale(model: &SmallCnn, path: &str) -> f32 {
     f.qparams.scales()[0]
 }
 
-#[test]
-fn qat_trains_and_freezes() -> candle_qat::Result<()> {
-    let dev = Device::Cpu;
-    let varmap = VarMap::new();
-    let mut model = SmallCnn::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+/// A SmallCnn on `varmap`, in training mode, fused for QAT and prepared with the x86 preset.
+fn prepared(varmap: &VarMap) -> candle_qat::Result<SmallCnn> {
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+    let mut model = SmallCnn::new(vb)?;
     train(&mut model)?;
     fuse_modules_qat(&mut model)?;
     prepare_qat(
         &mut model,
         &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
     )?;
+    Ok(model)
+}
+
+#[test]
+fn qat_trains_and_freezes() -> candle_qat::Result<()> {
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let mut model = prepared(&varmap)?;
 
     let w0 = model.conv1.weight().flatten_all()?.to_vec1::<f32>()?;
     let mut opt = AdamW::new(
@@ -205,13 +212,7 @@ fn lsq_from_the_model_trains_its_scales() -> candle_qat::Result<()> {
     use candle_qat::qconfig::LearnableSpec;
     let dev = Device::Cpu;
     let varmap = VarMap::new();
-    let mut model = SmallCnn::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
-    train(&mut model)?;
-    fuse_modules_qat(&mut model)?;
-    prepare_qat(
-        &mut model,
-        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
-    )?;
+    let mut model = prepared(&varmap)?;
     // Before any forward, the per-channel weight fake-quants do not know their channel count:
     // an error naming the first of them, and nothing changed.
     let e = make_learnable(&mut model, LearnableSpec::default())

@@ -90,15 +90,6 @@ pub trait Fusable {
 /// assert_eq!(relu.kind(), "Identity");
 /// # Ok::<(), qat_core::Error>(())
 /// ```
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` cannot be fused with `{Rest}`: not a fusion pattern candle-qat supports",
-    label = "these layer types cannot be fused together",
-    note = "supported, in forward order: (Conv1d, BatchNorm1d), (Conv2d, BatchNorm2d), \
-            (Conv3d, BatchNorm3d), each with a ReLU after; (Conv1d|Conv2d|Conv3d, ReLU); \
-            (Linear, BatchNorm1d); (Linear, ReLU); (BatchNorm2d|BatchNorm3d, ReLU)",
-    note = "to fuse a layer type of your own, implement `qat_core::fuse::FuseWith<{Rest}>` for \
-            it (its fuse_with can delegate to the candle-qat layers it holds)"
-)]
 pub trait FuseWith<Rest> {
     /// Fuses `self` (the head) with the members after it.
     fn fuse_with(&mut self, rest: Rest, group: &FuseGroup) -> Result<()>;
