@@ -12,9 +12,9 @@ use super::file::{self, Entry, Format, Reader, STRUCTURE_KEY};
 use super::structure::{self, Layer};
 use crate::error::{Error, Result};
 use crate::fake_quant::{FakeQuantize, FakeQuantizeState};
-use crate::model::{ModulePath, Quantizable};
+use crate::model::Quantizable;
 use crate::observer::ObserverState;
-use crate::passes::for_each_layer;
+use crate::passes::{fake_quant_path, for_each_layer};
 
 pub(super) const FORMAT: Format = Format {
     tag: "candle-qat/qat-state/2",
@@ -23,15 +23,6 @@ pub(super) const FORMAT: Format = Format {
     saver: "save_qat_checkpoint",
     why_old: "it has no structure record and no checksum to check it against the model",
 };
-
-fn fq_prefix(path: &ModulePath, role: &str) -> String {
-    let name = if role == "weight" {
-        "weight_fake_quant"
-    } else {
-        "activation_post_process"
-    };
-    path.join(name)
-}
 
 fn flags(s: &FakeQuantizeState) -> Vec<f32> {
     [s.observer_enabled, s.fake_quant_enabled, s.learning_enabled]
@@ -53,7 +44,7 @@ fn fake_quants<M: Quantizable>(model: &mut M) -> Result<Vec<(String, FakeQuantiz
     let mut out = Vec::new();
     for_each_layer(model, |path, m| {
         for (role, fq) in m.fake_quants() {
-            out.push((fq_prefix(path, &role), fq));
+            out.push((fake_quant_path(path, &role), fq));
         }
         Ok(())
     })?;
@@ -196,7 +187,7 @@ pub(super) fn load<M: Quantizable>(model: &mut M, varmap: &VarMap, path: &Path) 
                 )),
             };
             if let Err(e) = r {
-                failure = Some(e.in_module(fq_prefix(path, role)));
+                failure = Some(e.in_module(fake_quant_path(path, role)));
             }
         });
         Ok(())

@@ -190,6 +190,22 @@ macro_rules! conv {
             }
 
             fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+                let name = stringify!($name);
+                if x.rank() != $rank + 2 {
+                    return Err(Error::tensor(
+                        format!(
+                            "{name} takes (N, C, {}) inputs but got one of shape {:?}",
+                            ["L", "H, W", "D, H, W"][$rank - 1],
+                            x.dims()
+                        ),
+                        "reshape the input to the layer's rank (unsqueeze a batch dim of 1)",
+                    ));
+                }
+                let in_channels = self.w.weight.dims()[1] * self.config.groups;
+                super::input::check_channels(name, x, 1, in_channels, "in_channels")?;
+                if self.w.int.is_none() {
+                    super::input::check_dtype(name, x, self.w.weight.dtype())?;
+                }
                 let kind = crate::record::WeightedKind::Conv {
                     config: self.config,
                     rank: $rank,
@@ -200,7 +216,7 @@ macro_rules! conv {
 
         impl Module for $name {
             fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-                Ok(self.forward_t(x)?)
+                Ok(self.forward_t(x).map_err(|e| self.w.common.at_path(e))?)
             }
         }
 

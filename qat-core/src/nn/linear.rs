@@ -82,6 +82,20 @@ impl Linear {
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if self.w.int.is_none() {
+            super::input::check_dtype("Linear", x, self.w.weight.dtype())?;
+            if x.rank() == 1 {
+                // A single sample, as PyTorch's Linear (and the converted one) take it: run it
+                // as a batch of one. The reshaped tensors are new tensors to provenance, so
+                // they are noted as coming from where their originals came from.
+                let x2 = x.unsqueeze(0)?;
+                crate::provenance::alias(x, &x2);
+                let y2 = self.forward_t(&x2)?;
+                let y = y2.squeeze(0)?;
+                crate::provenance::alias(&y2, &y);
+                return Ok(y);
+            }
+        }
         self.w.forward(
             x,
             |rank| rank - 1,
@@ -99,7 +113,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Ok(self.forward_t(x)?)
+        Ok(self.forward_t(x).map_err(|e| self.w.common.at_path(e))?)
     }
 }
 

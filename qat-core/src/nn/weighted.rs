@@ -591,6 +591,9 @@ macro_rules! weighted_module {
             fn int8_state(&self) -> Option<$crate::record::Int8State> {
                 self.w.int8_state()
             }
+            fn set_path(&mut self, path: &$crate::model::ModulePath) {
+                self.w.common.path = path.dotted();
+            }
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.w.common as *const _ as usize)
             }
