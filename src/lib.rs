@@ -33,9 +33,10 @@ pub mod prelude {
         Sigmoid, Tanh,
     };
     pub use qat_core::passes::{
-        disable_fake_quant, disable_observer, enable_fake_quant, enable_observer, eval,
-        freeze_bn_stats, fuse_modules, fuse_modules_qat, named_modules, prepare_qat, summary,
-        train, update_bn_stats,
+        disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,
+        enable_param_learning, enable_static_estimate, eval, freeze_bn_stats, fuse_modules,
+        fuse_modules_qat, learnable_parameters, make_learnable, named_modules, prepare_qat,
+        summary, train, update_bn_stats,
     };
     pub use qat_core::qconfig::{Backend, FakeQuantizeSpec, ObserverKind, QConfig};
     pub use qat_core::qconfig_mapping::QConfigMapping;

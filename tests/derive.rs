@@ -426,3 +426,55 @@ fn derived_type_names_drive_the_qconfig_mapping() -> Res<()> {
     }
     Ok(())
 }
+
+/// A user's own layer, fused through `FuseWith` (see tests/ui/pass/custom_fusion.rs).
+#[derive(Quantizable)]
+struct MyConv {
+    conv: Conv2d,
+}
+
+impl<'a> candle_qat::fuse::FuseWith<(&'a mut BatchNorm2d, &'a mut ReLU)> for MyConv {
+    fn fuse_with(
+        &mut self,
+        rest: (&'a mut BatchNorm2d, &'a mut ReLU),
+        group: &candle_qat::fuse::FuseGroup,
+    ) -> candle_qat::Result<()> {
+        candle_qat::fuse::FuseWith::fuse_with(&mut self.conv, rest, group)
+    }
+}
+
+#[derive(Quantizable)]
+#[qat(fuse(mine, bn, relu))]
+struct WithMine {
+    mine: MyConv,
+    bn: BatchNorm2d,
+    relu: ReLU,
+}
+
+#[test]
+fn a_user_layer_fuses_through_fuse_with() -> Res<()> {
+    let mut m = WithMine {
+        mine: MyConv { conv: conv(2, 2)? },
+        bn: bn2(2)?,
+        relu: ReLU::new(),
+    };
+    fuse_modules_qat(&mut m)?;
+    assert_eq!(
+        paths_kinds(&m)?,
+        pk(&[
+            ("mine.conv", "ConvBnReLU2d"),
+            ("bn", "Identity"),
+            ("relu", "Identity")
+        ])
+    );
+    // The group's order check names the user's members.
+    let x = Tensor::randn(0f32, 1., (2, 2, 4, 4), &Device::Cpu)?;
+    let y = m.mine.conv.forward(&x)?;
+    m.relu.forward(&m.bn.forward(&y)?)?;
+    let e = m.relu.forward(&x).unwrap_err().to_string();
+    assert!(
+        e.contains("fused group (mine, bn, relu): `relu` was not applied to the output of `bn`"),
+        "{e}"
+    );
+    Ok(())
+}

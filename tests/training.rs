@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{loss, AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_qat::passes::convert;
 use candle_qat::prelude::*;
 
 #[derive(Quantizable)]
@@ -115,17 +116,24 @@ fn act_scale(model: &SmallCnn, path: &str) -> f32 {
     f.qparams.scales()[0]
 }
 
-#[test]
-fn qat_trains_and_freezes() -> candle_qat::Result<()> {
-    let dev = Device::Cpu;
-    let varmap = VarMap::new();
-    let mut model = SmallCnn::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+/// A SmallCnn on `varmap`, in training mode, fused for QAT and prepared with the x86 preset.
+fn prepared(varmap: &VarMap) -> candle_qat::Result<SmallCnn> {
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+    let mut model = SmallCnn::new(vb)?;
     train(&mut model)?;
     fuse_modules_qat(&mut model)?;
     prepare_qat(
         &mut model,
         &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
     )?;
+    Ok(model)
+}
+
+#[test]
+fn qat_trains_and_freezes() -> candle_qat::Result<()> {
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let mut model = prepared(&varmap)?;
 
     let w0 = model.conv1.weight().flatten_all()?.to_vec1::<f32>()?;
     let mut opt = AdamW::new(
@@ -189,5 +197,98 @@ fn qat_trains_and_freezes() -> candle_qat::Result<()> {
         text.contains("ConvBnReLU2d") && text.contains("scale="),
         "{text}"
     );
+    Ok(())
+}
+
+/// The weight scales of a layer's fake-quant.
+fn weight_scales(model: &SmallCnn, path: &str) -> Vec<f32> {
+    let info = named_modules(model).unwrap();
+    let m = info.iter().find(|m| m.path == path).unwrap();
+    let f = m.fake_quants.iter().find(|f| f.role == "weight").unwrap();
+    f.qparams.scales().to_vec()
+}
+
+#[test]
+fn lsq_from_the_model_trains_its_scales() -> candle_qat::Result<()> {
+    use candle_qat::qconfig::LearnableSpec;
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let mut model = prepared(&varmap)?;
+    // Before any forward, the per-channel weight fake-quants do not know their channel count:
+    // an error naming the first of them, and nothing changed.
+    let e = make_learnable(&mut model, LearnableSpec::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in module `conv1.weight_fake_quant`"), "{e}");
+    assert!(e.contains("run a calibration forward"), "{e}");
+    assert!(learnable_parameters(&mut model)?.is_empty());
+
+    // Calibrate, then make learnable: the observers' qparams are kept.
+    for step in 0..5u64 {
+        model.forward(&batch(32, 100 + step, &dev)?.0)?;
+    }
+    let calibrated = act_scale(&model, "conv1");
+    make_learnable(&mut model, LearnableSpec::default())?;
+    assert_eq!(act_scale(&model, "conv1"), calibrated);
+    assert!(summary(&model)?.contains(" lsq "), "{}", summary(&model)?);
+    enable_param_learning(&mut model)?;
+    let text = summary(&model)?;
+    assert!(text.contains("obs-off fq lsq-learning"), "{text}");
+
+    let lsq = learnable_parameters(&mut model)?;
+    let names: Vec<&str> = lsq.iter().map(|(n, _)| n.as_str()).collect();
+    for n in [
+        "quant.activation_post_process.scale",
+        "conv1.weight_fake_quant.scale",
+        "conv1.weight_fake_quant.zero_point",
+        "conv1.activation_post_process.scale",
+        "fc2.activation_post_process.zero_point",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    let w_scales0 = weight_scales(&model, "conv1");
+    let a_scale0 = act_scale(&model, "fc1");
+    let mut vars = varmap.all_vars();
+    vars.extend(lsq.into_iter().map(|(_, v)| v));
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 3e-3,
+            ..Default::default()
+        },
+    )?;
+    let mut losses = Vec::new();
+    for step in 0..120u64 {
+        let (x, y) = batch(32, step, &dev)?;
+        let l = loss::cross_entropy(&model.forward(&x)?, &y)?;
+        opt.backward_step(&l)?;
+        losses.push(l.to_scalar::<f32>()?);
+    }
+    let first: f32 = losses[..20].iter().sum::<f32>() / 20.0;
+    let last: f32 = losses[100..].iter().sum::<f32>() / 20.0;
+    assert!(last < 0.7 * first, "loss did not fall: {first} -> {last}");
+    // The scales moved by gradient (the observers are off).
+    let w_scales1 = weight_scales(&model, "conv1");
+    assert!(
+        w_scales0.iter().zip(&w_scales1).any(|(a, b)| a != b),
+        "weight scales did not move"
+    );
+    assert_ne!(
+        act_scale(&model, "fc1"),
+        a_scale0,
+        "activation scale did not move"
+    );
+    // The LSQ model converts (its learnt qparams count as calibrated); a converted model's
+    // fake-quants never run again, so make_learnable refuses it and changes nothing.
+    eval(&mut model)?;
+    let mut int8 = model;
+    int8.forward(&batch(8, 7, &dev)?.0)?;
+    convert(&mut int8)?;
+    let e = make_learnable(&mut int8, LearnableSpec::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("make_learnable on a converted"), "{e}");
+    assert!(e.contains("before convert"), "{e}");
+    int8.forward(&batch(8, 7, &dev)?.0)?;
     Ok(())
 }

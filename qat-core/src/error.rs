@@ -49,6 +49,24 @@ pub enum Error {
         /// What to do about it.
         fix: String,
     },
+    /// A file that could not be written (a checkpoint, an ONNX export).
+    #[error("cannot write {what}; {fix}")]
+    Write {
+        /// What could not be written, and why.
+        what: String,
+        /// What to do about it.
+        fix: String,
+    },
+    /// A model whose forward feeds a quantized layer a tensor that no fake-quant produced (a
+    /// missing QuantStub, an op candle-qat cannot see in between), so that its input qparams
+    /// are unknown.
+    #[error("quantized region: {what}; {fix}")]
+    Region {
+        /// What is wrong.
+        what: String,
+        /// What to do about it.
+        fix: String,
+    },
     /// Passes run in an order that cannot work (fuse after prepare, prepare twice, ...).
     #[error("wrong pass order: {what}; {fix}")]
     Pass {
@@ -109,6 +127,20 @@ impl Error {
 
     pub(crate) fn pass(what: impl Into<String>, fix: impl Into<String>) -> Self {
         Error::Pass {
+            what: what.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub(crate) fn write(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::Write {
+            what: what.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub(crate) fn region(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::Region {
             what: what.into(),
             fix: fix.into(),
         }

@@ -21,6 +21,7 @@ pub mod qconfig;
 pub mod qconfig_mapping;
 pub mod qparams;
 pub mod quantized;
+mod recent;
 mod record;
 mod sync;
 

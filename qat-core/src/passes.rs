@@ -1,5 +1,8 @@
 //! Model-wide passes over any [`Quantizable`] model: fuse, prepare_qat, train/eval, BN-stat
-//! freezing, observer and fake-quant toggles, and the module listing and summary.
+//! freezing, observer and fake-quant toggles, learnable (LSQ) fake-quants and their
+//! parameters, and the module listing and summary.
+
+use candle_core::Var;
 
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
@@ -7,7 +10,7 @@ use crate::model::transaction::{self, transact};
 use crate::model::{
     FuseMode, ModulePath, ModuleVisitor, ModuleVisitorMut, QuantModule, Quantizable, Stage,
 };
-use crate::qconfig::QConfig;
+use crate::qconfig::{LearnableSpec, QConfig};
 use crate::qconfig_mapping::QConfigMapping;
 use crate::qparams::QParams;
 
@@ -34,6 +37,7 @@ struct ForEach<F>(F);
 
 impl<F: FnMut(&ModulePath, &mut dyn QuantModule) -> Result<()>> ModuleVisitorMut for ForEach<F> {
     fn layer(&mut self, path: &ModulePath, module: &mut dyn QuantModule) -> Result<()> {
+        module.set_path(path);
         (self.0)(path, module).map_err(|e| match e {
             e @ Error::InModule { .. } => e,
             e => e.in_module(path.dotted()),
@@ -148,6 +152,7 @@ impl ModuleVisitorMut for Prepare<'_> {
         if !self.apply {
             return Self::check(module, qc.as_ref()).map_err(|e| e.in_module(dotted));
         }
+        module.set_path(path);
         module
             .prepare_qat(qc.as_ref())
             .map_err(|e| e.in_module(dotted))
@@ -306,6 +311,132 @@ pub fn disable_fake_quant<M: Quantizable>(model: &mut M) -> Result<()> {
     for_each_fq(model, |_, fq| fq.disable_fake_quant())
 }
 
+/// The PyTorch name of the fake-quant of `role` (`weight`, `activation`) of the layer at
+/// `path`: `conv1.weight_fake_quant`, `conv1.activation_post_process`.
+pub(crate) fn fake_quant_path(path: &ModulePath, role: &str) -> String {
+    path.join(fake_quant_name(role))
+}
+
+/// The module name of a layer's fake-quant of `role` under the layer: `weight_fake_quant`,
+/// `activation_post_process`.
+pub(crate) fn fake_quant_name(role: &str) -> &'static str {
+    if role == "weight" {
+        "weight_fake_quant"
+    } else {
+        "activation_post_process"
+    }
+}
+
+/// Whether a fake-quant's qparams are fixed by design (sigmoid and tanh outputs): those stay
+/// as they are, as in PyTorch.
+fn fixed_qparams(fq: &FakeQuantize) -> bool {
+    fq.observer().name() == "FixedQParamsObserver"
+}
+
+/// Makes every fake-quant of a prepared model learnable (LSQ, PyTorch's
+/// `_LearnableFakeQuantize`), except the fixed-qparams ones of sigmoid and tanh. Each keeps
+/// the qparams its observer found so far and starts in static estimation; call
+/// [`enable_param_learning`] to train them, and hand [`learnable_parameters`] to the
+/// optimizer. Run a calibration forward first: a per-channel (weight) fake-quant must have
+/// seen its tensor to know its channel count. A converted model is refused. On error, nothing
+/// was changed.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use qat_core::nn::{Linear, QuantStub};
+/// use qat_core::passes::{enable_param_learning, learnable_parameters, make_learnable, prepare_qat};
+/// use qat_core::qconfig::{Backend, LearnableSpec, QConfig};
+/// use qat_core::qconfig_mapping::QConfigMapping;
+/// let varmap = VarMap::new();
+/// let mut fc = Linear::new(4, 2, true, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+/// prepare_qat(&mut fc, &QConfigMapping::global(QConfig::default_qat(Backend::X86)))?;
+/// fc.forward(&Tensor::ones((3, 4), DType::F32, &Device::Cpu)?)?; // calibrate
+/// make_learnable(&mut fc, LearnableSpec::default())?;
+/// enable_param_learning(&mut fc)?;
+/// let lsq = learnable_parameters(&mut fc)?;
+/// assert_eq!(lsq[0].0, "weight_fake_quant.scale");
+/// let mut vars = varmap.all_vars();
+/// vars.extend(lsq.into_iter().map(|(_, v)| v)); // one optimizer over both
+/// # Ok::<(), qat_core::Error>(())
+/// ```
+pub fn make_learnable<M: Quantizable>(model: &mut M, spec: LearnableSpec) -> Result<()> {
+    // Validate on copies first, so that an error leaves the model unchanged.
+    let mut count = 0usize;
+    for_each_layer(model, |path, m| {
+        if m.stage() == Stage::Converted {
+            // Its fake-quants only document how it was trained: they never run again.
+            return Err(Error::pass(
+                format!("make_learnable on a converted {}", m.kind()),
+                "make the fake-quants learnable on the prepared model, before convert",
+            )
+            .in_module(path.dotted()));
+        }
+        let mut first_err = None;
+        m.for_each_fake_quant(&mut |role, fq| {
+            if first_err.is_some() || fixed_qparams(fq) {
+                return;
+            }
+            count += 1;
+            if let Err(e) = fq.clone().make_learnable(spec) {
+                first_err = Some(e.in_module(fake_quant_path(path, role)));
+            }
+        });
+        first_err.map_or(Ok(()), Err)
+    })?;
+    if count == 0 {
+        return Err(Error::pass(
+            "make_learnable found no fake-quant to make learnable",
+            "run prepare_qat (and a calibration forward) before make_learnable",
+        ));
+    }
+    for_each_layer(model, |path, m| {
+        let mut first_err = None;
+        m.for_each_fake_quant(&mut |role, fq| {
+            if first_err.is_none() && !fixed_qparams(fq) {
+                first_err = fq
+                    .make_learnable(spec)
+                    .err()
+                    .map(|e| e.in_module(fake_quant_path(path, role)));
+            }
+        });
+        first_err.map_or(Ok(()), Err)
+    })
+}
+
+/// LSQ: every learnable fake-quant learns its scale and zero point by gradient (observer off,
+/// fake quantization on): PyTorch's `model.apply(enable_param_learning)`. Others are
+/// unchanged.
+pub fn enable_param_learning<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_fq(model, |_, fq| fq.enable_param_learning())
+}
+
+/// LSQ: every learnable fake-quant takes its qparams from its observer again, without
+/// gradients: PyTorch's `enable_static_estimate`. Others are unchanged.
+pub fn enable_static_estimate<M: Quantizable>(model: &mut M) -> Result<()> {
+    for_each_fq(model, |_, fq| fq.enable_static_estimate())
+}
+
+/// The scale and zero point `Var`s of every learnable fake-quant, with PyTorch's names
+/// (`conv1.weight_fake_quant.scale`, `conv1.activation_post_process.zero_point`), to give the
+/// optimizer beside the model's own parameters (see [`make_learnable`]). Empty when no
+/// fake-quant is learnable. Takes the model mutably because it reaches the fake-quants the
+/// forward uses, not copies of them.
+pub fn learnable_parameters<M: Quantizable>(model: &mut M) -> Result<Vec<(String, Var)>> {
+    let mut out = Vec::new();
+    for_each_layer(model, |path, m| {
+        m.for_each_fake_quant(&mut |role, fq| {
+            let prefix = fake_quant_path(path, role);
+            let vars = fq.learnable_vars();
+            for (name, v) in ["scale", "zero_point"].into_iter().zip(vars) {
+                out.push((format!("{prefix}.{name}"), v));
+            }
+        });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// One fake-quant of a module, as listed by [`named_modules`].
 #[derive(Clone, Debug)]
 pub struct FakeQuantInfo {
@@ -321,6 +452,10 @@ pub struct FakeQuantInfo {
     pub observer_enabled: bool,
     /// Whether fake quantization runs.
     pub fake_quant_enabled: bool,
+    /// Whether scale and zero point are learnable (LSQ, see [`make_learnable`]).
+    pub learnable: bool,
+    /// Whether they receive gradients now (see [`enable_param_learning`]).
+    pub learning_enabled: bool,
 }
 
 /// One layer of a model, as listed by [`named_modules`].
@@ -354,6 +489,8 @@ impl ModuleVisitor for Collect {
                 observer: fq.observer().name(),
                 observer_enabled: fq.observer_enabled(),
                 fake_quant_enabled: fq.fake_quant_enabled(),
+                learnable: fq.is_learnable(),
+                learning_enabled: fq.learning_enabled(),
             })
             .collect();
         self.0.push(ModuleInfo {
@@ -398,16 +535,22 @@ fn fmt_qparams(q: &QParams) -> String {
 }
 
 /// The module tree as text, one line per layer with its kind and stage, and one line per
-/// fake-quant with its current qparams.
+/// fake-quant with its observer, range, toggles, whether it is learnable (`lsq`: static
+/// estimation, `lsq-learning`: scale and zero point trained) and its current qparams.
 pub fn summary<M: Quantizable>(model: &M) -> Result<String> {
     use std::fmt::Write;
     let mut out = String::new();
     for m in named_modules(model)? {
         let _ = writeln!(out, "{:<28} {:<16} {:?}", m.path, m.kind, m.stage);
         for f in &m.fake_quants {
+            let lsq = match (f.learnable, f.learning_enabled) {
+                (false, _) => "",
+                (true, false) => " lsq",
+                (true, true) => " lsq-learning",
+            };
             let _ = writeln!(
                 out,
-                "    {:<10} {} [{}..{}] {}{} {}",
+                "    {:<10} {} [{}..{}] {}{}{} {}",
                 f.role,
                 f.observer,
                 f.quant_range.0,
@@ -418,6 +561,7 @@ pub fn summary<M: Quantizable>(model: &M) -> Result<String> {
                     "obs-off "
                 },
                 if f.fake_quant_enabled { "fq" } else { "fq-off" },
+                lsq,
                 fmt_qparams(&f.qparams)
             );
         }

@@ -3,35 +3,45 @@
 //! `convert` reads those notes to give each integer layer its input's scale and zero point
 //! (candle tensors carry no quantization metadata).
 //!
-//! The notes live in a small per-thread ring of the most recent outputs: a layer looks its
-//! input up right after the producer ran, so a short history is enough.
+//! Each producer keeps the ids of its own last outputs and a process-wide registry of the
+//! live producers answers lookups (see [`crate::recent`]): a consumer finds its producer
+//! whichever thread either ran on, a clone's layers find the clone's producers, and a lookup
+//! that fails finds nothing rather than a stale producer.
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
-use candle_core::{Tensor, TensorId};
+use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::fake_quant::FakeQuantize;
 use crate::qparams::QParams;
+use crate::recent::{RecentIds, Registry};
 pub use crate::record::IoQParams;
 use crate::sync::lock;
 
-const HISTORY: usize = 1024;
+/// Every live output fake-quant of the process.
+static PRODUCERS: Registry<ActFq> = Registry::new();
 
 /// An output fake-quant with an identity that tensors can point back to.
 #[derive(Debug)]
 pub(crate) struct ActFq {
     pub fq: Mutex<FakeQuantize>,
+    /// Its recent outputs (and those of quantization-transparent ops applied to them).
+    outputs: RecentIds,
 }
 
 /// A shared handle on the fake-quant that produced a tensor.
 pub(crate) type Source = Arc<ActFq>;
 
 impl ActFq {
+    /// A producer, registered so that lookups from any thread find it.
     pub fn new(fq: FakeQuantize) -> Source {
-        Arc::new(ActFq { fq: Mutex::new(fq) })
+        let src = Arc::new(ActFq {
+            fq: Mutex::new(fq),
+            outputs: RecentIds::default(),
+        });
+        PRODUCERS.register(&src);
+        src
     }
 
     /// The producer's current per-tensor scale and zero point and its code range.
@@ -53,30 +63,23 @@ impl ActFq {
     }
 }
 
-thread_local! {
-    static RECENT: RefCell<VecDeque<(TensorId, Weak<ActFq>)>> =
-        RefCell::new(VecDeque::with_capacity(HISTORY));
-}
-
 /// Notes that `t` came out of `src`.
 pub(crate) fn record(t: &Tensor, src: &Source) {
-    RECENT.with(|r| {
-        let mut r = r.borrow_mut();
-        if r.len() == HISTORY {
-            r.pop_front();
-        }
-        r.push_back((t.id(), Arc::downgrade(src)));
-    });
+    src.outputs.note(t)
 }
 
-/// The fake-quant `t` came out of, if it was noted recently.
-pub(crate) fn lookup(t: &Tensor) -> Option<Source> {
-    let id = t.id();
-    RECENT.with(|r| {
-        r.borrow()
-            .iter()
-            .rev()
-            .find(|(i, _)| *i == id)
-            .and_then(|(_, w)| w.upgrade())
-    })
+/// Notes that `to` (a reshape of `from`) came from wherever `from` came from, if anywhere.
+pub(crate) fn alias(from: &Tensor, to: &Tensor) {
+    if let Some(src) = lookup(from, None) {
+        record(to, &src);
+    }
+}
+
+/// The fake-quant `t` came out of, if any of the live ones produced it recently; `hint` (the
+/// producer found last time) is tried first.
+pub(crate) fn lookup(t: &Tensor, hint: Option<&Source>) -> Option<Source> {
+    match hint {
+        Some(h) if h.outputs.contains(t) => Some(h.clone()),
+        _ => PRODUCERS.find(|p| p.outputs.contains(t)),
+    }
 }

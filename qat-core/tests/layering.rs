@@ -10,7 +10,9 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "leaf data",
-        &["error", "qparams", "geometry", "record", "sync", "host"],
+        &[
+            "error", "qparams", "geometry", "record", "sync", "host", "recent",
+        ],
     ),
     (
         "numerics and kernels",

@@ -137,7 +137,16 @@ fn impl_struct(cont: &Container, crate_name: &str, krate: &TokenStream) -> Token
     let fuse_fields = walk("fuse", quote!(&mut), quote!(mode));
 
     let fuse_groups = groups.iter().map(|g| {
-        let members = g.members.iter().map(|f| &f.member);
+        // Every token of the argument at the member list, so that an unsupported pattern is
+        // reported there and not across the lines up to the first field.
+        let members = g.members.iter().map(|f| {
+            let mut m = f.member.clone();
+            match &mut m {
+                syn::Member::Named(ident) => ident.set_span(g.list),
+                syn::Member::Unnamed(index) => index.span = g.list,
+            }
+            m
+        });
         let names = g.members.iter().map(|f| &f.name);
         let mut tuple = Group::new(
             Delimiter::Parenthesis,

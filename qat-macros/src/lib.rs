@@ -50,7 +50,9 @@ use syn::{parse_macro_input, DeriveInput};
 /// On the struct:
 /// - `#[qat(fuse(a, b, c))]`: fuse these fields (in forward order) into one module.
 ///   Several groups may be given, in one `#[qat]` or in several. A field may be in one group
-///   only; the layer types must form a pattern `qat_core::fuse::Fusable` supports.
+///   only; the layer types must form a pattern `qat_core::fuse::Fusable` supports: PyTorch's
+///   eager fusion table, or a head of your own type that implements
+///   `qat_core::fuse::FuseWith` for the members after it.
 /// - `#[qat(auto_fuse)]`: also fuse every run of consecutive walked fields whose types form
 ///   a supported pattern (Conv+BatchNorm[+ReLU], Conv+ReLU, Linear+BatchNorm1d,
 ///   Linear+ReLU, BatchNorm2d/3d+ReLU), by the last segment of each field's type path,

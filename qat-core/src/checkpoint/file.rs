@@ -65,9 +65,9 @@ fn read_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 fn write_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::state(
-        format!("cannot write {}: {e}", path.display()),
-        "check that the directory exists and is writable",
+    Error::write(
+        format!("{}: {e}", path.display()),
+        "check that the directory exists and is writable and that the disk has room",
     )
 }
 
@@ -120,8 +120,12 @@ pub(super) fn write(
 ) -> Result<()> {
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(Error::state(
-            format!("two tensors would be saved as `{}`", w[0].0),
+        return Err(Error::write(
+            format!(
+                "{}: two tensors would be saved as `{}`",
+                path.display(),
+                w[0].0
+            ),
             "give the model's layers distinct paths (report this if they are distinct)",
         ));
     }

@@ -13,9 +13,9 @@ use super::structure::{self, Layer};
 use crate::error::{Error, Result};
 use crate::fake_quant::{FakeQuantize, FakeQuantizeState};
 use crate::model::transaction::Plan;
-use crate::model::{ModulePath, Quantizable};
+use crate::model::Quantizable;
 use crate::observer::ObserverState;
-use crate::passes::for_each_layer;
+use crate::passes::{fake_quant_name, fake_quant_path, for_each_layer};
 
 pub(super) const FORMAT: Format = Format {
     tag: "candle-qat/qat-state/2",
@@ -24,19 +24,6 @@ pub(super) const FORMAT: Format = Format {
     saver: "save_qat_checkpoint",
     why_old: "it has no structure record and no checksum to check it against the model",
 };
-
-/// The module name of a layer's fake-quant of `role` (`weight`, `activation`).
-fn fq_name(role: &str) -> &'static str {
-    if role == "weight" {
-        "weight_fake_quant"
-    } else {
-        "activation_post_process"
-    }
-}
-
-fn fq_prefix(path: &ModulePath, role: &str) -> String {
-    path.join(fq_name(role))
-}
 
 fn flags(s: &FakeQuantizeState) -> Vec<f32> {
     [s.observer_enabled, s.fake_quant_enabled, s.learning_enabled]
@@ -58,7 +45,7 @@ fn fake_quants<M: Quantizable>(model: &mut M) -> Result<Vec<(String, FakeQuantiz
     let mut out = Vec::new();
     for_each_layer(model, |path, m| {
         for (role, fq) in m.fake_quants() {
-            out.push((fq_prefix(path, &role), fq));
+            out.push((fake_quant_path(path, &role), fq));
         }
         Ok(())
     })?;
@@ -143,8 +130,8 @@ pub(super) fn load<M: Quantizable>(model: &mut M, varmap: &VarMap, path: &Path) 
             .into_iter()
             .map(|(role, _)| {
                 // Named under the layer: the plan adds the layer's path to an error.
-                let state = read_state(&r, &fq_prefix(path, &role))
-                    .map_err(|e| e.in_module(fq_name(&role)))?;
+                let state = read_state(&r, &fake_quant_path(path, &role))
+                    .map_err(|e| e.in_module(fake_quant_name(&role)))?;
                 Ok((role, state))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -101,9 +101,9 @@ pub(super) fn encode(layers: &[Layer]) -> Result<String> {
     for l in layers {
         let bad = |s: &str| s.contains(['\t', '\n', ',']) || s == "-";
         if bad(&l.path) || bad(&l.kind) || l.params.iter().any(|p| bad(p)) {
-            return Err(Error::state(
+            return Err(Error::write(
                 format!(
-                    "the layer `{}` ({}) has a name a checkpoint cannot record",
+                    "a checkpoint: the layer `{}` ({}) has a name a checkpoint cannot record",
                     l.path, l.kind
                 ),
                 "use module paths and kinds without tabs, newlines or commas",
@@ -294,6 +294,11 @@ mod tests {
         }
         let mut odd = layers[1].clone();
         odd.path = "a,b".into();
-        assert!(encode(&[odd]).is_err());
+        let e = encode(&[odd]).unwrap_err();
+        assert!(matches!(e, Error::Write { .. }), "{e}");
+        assert!(
+            e.to_string().starts_with("cannot write a checkpoint"),
+            "{e}"
+        );
     }
 }

@@ -3,18 +3,37 @@
 
 use candle_core::{Device, Tensor, Var};
 
-use super::spec::{FakeQuantizeSpec, ObserverKind};
+use super::spec::{FakeQuantizeSpec, LearnableSpec, ObserverKind};
 use super::{fake_quantize, fake_quantize_learnable};
 use crate::error::{Error, Result};
 use crate::observer::{Observer, ObserverState};
 use crate::qparams::{QParams, QuantRange};
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Learnable {
     scale: Var,
     zero_point: Var,
     use_grad_scaling: bool,
     learning_enabled: bool,
+}
+
+/// A copy with its own Vars: a clone of a model trains its own scales (cloning a `Var` would
+/// share its storage with the original).
+impl Clone for Learnable {
+    fn clone(&self) -> Self {
+        // `detach` drops the variable flag, so `from_tensor` copies the storage. The Vars are
+        // small f32 CPU tensors (see `with_channels`), whose copy cannot fail.
+        let own = |v: &Var| {
+            Var::from_tensor(&v.as_tensor().detach())
+                .expect("copying a small f32 CPU tensor cannot fail")
+        };
+        Learnable {
+            scale: own(&self.scale),
+            zero_point: own(&self.zero_point),
+            use_grad_scaling: self.use_grad_scaling,
+            learning_enabled: self.learning_enabled,
+        }
+    }
 }
 
 /// Observes what goes through it and fake-quantizes it: PyTorch's `FakeQuantize` (and, when
@@ -314,6 +333,73 @@ impl FakeQuantize {
         }
     }
 
+    /// Makes this fake-quant learnable (LSQ, PyTorch's `_LearnableFakeQuantize`) in place: its
+    /// scale and zero point become `Var`s, starting from the qparams it holds now if its
+    /// observer has seen data (else from `spec`'s initial values). It starts in static
+    /// estimation (the observer still sets the qparams, no gradient reaches them) until
+    /// [`FakeQuantize::enable_param_learning`]. Already learnable: unchanged.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use qat_core::qconfig::{Backend, LearnableSpec, QConfig};
+    /// let mut fq = QConfig::default_qat(Backend::X86).activation.build()?;
+    /// fq.forward(&Tensor::new(&[0.0f32, 2.54], &Device::Cpu)?)?;
+    /// fq.make_learnable(LearnableSpec::default())?;
+    /// assert!(fq.is_learnable());
+    /// assert_eq!(fq.scale(), vec![0.02]); // kept what the observer found
+    /// fq.enable_param_learning();
+    /// assert_eq!(fq.learnable_vars().len(), 2);
+    /// # Ok::<(), qat_core::Error>(())
+    /// ```
+    pub fn make_learnable(&mut self, spec: LearnableSpec) -> Result<()> {
+        if self.learnable.is_some() {
+            return Ok(());
+        }
+        let observed = self.observer.min_max().is_some();
+        if self.observer.ch_axis().is_some() && !observed {
+            return Err(Error::config(
+                format!(
+                    "a per-channel fake-quant ({}) that has not observed data yet cannot become \
+                     learnable: its channel count is unknown",
+                    self.observer.name()
+                ),
+                "run a calibration forward (observers on) before making it learnable, or \
+                 build it learnable from the start (FakeQuantizeSpec::builder().learnable(true))",
+            ));
+        }
+        let (scale, zero_point): (Vec<f32>, Vec<f32>) = if observed {
+            (
+                self.scale.clone(),
+                self.zero_point.iter().map(|&z| z as f32).collect(),
+            )
+        } else {
+            (vec![spec.init_scale], vec![spec.init_zero_point])
+        };
+        for &s in &scale {
+            crate::qparams::check_scale(s)?;
+        }
+        let n = scale.len();
+        self.learnable = Some(Learnable {
+            scale: Var::from_vec(scale, n, &Device::Cpu)?,
+            zero_point: Var::from_vec(zero_point, n, &Device::Cpu)?,
+            use_grad_scaling: spec.use_grad_scaling,
+            learning_enabled: false,
+        });
+        self.spec.learnable = Some(spec);
+        Ok(())
+    }
+
+    /// Whether the scale and zero point are learnable (LSQ).
+    pub fn is_learnable(&self) -> bool {
+        self.learnable.is_some()
+    }
+
+    /// Whether a learnable fake-quant's scale and zero point receive gradients (see
+    /// [`FakeQuantize::enable_param_learning`]); false for the others.
+    pub fn learning_enabled(&self) -> bool {
+        self.learnable.as_ref().is_some_and(|l| l.learning_enabled)
+    }
+
     /// The learnable scale and zero point, to hand to an optimizer (empty if not LSQ).
     pub fn learnable_vars(&self) -> Vec<Var> {
         self.learnable
@@ -433,10 +519,10 @@ impl FakeQuantize {
     }
 
     /// A copy that shares nothing with `self`: a learnable fake-quant's scale and zero point
-    /// are copied into new `Var`s (a plain clone shares them). What a pass works on before it
-    /// commits.
+    /// are copied into new `Var`s. What a pass works on before it commits.
     pub fn detached_copy(&self) -> Result<Self> {
         let mut copy = self.clone();
+        // A clone already has its own Vars; copying them here keeps this independent of that.
         if let Some(l) = copy.learnable.as_mut() {
             l.scale = Var::from_tensor(&l.scale.as_tensor().copy()?)?;
             l.zero_point = Var::from_tensor(&l.zero_point.as_tensor().copy()?)?;

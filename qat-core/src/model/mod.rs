@@ -203,6 +203,10 @@ pub trait QuantModule {
     fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
         (None, Vec::new())
     }
+    /// Remembers the layer's module path so that its forward errors name it; the passes call
+    /// it as they walk the model.
+    #[doc(hidden)]
+    fn set_path(&mut self, _path: &ModulePath) {}
     /// Freezes (`true`) or unfreezes the statistics of a live BatchNorm inside the layer.
     fn set_bn_frozen(&mut self, _frozen: bool) {}
     /// Identifies the layer in the ONNX exporter's trace (the address of its state); layers

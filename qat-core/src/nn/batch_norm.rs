@@ -269,7 +269,7 @@ macro_rules! batch_norm {
 
         impl Module for $name {
             fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-                Ok(self.forward_t(x)?)
+                Ok(self.forward_t(x).map_err(|e| self.0.common.at_path(e))?)
             }
         }
 
@@ -286,6 +286,13 @@ macro_rules! batch_norm {
                         "report this as a bug",
                     ));
                 };
+                super::input::check_channels(
+                    stringify!($name),
+                    x,
+                    1,
+                    core.num_features(),
+                    "num_features",
+                )?;
                 if inner.common.converted_io().is_some() {
                     let relu = inner.relu;
                     return inner.common.converted_float_op(
@@ -296,6 +303,7 @@ macro_rules! batch_norm {
                     );
                 }
                 inner.common.check_input(x, stringify!($name))?;
+                super::input::check_dtype(stringify!($name), x, core.weight.dtype())?;
                 inner.common.note_inputs(&[x])?;
                 let y = core.forward(x, inner.common.training && !inner.frozen, inner.relu)?;
                 inner
@@ -339,6 +347,9 @@ macro_rules! batch_norm {
             }
             fn int8_state(&self) -> Option<crate::record::Int8State> {
                 self.0.common.int8_state()
+            }
+            fn set_path(&mut self, path: &crate::model::ModulePath) {
+                self.0.common.path = path.dotted();
             }
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.0.common as *const _ as usize)

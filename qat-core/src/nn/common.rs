@@ -1,9 +1,10 @@
-//! State every quantizable layer shares: stage, train flag, qconfig, output fake-quant, and
-//! the fusion-order trace (a fused group's head and its identity placeholders).
+//! State every quantizable layer shares: stage (with its qconfig, fake-quants and int8 form),
+//! train flag, module path, and the fusion-order trace (a fused group's head and its identity
+//! placeholders).
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Tensor, TensorId};
+use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
@@ -11,56 +12,98 @@ use crate::model::hook as trace;
 use crate::model::{Stage, Staged};
 use crate::provenance::{self, ActFq, IoQParams, Source};
 use crate::qconfig::{FakeQuantizeSpec, QConfig};
+use crate::recent::{RecentIds, Registry};
 use crate::record::{FloatOp, Op};
 pub(crate) use crate::sync::lock;
 
-/// The record of one fused group, shared by its head and its placeholders, used to check in
-/// training that the forward applies the members one after another.
+/// A declared fused group: its members' paths, head first. Immutable, so the clones of a
+/// model share it; what each instance saw lives in its own [`GroupMember`]s.
 #[derive(Debug)]
 pub(crate) struct GroupTrace {
     members: Vec<String>,
-    last: Mutex<Vec<Option<TensorId>>>,
 }
 
 impl GroupTrace {
     pub fn new(members: Vec<String>) -> Arc<Self> {
-        let n = members.len();
-        Arc::new(GroupTrace {
-            members,
-            last: Mutex::new(vec![None; n]),
-        })
+        Arc::new(GroupTrace { members })
     }
 
     pub fn name(&self) -> String {
         format!("({})", self.members.join(", "))
     }
+}
 
-    /// Records the tensor member `pos` produced.
-    pub fn record(&self, pos: usize, t: &Tensor) -> Result<()> {
-        lock(&self.last)?[pos] = Some(t.id());
-        Ok(())
+/// One member of a fused group in one model instance, used to check in training that the
+/// forward applies the members one after another: the ids of the tensors it recently
+/// produced (the head) or passed on (a placeholder). Each instance is registered, so that a
+/// placeholder finds the output of its predecessor whichever thread ran it; a clone of a
+/// layer gets a fresh member ([`Clone`] of [`Member`]), so clones never share these notes.
+#[derive(Debug)]
+pub(crate) struct GroupMember {
+    group: Arc<GroupTrace>,
+    pos: usize,
+    seen: RecentIds,
+}
+
+/// Every live fused-group member of the process.
+static MEMBERS: Registry<GroupMember> = Registry::new();
+
+/// A handle on this instance's [`GroupMember`]; cloning it makes a fresh, empty member of the
+/// same group and position (the clone of a layer belongs to the clone of the model).
+#[derive(Debug)]
+pub(crate) struct Member(Arc<GroupMember>);
+
+impl Member {
+    /// Member `pos` (0: the head) of `group`.
+    pub fn new(group: Arc<GroupTrace>, pos: usize) -> Self {
+        let m = Arc::new(GroupMember {
+            group,
+            pos,
+            seen: RecentIds::default(),
+        });
+        MEMBERS.register(&m);
+        Member(m)
     }
 
-    /// Checks that member `pos` got what member `pos - 1` produced, then records it.
-    pub fn check(&self, pos: usize, input: &Tensor) -> Result<()> {
-        let mut last = lock(&self.last)?;
-        if last[pos - 1] != Some(input.id()) {
+    /// Records a tensor the head produced.
+    pub fn record(&self, t: &Tensor) {
+        self.0.seen.note(t)
+    }
+
+    /// Checks that this placeholder got a tensor its predecessor in the group recently
+    /// produced or passed on (in this model or a clone of it), then records it.
+    pub fn check(&self, input: &Tensor) -> Result<()> {
+        let m = &self.0;
+        let Some(prev) = m.pos.checked_sub(1) else {
+            return Err(Error::state(
+                "the head of a fused group was checked as a placeholder",
+                "report this as a bug",
+            ));
+        };
+        let found = MEMBERS
+            .find(|o| Arc::ptr_eq(&o.group, &m.group) && o.pos == prev && o.seen.contains(input));
+        if found.is_none() {
             return Err(Error::FusionOrder {
-                group: self.name(),
-                member: self.members[pos].clone(),
-                previous: self.members[pos - 1].clone(),
+                group: m.group.name(),
+                member: m.group.members[m.pos].clone(),
+                previous: m.group.members[prev].clone(),
             });
         }
-        last[pos] = Some(input.id());
+        m.seen.note(input);
         Ok(())
+    }
+}
+
+impl Clone for Member {
+    fn clone(&self) -> Self {
+        Member::new(self.0.group.clone(), self.0.pos)
     }
 }
 
 /// A layer absorbed into a fused group: an identity that checks the order of application.
 #[derive(Clone, Debug)]
 pub(crate) struct Placeholder {
-    pub trace: Arc<GroupTrace>,
-    pub pos: usize,
+    pub member: Member,
 }
 
 /// What every layer carries: its stage with what it holds there, the train flag, and its
@@ -73,7 +116,10 @@ pub(crate) struct Common<P = (), C = ()> {
     /// Set when this layer was absorbed into a group and now forwards its input unchanged.
     pub absorbed: Option<Placeholder>,
     /// Set when this layer heads a fused group.
-    pub trace: Option<Arc<GroupTrace>>,
+    pub trace: Option<Member>,
+    /// The module path, learnt when a pass walks the model (empty until then), to name the
+    /// layer in its forward errors.
+    pub path: String,
 }
 
 /// A layer's stage and what it holds in it.
@@ -181,6 +227,7 @@ impl<P: Clone, C: Clone> Clone for Common<P, C> {
             training: self.training,
             absorbed: self.absorbed.clone(),
             trace: self.trace.clone(),
+            path: self.path.clone(),
         }
     }
 }
@@ -192,6 +239,7 @@ impl<P, C> Default for Common<P, C> {
             training: true,
             absorbed: None,
             trace: None,
+            path: String::new(),
         }
     }
 }
@@ -252,10 +300,24 @@ impl<P, C> Common<P, C> {
         }
     }
 
+    /// Names this layer (its module path, once a pass learnt it) in an error of its forward.
+    pub fn at_path(&self, e: Error) -> Error {
+        match e {
+            e @ Error::InModule { .. } => e,
+            e if self.path.is_empty() => e,
+            e => e.in_module(self.path.clone()),
+        }
+    }
+
+    /// Runs `f` (a forward), naming this layer in its error.
+    pub fn named<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        f().map_err(|e| self.at_path(e))
+    }
+
     /// The identity forward of an absorbed layer.
     pub fn placeholder_forward(&self, p: &Placeholder, x: &Tensor) -> Result<Tensor> {
         if self.training && self.stage() != Stage::Converted {
-            p.trace.check(p.pos, x)?;
+            p.member.check(x)?;
         }
         Ok(x.clone())
     }
@@ -265,17 +327,17 @@ impl<P, C> Common<P, C> {
         let Some(prepared) = self.prepared() else {
             return Ok(None);
         };
-        let found: Vec<Option<Source>> = xs.iter().map(|x| provenance::lookup(x)).collect();
+        // Last time's producers are tried first; the lock is not held during the lookups.
+        let hints = lock(&prepared.inputs)?.clone();
+        let found: Vec<Option<Source>> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| provenance::lookup(x, hints.get(i).and_then(Option::as_ref)))
+            .collect();
         let first = found.first().cloned().flatten();
-        let mut inputs = lock(&prepared.inputs)?;
-        if inputs.len() != found.len() {
-            *inputs = vec![None; found.len()];
-        }
-        for (slot, f) in inputs.iter_mut().zip(found) {
-            if f.is_some() {
-                *slot = f;
-            }
-        }
+        // An input no live fake-quant produced is noted as unknown (convert then says so),
+        // never left pointing at the producer of an earlier forward.
+        *lock(&prepared.inputs)? = found;
         Ok(first)
     }
 
@@ -290,22 +352,34 @@ impl<P, C> Common<P, C> {
     /// The noted sources of the inputs, for convert: each must have been noted and its
     /// producer must have seen data.
     pub fn input_qparams(&self, what: &str) -> Result<Vec<IoQParams>> {
-        let noted = match self.prepared() {
+        let inputs = match self.prepared() {
             Some(p) => lock(&p.inputs)?.clone(),
             None => Vec::new(),
         };
-        if noted.is_empty() || noted.iter().any(|i| i.is_none()) {
+        let fix = "run the prepared model forward once before convert, and make sure the \
+                   layer's input comes from a QuantStub, a quantized layer or FloatFunctional, \
+                   or through candle-qat's MaxPool2d/Flatten (insert a QuantStub before it \
+                   otherwise)";
+        if inputs.is_empty() {
             return Err(Error::pass(
                 format!(
-                    "{what} has no record of which fake-quant produced its input, so its input \
-                     qparams are unknown"
+                    "{what} has no record of which fake-quant produced its input (no prepared \
+                     forward reached it), so its input qparams are unknown"
                 ),
-                "run the prepared model forward once before convert, and make sure the layer's \
-                 input comes from a QuantStub, a quantized layer or FloatFunctional, or through \
-                 candle-qat's MaxPool2d/Flatten (insert a QuantStub before it otherwise)",
+                fix,
             ));
         }
-        noted
+        if let Some(i) = inputs.iter().position(Option::is_none) {
+            return Err(Error::region(
+                format!(
+                    "{what}: in the last prepared forward, input {i} was not the output of any \
+                     live fake-quant (nor of a MaxPool2d/Flatten/ReLU after one), so its input \
+                     qparams are unknown"
+                ),
+                fix,
+            ));
+        }
+        inputs
             .iter()
             .flatten()
             .map(|s| {
@@ -500,8 +574,8 @@ impl<P, C> Common<P, C> {
             }
             None => y,
         };
-        if let (true, Some(trace)) = (self.training, &self.trace) {
-            trace.record(0, &y)?;
+        if let (true, Some(head)) = (self.training, &self.trace) {
+            head.record(&y);
         }
         Ok(y)
     }

@@ -194,6 +194,27 @@ macro_rules! conv {
             }
 
             fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+                let name = stringify!($name);
+                if x.rank() != $rank + 2 {
+                    return Err(Error::tensor(
+                        format!(
+                            "{name} takes (N, C, {}) inputs but got one of shape {:?}",
+                            ["L", "H, W", "D, H, W"][$rank - 1],
+                            x.dims()
+                        ),
+                        "reshape the input to the layer's rank (unsqueeze a batch dim of 1)",
+                    ));
+                }
+                // Converted, the int8 weight is what runs: its shape is the authority.
+                let per_group = match self.w.int() {
+                    Some(int) => int.weight.shape()[1],
+                    None => self.w.weight.dims()[1],
+                };
+                let in_channels = per_group * self.config.groups;
+                super::input::check_channels(name, x, 1, in_channels, "in_channels")?;
+                if self.w.int().is_none() {
+                    super::input::check_dtype(name, x, self.w.weight.dtype())?;
+                }
                 let kind = crate::record::WeightedKind::Conv {
                     config: self.config,
                     rank: $rank,
@@ -204,7 +225,7 @@ macro_rules! conv {
 
         impl Module for $name {
             fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-                Ok(self.forward_t(x)?)
+                Ok(self.forward_t(x).map_err(|e| self.w.common.at_path(e))?)
             }
         }
 
@@ -250,6 +271,9 @@ macro_rules! conv {
             }
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.w.common as *const _ as usize)
+            }
+            fn set_path(&mut self, path: &crate::model::ModulePath) {
+                self.w.common.path = path.dotted();
             }
             fn float_params(&self) -> Vec<(&'static str, Tensor)> {
                 self.w.float_params()

@@ -34,73 +34,81 @@ impl FloatFunctional {
 
     /// `a + b` (broadcasting).
     pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        if self.common.converted_io().is_some() {
-            return self.common.converted_float_op(
-                &[a, b],
-                "FloatFunctional::add",
-                || FloatOp::Add,
-                |v| Ok(v[0].broadcast_add(&v[1])?),
-            );
-        }
-        self.common.note_inputs(&[a, b])?;
-        let y = a.broadcast_add(b)?;
-        self.common.trace_float(&[a, b], &y, || FloatOp::Add);
-        self.common.finish(y)
+        self.common.named(|| {
+            if self.common.converted_io().is_some() {
+                return self.common.converted_float_op(
+                    &[a, b],
+                    "FloatFunctional::add",
+                    || FloatOp::Add,
+                    |v| Ok(v[0].broadcast_add(&v[1])?),
+                );
+            }
+            self.common.note_inputs(&[a, b])?;
+            let y = a.broadcast_add(b)?;
+            self.common.trace_float(&[a, b], &y, || FloatOp::Add);
+            self.common.finish(y)
+        })
     }
 
     /// `relu(a + b)`.
     pub fn add_relu(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        if self.common.converted_io().is_some() {
-            return self.common.converted_float_op(
-                &[a, b],
-                "FloatFunctional::add_relu",
-                || FloatOp::AddRelu,
-                |v| Ok(v[0].broadcast_add(&v[1])?.relu()?),
-            );
-        }
-        self.common.note_inputs(&[a, b])?;
-        let y = crate::kernels::relu::relu(&a.broadcast_add(b)?)?;
-        self.common.trace_float(&[a, b], &y, || FloatOp::AddRelu);
-        self.common.finish(y)
+        self.common.named(|| {
+            if self.common.converted_io().is_some() {
+                return self.common.converted_float_op(
+                    &[a, b],
+                    "FloatFunctional::add_relu",
+                    || FloatOp::AddRelu,
+                    |v| Ok(v[0].broadcast_add(&v[1])?.relu()?),
+                );
+            }
+            self.common.note_inputs(&[a, b])?;
+            let y = crate::kernels::relu::relu(&a.broadcast_add(b)?)?;
+            self.common.trace_float(&[a, b], &y, || FloatOp::AddRelu);
+            self.common.finish(y)
+        })
     }
 
     /// `a * b` (broadcasting).
     pub fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        if self.common.converted_io().is_some() {
-            return self.common.converted_float_op(
-                &[a, b],
-                "FloatFunctional::mul",
-                || FloatOp::Mul,
-                |v| Ok(v[0].broadcast_mul(&v[1])?),
-            );
-        }
-        self.common.note_inputs(&[a, b])?;
-        let y = a.broadcast_mul(b)?;
-        self.common.trace_float(&[a, b], &y, || FloatOp::Mul);
-        self.common.finish(y)
+        self.common.named(|| {
+            if self.common.converted_io().is_some() {
+                return self.common.converted_float_op(
+                    &[a, b],
+                    "FloatFunctional::mul",
+                    || FloatOp::Mul,
+                    |v| Ok(v[0].broadcast_mul(&v[1])?),
+                );
+            }
+            self.common.note_inputs(&[a, b])?;
+            let y = a.broadcast_mul(b)?;
+            self.common.trace_float(&[a, b], &y, || FloatOp::Mul);
+            self.common.finish(y)
+        })
     }
 
     /// Concatenation along `dim`.
     pub fn cat(&self, xs: &[Tensor], dim: usize) -> Result<Tensor> {
-        if xs.is_empty() {
-            return Err(Error::tensor(
-                "FloatFunctional::cat of no tensors",
-                "pass at least one tensor",
-            ));
-        }
-        let refs: Vec<&Tensor> = xs.iter().collect();
-        if self.common.converted_io().is_some() {
-            return self.common.converted_float_op(
-                &refs,
-                "FloatFunctional::cat",
-                || FloatOp::Cat(dim),
-                |v| Ok(Tensor::cat(v, dim)?),
-            );
-        }
-        self.common.note_inputs(&refs)?;
-        let y = Tensor::cat(xs, dim)?;
-        self.common.trace_float(&refs, &y, || FloatOp::Cat(dim));
-        self.common.finish(y)
+        self.common.named(|| {
+            if xs.is_empty() {
+                return Err(Error::tensor(
+                    "FloatFunctional::cat of no tensors",
+                    "pass at least one tensor",
+                ));
+            }
+            let refs: Vec<&Tensor> = xs.iter().collect();
+            if self.common.converted_io().is_some() {
+                return self.common.converted_float_op(
+                    &refs,
+                    "FloatFunctional::cat",
+                    || FloatOp::Cat(dim),
+                    |v| Ok(Tensor::cat(v, dim)?),
+                );
+            }
+            self.common.note_inputs(&refs)?;
+            let y = Tensor::cat(xs, dim)?;
+            self.common.trace_float(&refs, &y, || FloatOp::Cat(dim));
+            self.common.finish(y)
+        })
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {

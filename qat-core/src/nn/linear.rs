@@ -86,6 +86,20 @@ impl Linear {
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if self.w.int().is_none() {
+            super::input::check_dtype("Linear", x, self.w.weight.dtype())?;
+            if x.rank() == 1 {
+                // A single sample, as PyTorch's Linear (and the converted one) take it: run it
+                // as a batch of one. The reshaped tensors are new tensors to provenance, so
+                // they are noted as coming from where their originals came from.
+                let x2 = x.unsqueeze(0)?;
+                crate::provenance::alias(x, &x2);
+                let y2 = self.forward_t(&x2)?;
+                let y = y2.squeeze(0)?;
+                crate::provenance::alias(&y2, &y);
+                return Ok(y);
+            }
+        }
         self.w.forward(
             x,
             |rank| rank - 1,
@@ -103,7 +117,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Ok(self.forward_t(x)?)
+        Ok(self.forward_t(x).map_err(|e| self.w.common.at_path(e))?)
     }
 }
 
@@ -149,6 +163,9 @@ impl QuantModule for Linear {
     }
     fn trace_key(&self) -> Option<usize> {
         Some(&self.w.common as *const _ as usize)
+    }
+    fn set_path(&mut self, path: &crate::model::ModulePath) {
+        self.w.common.path = path.dotted();
     }
     fn float_params(&self) -> Vec<(&'static str, Tensor)> {
         self.w.float_params()

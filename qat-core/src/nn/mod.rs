@@ -7,6 +7,7 @@ mod batch_norm;
 pub(crate) mod common;
 mod conv;
 mod functional;
+mod input;
 mod linear;
 mod params;
 mod pool;

@@ -52,6 +52,9 @@ macro_rules! simple_module {
             fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
                 self.common.producer_keys()
             }
+            fn set_path(&mut self, path: &$crate::model::ModulePath) {
+                self.common.path = path.dotted();
+            }
             fn trace_key(&self) -> Option<usize> {
                 Some(&self.common as *const _ as usize)
             }
@@ -65,7 +68,7 @@ macro_rules! simple_module {
 
         impl candle_core::Module for $t {
             fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-                Ok(self.forward_t(x)?)
+                Ok(self.forward_t(x).map_err(|e| self.common.at_path(e))?)
             }
         }
 

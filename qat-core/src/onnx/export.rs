@@ -250,8 +250,8 @@ where
     let (proto, report) = to_onnx(model, forward, example, options)?;
     let path = path.as_ref();
     std::fs::write(path, proto.encode_to_vec()).map_err(|e| {
-        Error::state(
-            format!("cannot write the ONNX file {}: {e}", path.display()),
+        Error::write(
+            format!("the ONNX file {}: {e}", path.display()),
             "check that the directory exists and is writable",
         )
     })?;
