@@ -29,8 +29,8 @@ pub mod prelude {
     pub use qat_core::model::{ModulePath, Quantizable, Stage};
     pub use qat_core::nn::{
         BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig, Conv1d, Conv2d, Conv3d, ConvConfig,
-        DeQuantStub, Flatten, FloatFunctional, Identity, Linear, MaxPool2d, QuantStub, ReLU,
-        Sigmoid, Tanh,
+        DeQuantStub, Dropout, Embedding, Flatten, FloatFunctional, Gelu, Identity, LayerNorm,
+        Linear, MaxPool2d, QuantStub, ReLU, RmsNorm, SiLU, Sigmoid, Tanh, GELU,
     };
     pub use qat_core::passes::{
         disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,

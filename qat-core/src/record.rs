@@ -109,6 +109,23 @@ pub(crate) enum FloatOp {
         stride: usize,
     },
     Flatten(usize),
+    /// RmsNorm over the last dim.
+    RmsNorm {
+        weight: Vec<f32>,
+        eps: f64,
+    },
+    /// LayerNorm over the last dim (biased variance).
+    LayerNorm {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        eps: f64,
+    },
+    /// x * sigmoid(x).
+    Silu,
+    /// GELU, exact (erf) or with the tanh approximation.
+    Gelu {
+        tanh: bool,
+    },
 }
 
 /// One layer's computation.

@@ -7,6 +7,8 @@
 //! - [`batch_norm`]: BatchNorm statistics, normalisation and backward in a few passes with
 //!   PyTorch's CPU arithmetic, optionally with the ReLU that follows it in a fused layer;
 //! - [`channel`]: per-channel bias add and division with a per-channel backward;
+//! - [`norm`]: RmsNorm and LayerNorm over the last dim, one pass per row forward and
+//!   backward;
 //! - [`relu`]: ReLU whose backward is one pass over the output;
 //! - `sums`: the vectorised f64 sums the per-channel reductions share.
 //!
@@ -18,6 +20,7 @@ pub(crate) mod channel;
 pub(crate) mod conv;
 mod im2col;
 mod matmul;
+pub(crate) mod norm;
 pub(crate) mod relu;
 mod sums;
 mod transpose;

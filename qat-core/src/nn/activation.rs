@@ -1,4 +1,4 @@
-//! ReLU, Sigmoid, Tanh and Identity.
+//! ReLU, Sigmoid, Tanh, SiLU, GELU and Identity.
 
 use candle_core::Tensor;
 
@@ -37,6 +37,11 @@ activation!(
 activation!(
     Tanh,
     "tanh(x); prepared with fixed qparams (2/256, 128), as PyTorch."
+);
+activation!(
+    SiLU,
+    "x * sigmoid(x) (PyTorch's `nn.SiLU`, Llama's MLP gate); prepared with an output fake-quant \
+     from the activation qconfig, converted as dequantize, SiLU, quantize."
 );
 activation!(
     Identity,
@@ -144,7 +149,107 @@ impl Identity {
     }
 }
 
+/// Which formula [`GELU`] computes (PyTorch's `approximate` argument).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Gelu {
+    /// `x * Phi(x)` with the exact normal CDF through erf (PyTorch's `approximate='none'`,
+    /// candle's `gelu_erf`).
+    #[default]
+    Erf,
+    /// `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))` (PyTorch's
+    /// `approximate='tanh'`, candle's `gelu`).
+    Tanh,
+}
+
+/// GELU (PyTorch's `nn.GELU`); prepared with an output fake-quant from the activation
+/// qconfig, converted as dequantize, GELU, quantize.
+///
+/// ```
+/// use candle_core::{Device, Module, Tensor};
+/// use qat_core::nn::{Gelu, GELU};
+/// let y = GELU::new(Gelu::Tanh).forward(&Tensor::new(&[0f32, 1.0], &Device::Cpu)?)?;
+/// assert_eq!(y.to_vec1::<f32>()?[0], 0.0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct GELU {
+    approximate: Gelu,
+    pub(crate) common: Common,
+}
+
+impl GELU {
+    /// A GELU computing `approximate`'s formula.
+    pub fn new(approximate: Gelu) -> Self {
+        GELU {
+            approximate,
+            common: Common::default(),
+        }
+    }
+    /// The formula it computes.
+    pub fn approximate(&self) -> Gelu {
+        self.approximate
+    }
+    fn compute(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.approximate {
+            Gelu::Erf => x.gelu_erf()?,
+            Gelu::Tanh => x.gelu()?,
+        })
+    }
+    fn op(&self) -> FloatOp {
+        FloatOp::Gelu {
+            tanh: self.approximate == Gelu::Tanh,
+        }
+    }
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if self.common.converted_io().is_some() {
+            return self.common.converted_float_op(
+                &[x],
+                "GELU",
+                || self.op(),
+                |v| self.compute(&v[0]),
+            );
+        }
+        self.common.check_input(x, "GELU")?;
+        self.common.note_inputs(&[x])?;
+        let y = self.compute(x)?;
+        self.common.trace_float(&[x], &y, || self.op());
+        self.common.finish(y)
+    }
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("GELU", true)
+    }
+    fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
+        self.common.prepare(qconfig, observed)
+    }
+}
+
+impl SiLU {
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        if self.common.converted_io().is_some() {
+            return self.common.converted_float_op(
+                &[x],
+                "SiLU",
+                || FloatOp::Silu,
+                |v| Ok(v[0].silu()?),
+            );
+        }
+        self.common.check_input(x, "SiLU")?;
+        self.common.note_inputs(&[x])?;
+        let y = x.silu()?;
+        self.common.trace_float(&[x], &y, || FloatOp::Silu);
+        self.common.finish(y)
+    }
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("SiLU", true)
+    }
+    fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
+        self.common.prepare(qconfig, observed)
+    }
+}
+
 simple_module!(ReLU, observed: false);
+simple_module!(SiLU, observed: true);
+simple_module!(GELU, observed: true);
 simple_module!(Sigmoid, observed: true);
 simple_module!(Tanh, observed: true);
 simple_module!(Identity, observed: false);

@@ -6,21 +6,27 @@ mod activation;
 mod batch_norm;
 pub(crate) mod common;
 mod conv;
+mod dropout;
+mod embedding;
 mod functional;
 mod input;
 mod linear;
+mod norm;
 mod params;
 mod pool;
 mod simple;
 mod stubs;
 pub(crate) mod weighted;
 
-pub use activation::{Identity, ReLU, Sigmoid, Tanh};
+pub use activation::{Gelu, Identity, ReLU, SiLU, Sigmoid, Tanh, GELU};
 pub(crate) use batch_norm::BatchNormInner;
 pub use batch_norm::{BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig};
 pub use conv::{Conv1d, Conv2d, Conv3d, ConvConfig};
+pub use dropout::Dropout;
+pub use embedding::Embedding;
 pub use functional::FloatFunctional;
 pub use linear::Linear;
+pub use norm::{LayerNorm, RmsNorm};
 pub use pool::{Flatten, MaxPool2d};
 pub use stubs::{DeQuantStub, QuantStub};
 
@@ -49,5 +55,11 @@ named!(
     DeQuantStub,
     FloatFunctional,
     MaxPool2d,
-    Flatten
+    Flatten,
+    RmsNorm,
+    LayerNorm,
+    SiLU,
+    GELU,
+    Dropout,
+    Embedding
 );

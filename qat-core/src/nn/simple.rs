@@ -2,9 +2,10 @@
 
 /// Implements `QuantModule` and `Quantizable` for `$t` (a struct with a `common: Common`
 /// field). `$observed`: whether prepare gives it an output fake-quant from the activation
-/// qconfig.
+/// qconfig. `params: get, set`: inherent methods listing and replacing the layer's float
+/// tensors (`QuantModule::float_params`). `int8: false`: `prepare_qat` refuses a qconfig on it.
 macro_rules! simple_module {
-    ($t:ident, observed: $observed:expr) => {
+    ($t:ident, observed: $observed:expr $(, params: $get:ident, $set:ident)? $(, int8: $int8:expr)?) => {
         impl $crate::model::QuantModule for $t {
             fn kind(&self) -> String {
                 if self.common.absorbed.is_some() {
@@ -64,6 +65,22 @@ macro_rules! simple_module {
             ) -> $crate::error::Result<$crate::model::Staged> {
                 self.common.stage_int8_state(stringify!($t), &state)
             }
+            $(
+                fn float_params(&self) -> Vec<(&'static str, candle_core::Tensor)> {
+                    self.$get()
+                }
+                fn load_float_params(
+                    &mut self,
+                    params: Vec<(String, candle_core::Tensor)>,
+                ) -> $crate::error::Result<()> {
+                    self.$set(params)
+                }
+            )?
+            $(
+                fn has_int8_form(&self) -> bool {
+                    $int8
+                }
+            )?
         }
 
         impl candle_core::Module for $t {

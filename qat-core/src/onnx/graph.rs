@@ -561,6 +561,58 @@ impl GraphBuilder {
                 self.node("Reshape", path, &[&xs[0], &s], &out, vec![]);
                 out
             }
+            FloatOp::Silu => {
+                let sig = self.fresh(&format!("{path}.sigmoid"));
+                self.node("Sigmoid", path, &[&xs[0]], &sig, vec![]);
+                self.bin(path, "Mul", &xs[0], &sig)
+            }
+            FloatOp::Gelu { tanh: false } => {
+                // 0.5 * x * (1 + erf(x / sqrt(2)))
+                let sqrt2 = self.scalar(path, "sqrt2", std::f32::consts::SQRT_2);
+                let t = self.bin(path, "Div", &xs[0], &sqrt2);
+                let e = self.fresh(&format!("{path}.erf"));
+                self.node("Erf", path, &[&t], &e, vec![]);
+                self.gelu_tail(path, &xs[0], &e)
+            }
+            FloatOp::Gelu { tanh: true } => {
+                // 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
+                let x = &xs[0];
+                let x2 = self.bin(path, "Mul", x, x);
+                let x3 = self.bin(path, "Mul", &x2, x);
+                let c = self.scalar(path, "coeff", 0.044715);
+                let cx3 = self.bin(path, "Mul", &x3, &c);
+                let inner = self.bin(path, "Add", x, &cx3);
+                let k = self.scalar(path, "sqrt_2_over_pi", (2.0 / std::f32::consts::PI).sqrt());
+                let arg = self.bin(path, "Mul", &inner, &k);
+                let t = self.fresh(&format!("{path}.tanh"));
+                self.node("Tanh", path, &[&arg], &t, vec![]);
+                self.gelu_tail(path, x, &t)
+            }
+            FloatOp::RmsNorm { weight, eps } => {
+                // x / sqrt(mean(x^2, -1) + eps) * weight
+                let w = self.norm_param(path, "weight", weight, out_dims, layer)?;
+                let x = &xs[0];
+                let sq = self.bin(path, "Mul", x, x);
+                let ms = self.reduce_mean(path, &sq);
+                let std = self.add_eps_sqrt(path, &ms, *eps);
+                let n = self.bin(path, "Div", x, &std);
+                self.bin(path, "Mul", &n, &w)
+            }
+            FloatOp::LayerNorm { weight, bias, eps } => {
+                // LayerNormalization is opset 17; we write opset 13, so decompose it:
+                // (x - mean) / sqrt(mean((x - mean)^2) + eps) * weight + bias
+                let w = self.norm_param(path, "weight", weight, out_dims, layer)?;
+                let b = self.norm_param(path, "bias", bias, out_dims, layer)?;
+                let x = &xs[0];
+                let mean = self.reduce_mean(path, x);
+                let d = self.bin(path, "Sub", x, &mean);
+                let d2 = self.bin(path, "Mul", &d, &d);
+                let var = self.reduce_mean(path, &d2);
+                let std = self.add_eps_sqrt(path, &var, *eps);
+                let n = self.bin(path, "Div", &d, &std);
+                let scaled = self.bin(path, "Mul", &n, &w);
+                self.bin(path, "Add", &scaled, &b)
+            }
             FloatOp::BatchNorm {
                 weight,
                 bias,
@@ -601,6 +653,66 @@ impl GraphBuilder {
                 }
             }
         })
+    }
+
+    /// A binary node `op_type(a, b)` of layer `path`; returns its output.
+    fn bin(&mut self, path: &str, op_type: &str, a: &str, b: &str) -> String {
+        let out = self.fresh(&format!("{path}.{}", op_type.to_lowercase()));
+        self.node(op_type, path, &[a, b], &out, vec![]);
+        out
+    }
+
+    /// A scalar f32 initializer.
+    fn scalar(&mut self, path: &str, name: &str, v: f32) -> String {
+        self.init_f32(&format!("{path}.{name}"), &[], &[v])
+    }
+
+    /// `ReduceMean` over the last axis, keeping it (opset 13: axes as an attribute).
+    fn reduce_mean(&mut self, path: &str, x: &str) -> String {
+        let out = self.fresh(&format!("{path}.reducemean"));
+        let attrs = vec![attr_ints("axes", &[-1]), attr_int("keepdims", 1)];
+        self.node("ReduceMean", path, &[x], &out, attrs);
+        out
+    }
+
+    /// `sqrt(v + eps)`.
+    fn add_eps_sqrt(&mut self, path: &str, v: &str, eps: f64) -> String {
+        let e = self.scalar(path, "eps", eps as f32);
+        let a = self.bin(path, "Add", v, &e);
+        let out = self.fresh(&format!("{path}.sqrt"));
+        self.node("Sqrt", path, &[&a], &out, vec![]);
+        out
+    }
+
+    /// `0.5 * x * (1 + t)`, the end of both GELU formulas.
+    fn gelu_tail(&mut self, path: &str, x: &str, t: &str) -> String {
+        let one = self.scalar(path, "one", 1.0);
+        let a = self.bin(path, "Add", t, &one);
+        let m = self.bin(path, "Mul", x, &a);
+        let half = self.scalar(path, "half", 0.5);
+        self.bin(path, "Mul", &m, &half)
+    }
+
+    /// A norm layer's per-feature parameter (one value per element of the last dim).
+    fn norm_param(
+        &mut self,
+        path: &str,
+        name: &str,
+        v: &[f32],
+        out_dims: &[usize],
+        layer: &LayerInfo,
+    ) -> Result<String> {
+        let d = out_dims.last().copied().unwrap_or(0);
+        if v.len() != d {
+            return Err(Error::state(
+                format!(
+                    "cannot export {} ({}): its parameter `{name}` could not be read",
+                    layer.path, layer.kind
+                ),
+                "report this as a bug",
+            ));
+        }
+        Ok(self.init_f32(&format!("{path}.{name}"), &[d], v))
     }
 
     /// The graph with `output` (a tensor the forward returned) as its output.

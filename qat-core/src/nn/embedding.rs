@@ -1,0 +1,128 @@
+//! Embedding: a lookup of rows of `weight` by integer ids. A float layer for now: an eager
+//! qconfig on it is refused at prepare time (it has no int8 form).
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use super::common::Common;
+use super::simple::simple_module;
+use crate::error::{Error, Result};
+use crate::model::params::check_float_params;
+use crate::qconfig::QConfig;
+
+/// PyTorch's `nn.Embedding(num_embeddings, dim)` with candle-nn's semantics: ids (u8, u32 or
+/// i64, any shape) select rows of `weight` (`(num_embeddings, dim)`, initialised N(0, 1)),
+/// giving `(..., dim)`; the backward adds into the selected rows. An id outside
+/// `0..num_embeddings` is an error.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::VarBuilder;
+/// use qat_core::nn::Embedding;
+/// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+/// let emb = Embedding::new(10, 4, vb.pp("embed_tokens"))?;
+/// let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
+/// assert_eq!(emb.forward(&ids)?.dims(), &[1, 3, 4]);
+/// assert!(emb.forward(&Tensor::new(&[10u32], &Device::Cpu)?).is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    weight: Tensor,
+    pub(crate) common: Common,
+}
+
+impl Embedding {
+    /// Loads or initialises an embedding table of `num_embeddings` rows of `dim` values.
+    pub fn new(num_embeddings: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        if num_embeddings == 0 || dim == 0 {
+            return Err(Error::config(
+                format!("Embedding({num_embeddings}, {dim})"),
+                "use num_embeddings >= 1 and dim >= 1",
+            ));
+        }
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        };
+        let weight = vb.get_with_hints((num_embeddings, dim), "weight", init)?;
+        Ok(Embedding {
+            weight,
+            common: Common::default(),
+        })
+    }
+
+    /// The table `weight`, `(num_embeddings, dim)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Rows of the table.
+    pub fn num_embeddings(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Values per row.
+    pub fn dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            return Err(Error::tensor(
+                format!(
+                    "Embedding takes integer ids but got a {:?} tensor",
+                    ids.dtype()
+                ),
+                "feed token ids as a u32 or i64 tensor",
+            ));
+        }
+        if ids.elem_count() == 0 {
+            return Ok(());
+        }
+        let flat = ids.flatten_all()?.to_dtype(DType::I64)?;
+        let lo = flat.min(0)?.to_scalar::<i64>()?;
+        let hi = flat.max(0)?.to_scalar::<i64>()?;
+        let n = self.num_embeddings() as i64;
+        if lo < 0 || hi >= n {
+            let bad = if lo < 0 { lo } else { hi };
+            return Err(Error::tensor(
+                format!("Embedding with {n} rows got the id {bad}"),
+                format!("feed ids in 0..{n} (check the tokenizer's vocabulary size)"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn forward_t(&self, ids: &Tensor) -> Result<Tensor> {
+        self.check_ids(ids)?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.dim());
+        let rows = self.weight.index_select(&ids.flatten_all()?, 0)?;
+        Ok(rows.reshape(dims)?)
+    }
+
+    fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
+        self.common.prepare(qconfig, observed)
+    }
+
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("Embedding", false)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("weight", self.weight.clone())]
+    }
+
+    fn load_params(&mut self, params: Vec<(String, Tensor)>) -> Result<()> {
+        check_float_params(&self.params(), &params)?;
+        for (_, t) in params {
+            self.weight = t
+                .to_dtype(self.weight.dtype())?
+                .to_device(self.weight.device())?;
+        }
+        Ok(())
+    }
+}
+
+simple_module!(Embedding, observed: false, params: params, load_params, int8: false);

@@ -1,0 +1,274 @@
+//! RmsNorm and LayerNorm over the last dim (float layers with an output fake-quant under an
+//! eager qconfig, as PyTorch observes its quantized LayerNorm; converted: dequantize, the
+//! float op, quantize with the output qparams).
+
+use candle_core::Tensor;
+use candle_nn::{Init, VarBuilder};
+
+use super::common::Common;
+use super::simple::simple_module;
+use crate::error::{Error, Result};
+use crate::model::params::check_float_params;
+use crate::qconfig::QConfig;
+use crate::record::FloatOp;
+
+fn check_eps(layer: &str, eps: f64) -> Result<()> {
+    if !eps.is_finite() || eps < 0.0 {
+        return Err(Error::config(
+            format!("{layer} with eps {eps}"),
+            "use a finite eps >= 0 (1e-5 as PyTorch, 1e-6 as Llama)",
+        ));
+    }
+    Ok(())
+}
+
+fn check_dim(layer: &str, dim: usize) -> Result<()> {
+    if dim == 0 {
+        return Err(Error::config(
+            format!("{layer} over 0 features"),
+            "normalise a non-empty last dim (dim >= 1)",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `x`'s last dim has `dim` features.
+fn check_last(layer: &str, x: &Tensor, dim: usize) -> Result<()> {
+    if x.dims().last() != Some(&dim) {
+        return Err(Error::tensor(
+            format!(
+                "{layer} normalises {dim} features but got an input of shape {:?}",
+                x.dims()
+            ),
+            "feed (..., dim) tensors whose last dim equals the layer's dim",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a parameter for the ONNX exporter (empty if unreadable; the exporter reports it).
+fn read(t: &Tensor) -> Vec<f32> {
+    t.detach()
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.to_vec1::<f32>())
+        .unwrap_or_default()
+}
+
+/// `t` with the dtype and device of `like`.
+fn like(t: Tensor, like: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(like.dtype())?.to_device(like.device())?)
+}
+
+/// `x * rsqrt(mean(x^2, -1) + eps) * weight` over the last dim, as candle's and
+/// candle-transformers' (Llama's) RmsNorm; parameter `weight` (initialised to 1).
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::VarBuilder;
+/// use qat_core::nn::RmsNorm;
+/// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+/// let norm = RmsNorm::new(4, 1e-6, vb.pp("norm"))?;
+/// let y = norm.forward(&Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), &[2, 3, 4]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+    pub(crate) common: Common,
+}
+
+impl RmsNorm {
+    /// Loads or initialises (weight 1) a RmsNorm over `dim` features.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        check_dim("RmsNorm", dim)?;
+        check_eps("RmsNorm", eps)?;
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        Ok(RmsNorm {
+            weight,
+            eps,
+            common: Common::default(),
+        })
+    }
+
+    /// The scale `weight`, shape `(dim,)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The epsilon added to the mean square.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    fn compute(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::kernels::norm::rms_norm(
+            x,
+            &self.weight,
+            self.eps as f32,
+        )?)
+    }
+
+    fn op(&self) -> FloatOp {
+        FloatOp::RmsNorm {
+            weight: read(&self.weight),
+            eps: self.eps,
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        check_last("RmsNorm", x, self.weight.elem_count())?;
+        if self.common.converted_io().is_some() {
+            return self.common.converted_float_op(
+                &[x],
+                "RmsNorm",
+                || self.op(),
+                |v| self.compute(&v[0]),
+            );
+        }
+        self.common.check_input(x, "RmsNorm")?;
+        super::input::check_dtype("RmsNorm", x, self.weight.dtype())?;
+        self.common.note_inputs(&[x])?;
+        let y = self.compute(x)?;
+        self.common.trace_float(&[x], &y, || self.op());
+        self.common.finish(y)
+    }
+
+    fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
+        self.common.prepare(qconfig, observed)
+    }
+
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("RmsNorm", true)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("weight", self.weight.clone())]
+    }
+
+    fn load_params(&mut self, params: Vec<(String, Tensor)>) -> Result<()> {
+        check_float_params(&self.params(), &params)?;
+        for (_, t) in params {
+            self.weight = like(t, &self.weight)?;
+        }
+        Ok(())
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dim with the biased variance,
+/// as PyTorch's `nn.LayerNorm(dim)`; parameters `weight` (1) and `bias` (0).
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::VarBuilder;
+/// use qat_core::nn::LayerNorm;
+/// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+/// let norm = LayerNorm::new(4, 1e-5, vb.pp("ln"))?;
+/// let y = norm.forward(&Tensor::ones((3, 4), DType::F32, &Device::Cpu)?)?;
+/// assert_eq!(y.dims(), &[3, 4]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    pub(crate) common: Common,
+}
+
+impl LayerNorm {
+    /// Loads or initialises (weight 1, bias 0) a LayerNorm over `dim` features.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        check_dim("LayerNorm", dim)?;
+        check_eps("LayerNorm", eps)?;
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(LayerNorm {
+            weight,
+            bias,
+            eps,
+            common: Common::default(),
+        })
+    }
+
+    /// The scale `weight`, shape `(dim,)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The shift `bias`, shape `(dim,)`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// The epsilon added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    fn compute(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::kernels::norm::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps as f32,
+        )?)
+    }
+
+    fn op(&self) -> FloatOp {
+        FloatOp::LayerNorm {
+            weight: read(&self.weight),
+            bias: read(&self.bias),
+            eps: self.eps,
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        check_last("LayerNorm", x, self.weight.elem_count())?;
+        if self.common.converted_io().is_some() {
+            return self.common.converted_float_op(
+                &[x],
+                "LayerNorm",
+                || self.op(),
+                |v| self.compute(&v[0]),
+            );
+        }
+        self.common.check_input(x, "LayerNorm")?;
+        super::input::check_dtype("LayerNorm", x, self.weight.dtype())?;
+        self.common.note_inputs(&[x])?;
+        let y = self.compute(x)?;
+        self.common.trace_float(&[x], &y, || self.op());
+        self.common.finish(y)
+    }
+
+    fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
+        self.common.prepare(qconfig, observed)
+    }
+
+    fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        self.common.stage_convert("LayerNorm", true)
+    }
+
+    fn params(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("weight", self.weight.clone()), ("bias", self.bias.clone())]
+    }
+
+    fn load_params(&mut self, params: Vec<(String, Tensor)>) -> Result<()> {
+        check_float_params(&self.params(), &params)?;
+        let (mut weight, mut bias) = (self.weight.clone(), self.bias.clone());
+        for (name, t) in params {
+            if name == "weight" {
+                weight = like(t, &self.weight)?;
+            } else {
+                bias = like(t, &self.bias)?;
+            }
+        }
+        self.weight = weight;
+        self.bias = bias;
+        Ok(())
+    }
+}
+
+simple_module!(RmsNorm, observed: true, params: params, load_params);
+simple_module!(LayerNorm, observed: true, params: params, load_params);
