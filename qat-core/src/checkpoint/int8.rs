@@ -192,7 +192,9 @@ fn read_int8(r: &Reader, key: &dyn Fn(&str) -> String, m: &ModelLayer) -> Result
         )));
     }
     s.output = outputs.first().copied();
-    if r.has(&key("weight")) {
+    // Int8 weights come with their scales; a converted layer that computes in float
+    // (BatchNorm, RmsNorm, LayerNorm) keeps an f32 `weight` among its float tensors.
+    if r.has(&key("weight_scale")) {
         let (shape, codes) = r.i8s(&key("weight"))?;
         let Some(theirs) = m.float_shape("weight") else {
             return Err(Error::state(
