@@ -575,3 +575,82 @@ fn the_new_layers_export_to_onnx_as_opset_13_ops() -> candle_qat::Result<()> {
     }
     Ok(())
 }
+
+/// Runs the float ops of an exported graph with candle ops (the subset a float Mlp writes).
+fn run_float_graph(
+    g: &candle_qat::onnx::proto::GraphProto,
+    x: &Tensor,
+) -> candle_qat::Result<Tensor> {
+    use std::collections::HashMap;
+    let dev = Device::Cpu;
+    let mut vals: HashMap<String, Tensor> = HashMap::new();
+    vals.insert("input".into(), x.clone());
+    for t in &g.initializer {
+        let raw = t.raw_data.clone().unwrap_or_default();
+        let v: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        vals.insert(
+            t.name.clone().unwrap_or_default(),
+            Tensor::from_vec(v, dims, &dev)?,
+        );
+    }
+    for n in &g.node {
+        let op = n.op_type.as_deref().unwrap_or_default();
+        let i = |k: usize| vals[&n.input[k]].clone();
+        let attr = |name: &str| n.attribute.iter().find(|a| a.name.as_deref() == Some(name));
+        let y = match op {
+            "Identity" => i(0),
+            "Add" => i(0).broadcast_add(&i(1))?,
+            "Sub" => i(0).broadcast_sub(&i(1))?,
+            "Mul" => i(0).broadcast_mul(&i(1))?,
+            "Div" => i(0).broadcast_div(&i(1))?,
+            "Sqrt" => i(0).sqrt()?,
+            "Sigmoid" => candle_nn::ops::sigmoid(&i(0))?,
+            "Tanh" => i(0).tanh()?,
+            "Erf" => i(0).erf()?,
+            "ReduceMean" => {
+                let axes = &attr("axes").expect("axes").ints;
+                assert_eq!(axes, &[-1]);
+                i(0).mean_keepdim(D::Minus1)?
+            }
+            "Transpose" => i(0).t()?,
+            "MatMul" => i(0).broadcast_matmul(&i(1))?,
+            "Gemm" => i(0).matmul(&i(1).t()?)?.broadcast_add(&i(2))?,
+            other => panic!("the float graph has an unexpected {other}"),
+        };
+        vals.insert(n.output[0].clone(), y);
+    }
+    Ok(vals["output"].clone())
+}
+
+#[test]
+fn the_onnx_decompositions_compute_the_layers_values() -> candle_qat::Result<()> {
+    let vm = VarMap::new();
+    let mut m = Mlp::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    // Non-trivial norm parameters.
+    for (name, v) in vm.data().lock().expect("varmap").iter() {
+        if name.contains("norm") || name.starts_with("ln") {
+            v.set(&(Tensor::randn(0f32, 0.5, v.dims(), &Device::Cpu)? + 1.0)?)?;
+        }
+    }
+    eval(&mut m)?;
+    let x = input(4)?;
+    let (model, report) = to_onnx(&m, |m, x| m.forward(x), &x, &ExportOptions::default())?;
+    for op in ["ReduceMean", "Sqrt", "Sigmoid", "Erf", "Tanh", "MatMul"] {
+        assert!(
+            report.op_counts.iter().any(|(o, _)| o == op),
+            "{op}: {:?}",
+            report.op_counts
+        );
+    }
+    let got = flat(&run_float_graph(&model.graph.expect("graph"), &x)?)?;
+    let want = flat(&m.forward(&x)?)?;
+    assert_eq!(got.len(), want.len());
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    Ok(())
+}
