@@ -77,3 +77,40 @@ impl Dropout {
 }
 
 simple_module!(Dropout, observed: false);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::QuantModule;
+    use candle_core::{DType, Device, Module};
+
+    #[test]
+    fn training_drops_and_eval_passes_through_with_gradient() {
+        let x = candle_core::Var::from_tensor(
+            &Tensor::ones((32, 32), DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let mut d = Dropout::new(0.5).unwrap();
+        d.set_training(true);
+        let y = d.forward(&x).unwrap();
+        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|&a| a == 0.0 || a == 2.0));
+        assert!(v.contains(&0.0) && v.contains(&2.0));
+        // The gradient flows through the kept elements only.
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g = g
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(g, v);
+        d.set_training(false);
+        let y = d.forward(&x).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), x.to_vec2::<f32>().unwrap());
+        // Codes are refused outside a converted model.
+        let codes = Tensor::zeros(3, DType::U8, &Device::Cpu).unwrap();
+        assert!(d.forward(&codes).is_err());
+    }
+}

@@ -126,3 +126,34 @@ impl Embedding {
 }
 
 simple_module!(Embedding, observed: false, params: params, load_params, int8: false);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::QuantModule;
+    use candle_core::{Device, Module};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn rows_are_selected_and_the_table_has_no_int8_form() {
+        let vm = VarMap::new();
+        let mut e =
+            Embedding::new(3, 2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let table = Tensor::new(&[[0f32, 1.0], [2.0, 3.0], [4.0, 5.0]], &Device::Cpu).unwrap();
+        e.load_float_params(vec![("weight".into(), table)]).unwrap();
+        let ids = Tensor::new(&[[2u32, 0], [1, 1]], &Device::Cpu).unwrap();
+        let y = e.forward(&ids).unwrap();
+        assert_eq!(y.dims(), &[2, 2, 2]);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![4.0, 5.0, 0.0, 1.0, 2.0, 3.0, 2.0, 3.0]
+        );
+        // An empty batch of ids gives an empty batch of rows.
+        let none = Tensor::zeros((0, 4), DType::U32, &Device::Cpu).unwrap();
+        assert_eq!(e.forward(&none).unwrap().dims(), &[0, 4, 2]);
+        assert!(!e.has_int8_form());
+        assert_eq!(e.type_name(), "Embedding");
+        let bad = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(e.load_float_params(vec![("weight".into(), bad)]).is_err());
+    }
+}

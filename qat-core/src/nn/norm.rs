@@ -272,3 +272,81 @@ impl LayerNorm {
 
 simple_module!(RmsNorm, observed: true, params: params, load_params);
 simple_module!(LayerNorm, observed: true, params: params, load_params);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::QuantModule;
+    use candle_core::{DType, Device, Module};
+    use candle_nn::VarMap;
+
+    fn vb(vm: &VarMap) -> VarBuilder<'_> {
+        VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu)
+    }
+
+    #[test]
+    fn settings_and_shapes_are_checked() {
+        let vm = VarMap::new();
+        for eps in [-1e-5, f64::NAN, f64::INFINITY] {
+            let e = RmsNorm::new(4, eps, vb(&vm)).unwrap_err().to_string();
+            assert!(e.contains("eps"), "{e}");
+            assert!(LayerNorm::new(4, eps, vb(&vm)).is_err());
+        }
+        assert!(RmsNorm::new(0, 1e-5, vb(&vm)).is_err());
+        assert!(LayerNorm::new(0, 1e-5, vb(&vm)).is_err());
+        let n = RmsNorm::new(4, 1e-5, vb(&vm).pp("n")).unwrap();
+        let x = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
+        let e = n.forward(&x).unwrap_err().to_string();
+        assert!(e.contains("4 features") && e.contains("[2, 5]"), "{e}");
+        let l = LayerNorm::new(4, 1e-5, vb(&vm).pp("l")).unwrap();
+        assert!(l.forward(&x).is_err());
+        // Initialised as PyTorch: weight 1, bias 0.
+        assert_eq!(n.weight().to_vec1::<f32>().unwrap(), vec![1.0; 4]);
+        assert_eq!(l.bias().to_vec1::<f32>().unwrap(), vec![0.0; 4]);
+        assert_eq!((n.eps(), l.eps()), (1e-5, 1e-5));
+    }
+
+    #[test]
+    fn rms_norm_of_a_constant_row_is_the_weight() {
+        let vm = VarMap::new();
+        let n = RmsNorm::new(3, 0.0, vb(&vm)).unwrap();
+        let x = Tensor::new(&[[-2f32, -2.0, -2.0]], &Device::Cpu).unwrap();
+        assert_eq!(
+            n.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![-1.0; 3]]
+        );
+    }
+
+    #[test]
+    fn float_params_load_only_the_same_names_and_shapes() {
+        let vm = VarMap::new();
+        let mut l = LayerNorm::new(3, 1e-5, vb(&vm)).unwrap();
+        let names: Vec<&str> = l.float_params().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["weight", "bias"]);
+        let t = |v: f32, n: usize| Tensor::full(v, n, &Device::Cpu).unwrap();
+        let e = l
+            .load_float_params(vec![
+                ("weight".into(), t(2.0, 3)),
+                ("bias".into(), t(1.0, 4)),
+            ])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shape"), "{e}");
+        // Nothing changed.
+        assert_eq!(l.weight().to_vec1::<f32>().unwrap(), vec![1.0; 3]);
+        l.load_float_params(vec![
+            ("bias".into(), t(1.0, 3)),
+            ("weight".into(), t(2.0, 3)),
+        ])
+        .unwrap();
+        assert_eq!(l.weight().to_vec1::<f32>().unwrap(), vec![2.0; 3]);
+        assert_eq!(l.bias().to_vec1::<f32>().unwrap(), vec![1.0; 3]);
+        let mut r = RmsNorm::new(3, 1e-5, vb(&vm).pp("r")).unwrap();
+        assert!(r
+            .load_float_params(vec![("bias".into(), t(1.0, 3))])
+            .is_err());
+        r.load_float_params(vec![("weight".into(), t(0.5, 3))])
+            .unwrap();
+        assert_eq!(r.weight().to_vec1::<f32>().unwrap(), vec![0.5; 3]);
+    }
+}
