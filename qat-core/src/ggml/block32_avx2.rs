@@ -22,6 +22,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::block32::{self, Kind32, QK};
+use crate::x86_lanes::reduce8;
 
 /// Runs the AVX2 forward when the CPU has AVX2 and F16C (else returns `false`, writing
 /// nothing); `x.len()` a multiple of 32 and `y` as long.
@@ -71,26 +72,6 @@ fn run<const K: u8>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     }
     // The last blocks (fewer than 8).
     block32::forward_portable(kind_of(K), xt, yt);
-}
-
-/// `[max(v[0]), .., max(v[7])]`: the 8 vectors' horizontal maxima, one per lane (NaN-free
-/// inputs).
-#[target_feature(enable = "avx2")]
-#[inline]
-fn reduce8(v: &[__m256; LANES], op: impl Fn(__m256, __m256) -> __m256) -> __m256 {
-    let pair = |a: __m256, b: __m256| op(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
-    let quad = |a: __m256, b: __m256| {
-        op(
-            _mm256_shuffle_ps::<0b01_00_01_00>(a, b),
-            _mm256_shuffle_ps::<0b11_10_11_10>(a, b),
-        )
-    };
-    let lo = quad(pair(v[0], v[1]), pair(v[2], v[3]));
-    let hi = quad(pair(v[4], v[5]), pair(v[6], v[7]));
-    op(
-        _mm256_permute2f128_ps::<0x20>(lo, hi),
-        _mm256_permute2f128_ps::<0x31>(lo, hi),
-    )
 }
 
 /// `f16::from_f32(v).to_f32()` lane by lane, by F16C (`vcvtps2ph`, nearest even).
