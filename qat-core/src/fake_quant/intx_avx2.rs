@@ -170,6 +170,124 @@ fn step(
     }
 }
 
+/// The straight-through backward of the first `8 * k` groups of 32 (`k` as large as `x`
+/// allows) with the forward's scales and zero points, the portable `backward_block_f32`'s
+/// bits; returns how many groups it did (0 without AVX2). `dy` and `dx` as long as `x`,
+/// `sc` and `zp` one per group.
+pub(crate) fn backward_g32(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    sc: &[f32],
+    zp: &[f32],
+    (qmin, qmax): (f32, f32),
+) -> usize {
+    if !is_x86_feature_detected!("avx2") {
+        return 0;
+    }
+    // SAFETY: AVX2 was detected on this CPU just above.
+    unsafe { run_backward(x, dy, dx, sc, zp, (qmin, qmax)) }
+}
+
+#[target_feature(enable = "avx2")]
+fn run_backward(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    sc: &[f32],
+    zp: &[f32],
+    (qmin, qmax): (f32, f32),
+) -> usize {
+    let n = x.len() / (LANES * GROUP);
+    assert!(dy.len() == x.len() && dx.len() == x.len());
+    assert!(sc.len() >= n * LANES && zp.len() >= n * LANES);
+    let c = _mm256_set1_ps;
+    let steps = x
+        .as_chunks::<{ LANES * GROUP }>()
+        .0
+        .iter()
+        .zip(dy.as_chunks::<{ LANES * GROUP }>().0)
+        .zip(dx.as_chunks_mut::<{ LANES * GROUP }>().0)
+        .zip(
+            sc.as_chunks::<LANES>()
+                .0
+                .iter()
+                .zip(zp.as_chunks::<LANES>().0),
+        );
+    for (((xs, ds), os), (s8, z8)) in steps {
+        // SAFETY: `s8` and `z8` hold 8 f32s each; the unaligned loads read all 8.
+        let (s, z) = unsafe { (_mm256_loadu_ps(s8.as_ptr()), _mm256_loadu_ps(z8.as_ptr())) };
+        // `zp.clamp(-M, M)` (NaN stays NaN).
+        let z = _mm256_min_ps(c(MAX_ZERO_POINT), _mm256_max_ps(c(-MAX_ZERO_POINT), z));
+        let inv = _mm256_div_ps(c(1.0), s);
+        let (in_lo, in_hi) = strict_bounds(_mm256_sub_ps(c(qmin), z), _mm256_sub_ps(c(qmax), z));
+        let lanes = |v: __m256| {
+            let mut a = [0f32; LANES];
+            // SAFETY: `a` holds 8 f32s; the unaligned store writes all 8.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+            a
+        };
+        let (inv, in_lo, in_hi, s) = (lanes(inv), lanes(in_lo), lanes(in_hi), lanes(s));
+        for g in 0..LANES {
+            let (vi, vl, vh, vs) = (c(inv[g]), c(in_lo[g]), c(in_hi[g]), c(s[g]));
+            let (xv, dv) = (load(xs, g), load(ds, g));
+            let out = os[g * GROUP..].as_mut_ptr().cast::<f32>();
+            for i in 0..4 {
+                let t = _mm256_mul_ps(xv[i], vi);
+                let inside = _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_GE_OQ>(t, vl),
+                    _mm256_cmp_ps::<_CMP_LE_OQ>(t, vh),
+                );
+                let g = _mm256_mul_ps(_mm256_mul_ps(dv[i], vs), vi);
+                // SAFETY: `g < 8` and `os` holds 8 groups of 32 f32 slots
+                // (`MaybeUninit<f32>` has f32's layout), so `out[0..32]` is in bounds;
+                // `i < 4`, the store writes `out[8 * i..8 * i + 8]`.
+                unsafe { _mm256_storeu_ps(out.add(8 * i), _mm256_and_ps(inside, g)) };
+            }
+        }
+    }
+    n * LANES
+}
+
+/// The portable `strict_bounds`, lane-wise: the `t` whose code `round_half_even(t)` lies
+/// strictly between the integers `lo` and `hi`, as `in_lo <= t <= in_hi` (`(inf, -inf)`
+/// when empty or NaN).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn strict_bounds(lo: __m256, hi: __m256) -> (__m256, __m256) {
+    let c = _mm256_set1_ps;
+    let (a, b) = (_mm256_add_ps(lo, c(1.0)), _mm256_sub_ps(hi, c(1.0)));
+    let (la, hb) = (_mm256_sub_ps(a, c(0.5)), _mm256_add_ps(b, c(0.5)));
+    // `(v as i32) & 1 == 1` (integral v within i32; NaN converts to an even value, as
+    // `as` gives 0).
+    let odd = |v: __m256| {
+        let one = _mm256_set1_epi32(1);
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+            _mm256_and_si256(_mm256_cvttps_epi32(v), one),
+            one,
+        ))
+    };
+    // One ulp away from (`toward_up`: up if `v > 0`) or toward 0 in the bits.
+    let step = |v: __m256, toward_up: bool| {
+        let pos = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_setzero_ps()));
+        // `pos` is -1 where v > 0, else 0: `2 * pos + 1` is -1 or +1.
+        let d = _mm256_add_epi32(_mm256_add_epi32(pos, pos), _mm256_set1_epi32(1));
+        let d = if toward_up {
+            _mm256_sub_epi32(_mm256_setzero_si256(), d)
+        } else {
+            d
+        };
+        _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(v), d))
+    };
+    let in_lo = sel(odd(a), step(la, true), la);
+    let in_hi = sel(odd(b), step(hb, false), hb);
+    let ok = _mm256_cmp_ps::<_CMP_LE_OQ>(a, b);
+    (
+        sel(ok, in_lo, c(f32::INFINITY)),
+        sel(ok, in_hi, c(f32::NEG_INFINITY)),
+    )
+}
+
 /// `(v + MAGIC) - MAGIC`: `v` rounded half to even for |v| < 2^22 (the portable kernel's
 /// `round_small`).
 #[target_feature(enable = "avx2")]

@@ -665,7 +665,20 @@ pub(crate) fn backward(
         return over_groups(x, len, |g0, xs, o| {
             let (off, g) = (g0 * len, xs.len() / len);
             let (sc, zp) = (&p.scale[g0..g0 + g], &p.zero_point[g0..g0 + g]);
-            backward_block_f32(xs, &dy[off..off + xs.len()], o, sc, zp, len, (qmin, qmax))
+            let dy = &dy[off..off + xs.len()];
+            // Groups of 32: the explicit AVX2 kernel takes whole steps of 8 groups where
+            // the CPU has it, the portable one the rest.
+            #[cfg(target_arch = "x86_64")]
+            let done = if len == super::intx_avx2::GROUP {
+                super::intx_avx2::backward_g32(xs, dy, o, sc, zp, (qmin, qmax))
+            } else {
+                0
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
+            let (r, e) = (done * len, xs.len());
+            let (sc, zp) = (&sc[done..], &zp[done..]);
+            backward_block_f32(&xs[r..], &dy[r..e], &mut o[r..], sc, zp, len, (qmin, qmax))
         });
     }
     with_steps(x, len, p, qmin, qmax, |steps, xb, ob, off| {
@@ -744,12 +757,13 @@ mod tests {
         }
     }
 
-    /// The AVX2 g32 kernel (through `forward_dynamic`, which also runs the portable kernel
-    /// on the groups after the last whole step of 8) gives the portable kernel's bits for
-    /// every rule: random groups at several magnitudes, all-negative, all-positive and
-    /// all-zero groups, zero-only extremes, NaN and infinite groups, scale floors.
+    /// The AVX2 g32 kernels (through `forward_dynamic` and `backward`, which also run the
+    /// portable kernels on the groups after the last whole step of 8) give the portable
+    /// kernels' bits for every rule: random groups at several magnitudes, all-negative,
+    /// all-positive and all-zero groups, zero-only extremes, NaN and infinite groups, scale
+    /// floors; the backward also with odd qparams (NaN/zero scales, oversized zero points).
     #[test]
-    fn g32_dynamic_forward_matches_the_portable_kernel_bitwise() {
+    fn g32_forward_and_backward_match_the_portable_kernels_bitwise() {
         let mut s: u64 = 0x2545_f491_4f6c_dd1d;
         let mut next = || {
             s ^= s << 13;
@@ -826,6 +840,24 @@ mod tests {
                         "{rule:?} eps {eps}: element {i} = {:e}",
                         x[i]
                     );
+                }
+                // The backward with these qparams and with others: integral zero points
+                // beyond the range and past MAX_ZERO_POINT, NaN and zero scales.
+                let mut p2 = p.clone();
+                for (k, (s, z)) in p2.scale.iter_mut().zip(&mut p2.zero_point).enumerate() {
+                    *z = [0.0, -3.0, 7.0, 300.0, -4e6, 4e6, f32::NAN, 16.0][k % 8];
+                    *s = [*s, 0.0, f32::NAN, 0.37, *s, *s, 1e-30, 2.5][(k / 8) % 8];
+                }
+                let dy: Vec<f32> = (0..x.len()).map(|i| (i % 17) as f32 * 0.3 - 2.0).collect();
+                for q in [&p, &p2] {
+                    let dx = backward(&x, &dy, 32, q, qmin, qmax, Narrow::F32);
+                    let mut o = vec![MaybeUninit::uninit(); x.len()];
+                    let lim = (qmin, qmax);
+                    backward_block_f32(&x, &dy, &mut o, &q.scale, &q.zero_point, 32, lim);
+                    let (got, want) = (b(&dx), b(&init(o)));
+                    for i in 0..x.len() {
+                        assert_eq!(got[i], want[i], "backward {rule:?} eps {eps}: element {i}");
+                    }
                 }
             }
         }
