@@ -27,6 +27,43 @@ pub(crate) fn reduce8(v: &[__m256; 8], op: impl Fn(__m256, __m256) -> __m256) ->
     )
 }
 
+/// Two [`reduce8`]s at once of the pairs `f(0), .., f(7)`, consumed as they come (two
+/// vectors at a time), so that only a few partial results are live: `f` can load and
+/// reduce a block per call without the 16 vectors spilling.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn reduce8x2(
+    mut f: impl FnMut(usize) -> (__m256, __m256),
+    op_a: impl Fn(__m256, __m256) -> __m256,
+    op_b: impl Fn(__m256, __m256) -> __m256,
+) -> (__m256, __m256) {
+    let pair = |op: &dyn Fn(__m256, __m256) -> __m256, a: __m256, b: __m256| {
+        op(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b))
+    };
+    let quad = |op: &dyn Fn(__m256, __m256) -> __m256, a: __m256, b: __m256| {
+        op(
+            _mm256_shuffle_ps::<0b01_00_01_00>(a, b),
+            _mm256_shuffle_ps::<0b11_10_11_10>(a, b),
+        )
+    };
+    let mut half = |h: usize| {
+        let mut two = |k: usize| {
+            let ((a0, b0), (a1, b1)) = (f(k), f(k + 1));
+            (pair(&op_a, a0, a1), pair(&op_b, b0, b1))
+        };
+        let ((a01, b01), (a23, b23)) = (two(4 * h), two(4 * h + 2));
+        (quad(&op_a, a01, a23), quad(&op_b, b01, b23))
+    };
+    let ((la, lb), (ha, hb)) = (half(0), half(1));
+    let join = |op: &dyn Fn(__m256, __m256) -> __m256, lo: __m256, hi: __m256| {
+        op(
+            _mm256_permute2f128_ps::<0x20>(lo, hi),
+            _mm256_permute2f128_ps::<0x31>(lo, hi),
+        )
+    };
+    (join(&op_a, la, ha), join(&op_b, lb, hb))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +85,15 @@ mod tests {
             let mut mn = [0f32; 8];
             _mm256_storeu_ps(mx.as_mut_ptr(), reduce8(&v, |a, b| _mm256_max_ps(a, b)));
             _mm256_storeu_ps(mn.as_mut_ptr(), reduce8(&v, |a, b| _mm256_min_ps(a, b)));
+            let (a, b) = reduce8x2(
+                |i| (v[i], v[i]),
+                |a, b| _mm256_max_ps(a, b),
+                |a, b| _mm256_min_ps(a, b),
+            );
+            let (mut mx2, mut mn2) = ([0f32; 8], [0f32; 8]);
+            _mm256_storeu_ps(mx2.as_mut_ptr(), a);
+            _mm256_storeu_ps(mn2.as_mut_ptr(), b);
+            assert_eq!((mx, mn), (mx2, mn2));
             (mx, mn)
         };
         for i in 0..8 {

@@ -5,16 +5,17 @@
 //! Groups go 8 at a time: each group's 32 values are 4 AVX registers; their minima,
 //! maxima and NaN flags are reduced to one lane per group (an 8x8 transpose), the 8 scales
 //! and zero points computed lane-wise with the portable kernel's selects, in its order
-//! (no FMA contraction), then each group (still in L1) is quantized from broadcasts. A group
-//! holding a NaN gets NaN qparams and outputs, as in the portable kernel; the sign of a
-//! zero minimum or maximum is not kept, which no qparams rule distinguishes.
+//! (no FMA contraction), then each group (still in L1) is quantized from broadcasts. Steps
+//! holding a NaN take the portable kernel (which gives NaN qparams and outputs to a NaN
+//! group); the sign of a zero minimum or maximum is not kept, which no qparams rule
+//! distinguishes.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::intx_kernel::{Narrow, QRule, Rule, MAX_ZERO_POINT};
 use super::kernel::MAGIC;
-use crate::x86_lanes::reduce8;
+use crate::x86_lanes::reduce8x2;
 
 /// Elements per group this kernel takes.
 pub(crate) const GROUP: usize = 32;
@@ -23,23 +24,36 @@ const LANES: usize = 8;
 
 /// The dynamic forward of the first `8 * k` groups of 32 (`k` as large as `x` allows):
 /// outputs, scales and zero points; returns how many groups it did (0 without AVX2, or for
-/// data that is not f32). `x.len() == y.len()`, `sc` and `zp` one per group of `x`.
+/// data that is not f32). Steps of 8 groups holding a NaN go to `portable`. `x.len() == y.len()`, `sc` and `zp` one per group of `x`.
 pub(crate) fn dynamic_g32(
     x: &[f32],
     y: &mut [MaybeUninit<f32>],
     sc: &mut [f32],
     zp: &mut [f32],
     r: QRule,
+    portable: Portable<'_>,
 ) -> usize {
     if r.narrow != Narrow::F32 || !is_x86_feature_detected!("avx2") {
         return 0;
     }
     // SAFETY: AVX2 was detected on this CPU just above.
-    unsafe { run(x, y, sc, zp, r) }
+    unsafe { run(x, y, sc, zp, r, portable) }
 }
 
+/// The portable dynamic forward of some groups (inputs, outputs, scales, zero points),
+/// which [`dynamic_g32`] runs on each step of 8 groups holding a NaN.
+pub(crate) type Portable<'a> =
+    &'a mut dyn FnMut(&[f32], &mut [MaybeUninit<f32>], &mut [f32], &mut [f32]);
+
 #[target_feature(enable = "avx2")]
-fn run(x: &[f32], y: &mut [MaybeUninit<f32>], sc: &mut [f32], zp: &mut [f32], r: QRule) -> usize {
+fn run(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    sc: &mut [f32],
+    zp: &mut [f32],
+    r: QRule,
+    portable: Portable<'_>,
+) -> usize {
     let n = x.len() / (LANES * GROUP);
     assert!(y.len() == x.len() && sc.len() >= n * LANES && zp.len() >= n * LANES);
     let xs = x.as_chunks::<{ LANES * GROUP }>().0;
@@ -47,7 +61,9 @@ fn run(x: &[f32], y: &mut [MaybeUninit<f32>], sc: &mut [f32], zp: &mut [f32], r:
     let scs = sc.as_chunks_mut::<LANES>().0;
     let zps = zp.as_chunks_mut::<LANES>().0;
     for (((xg, yg), s), z) in xs.iter().zip(ys).zip(scs).zip(zps) {
-        step(xg, yg, s, z, r);
+        if !step(xg, yg, s, z, r) {
+            portable(xg, yg, s, z);
+        }
     }
     n * LANES
 }
@@ -77,7 +93,8 @@ fn sel(c: __m256, a: __m256, b: __m256) -> __m256 {
     _mm256_blendv_ps(b, a, c)
 }
 
-/// 8 groups: statistics, qparams (written to `sc`, `zp`), outputs.
+/// 8 groups: statistics, qparams (written to `sc`, `zp`), outputs; `false` (nothing
+/// written) when one of them holds a NaN.
 #[target_feature(enable = "avx2")]
 #[inline]
 fn step(
@@ -86,23 +103,31 @@ fn step(
     sc: &mut [f32; LANES],
     zp: &mut [f32; LANES],
     r: QRule,
-) {
+) -> bool {
     let zero = _mm256_setzero_ps();
     let c = _mm256_set1_ps;
-    let (mut lo, mut hi, mut nan) = ([zero; LANES], [zero; LANES], [zero; LANES]);
-    for g in 0..LANES {
-        let v = load(xs, g);
-        // NaN lanes may give any min/max: their group's qparams are NaN below.
-        lo[g] = _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3]));
-        hi[g] = _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3]));
-        nan[g] = _mm256_or_ps(
-            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
-            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
-        );
+    let mut nan = zero;
+    let (mn, mx) = reduce8x2(
+        |g| {
+            let v = load(xs, g);
+            nan = _mm256_or_ps(
+                nan,
+                _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+                ),
+            );
+            (
+                _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])),
+                _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
+            )
+        },
+        |a, b| _mm256_min_ps(a, b),
+        |a, b| _mm256_max_ps(a, b),
+    );
+    if _mm256_movemask_ps(nan) != 0 {
+        return false;
     }
-    let mn = reduce8(&lo, |a, b| _mm256_min_ps(a, b));
-    let mx = reduce8(&hi, |a, b| _mm256_max_ps(a, b));
-    let nan = reduce8(&nan, |a, b| _mm256_or_ps(a, b));
     let (qmin, qmax, eps) = (c(r.qmin), c(r.qmax), c(r.eps));
     // `if s < eps { eps } else { s }` (NaN stays NaN).
     let floor = |s: __m256| sel(_mm256_cmp_ps::<_CMP_LT_OQ>(s, eps), eps, s);
@@ -134,8 +159,6 @@ fn step(
             )
         }
     };
-    let s = sel(nan, c(f32::NAN), s);
-    let z = sel(nan, c(f32::NAN), z);
     // SAFETY: `sc` and `zp` hold 8 f32s each; the unaligned stores write all 8.
     unsafe {
         _mm256_storeu_ps(sc.as_mut_ptr(), s);
@@ -168,6 +191,7 @@ fn step(
             unsafe { _mm256_storeu_ps(out.add(8 * i), yv) };
         }
     }
+    true
 }
 
 /// The straight-through backward of the first `8 * k` groups of 32 (`k` as large as `x`

@@ -545,7 +545,11 @@ pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, Gro
                 // where the CPU has it, the portable one the rest.
                 #[cfg(target_arch = "x86_64")]
                 let done = if len == super::intx_avx2::GROUP {
-                    super::intx_avx2::dynamic_g32(xb, ob, sb, zb, r)
+                    let mut portable =
+                        |x: &[f32], y: &mut [MaybeUninit<f32>], s: &mut [f32], z: &mut [f32]| {
+                            dynamic_block_f32(x, y, s, z, len, r, &mut scratch)
+                        };
+                    super::intx_avx2::dynamic_g32(xb, ob, sb, zb, r, &mut portable)
                 } else {
                     0
                 };
