@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::block32::{self, Kind32, QK};
-use crate::x86_lanes::reduce8;
+use crate::x86_lanes::reduce8x2;
 
 /// Runs the AVX2 forward when the CPU has AVX2 and F16C (else returns `false`, writing
 /// nothing); `x.len()` a multiple of 32 and `y` as long.
@@ -108,25 +108,38 @@ fn load(xs: &[f32; LANES * QK], b: usize) -> [__m256; 4] {
 fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES * QK]) {
     let zero = _mm256_setzero_ps();
     let sign = _mm256_set1_ps(-0.0);
-    let (mut hi, mut lo) = ([zero; LANES], [zero; LANES]);
     let mut nan = zero;
-    for b in 0..LANES {
-        let v = load(xs, b);
-        nan = _mm256_or_ps(
-            nan,
-            _mm256_or_ps(
-                _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
-                _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
-            ),
-        );
-        if K == Q8_0 {
-            let a = |i: usize| _mm256_andnot_ps(sign, v[i]);
-            hi[b] = _mm256_max_ps(_mm256_max_ps(a(0), a(1)), _mm256_max_ps(a(2), a(3)));
-        } else {
-            hi[b] = _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3]));
-            lo[b] = _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3]));
-        }
-    }
+    // Per lane (block): the largest |x| (Q8_0, twice) or the minimum and maximum.
+    let (lo, hi) = reduce8x2(
+        |b| {
+            let v = load(xs, b);
+            nan = _mm256_or_ps(
+                nan,
+                _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+                ),
+            );
+            if K == Q8_0 {
+                let a = |i: usize| _mm256_andnot_ps(sign, v[i]);
+                let m = _mm256_max_ps(_mm256_max_ps(a(0), a(1)), _mm256_max_ps(a(2), a(3)));
+                (m, m)
+            } else {
+                (
+                    _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])),
+                    _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
+                )
+            }
+        },
+        |a, b| {
+            if K == Q8_0 {
+                _mm256_max_ps(a, b)
+            } else {
+                _mm256_min_ps(a, b)
+            }
+        },
+        |a, b| _mm256_max_ps(a, b),
+    );
     if _mm256_movemask_ps(nan) != 0 {
         block32::forward_portable(kind_of(K), xs, ys);
         return;
@@ -134,23 +147,13 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
     let all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     // Per lane (block): the scale `d`, the minimum, and whether the fast path takes it.
     let (d, min, ok) = match K {
-        Q8_0 => (
-            _mm256_div_ps(
-                reduce8(&hi, |a, b| _mm256_max_ps(a, b)),
-                _mm256_set1_ps(127.0),
-            ),
-            zero,
-            all,
-        ),
+        Q8_0 => (_mm256_div_ps(hi, _mm256_set1_ps(127.0)), zero, all),
         Q4_0 | Q5_0 => {
             // `signed_abs_max`: the largest value and the largest negated value, from 0;
             // a block holding both `+amax` and `-amax` takes the portable kernel (which
             // looks for the first of them).
-            let h = _mm256_max_ps(reduce8(&hi, |a, b| _mm256_max_ps(a, b)), zero);
-            let n = _mm256_max_ps(
-                _mm256_xor_ps(reduce8(&lo, |a, b| _mm256_min_ps(a, b)), sign),
-                zero,
-            );
+            let h = _mm256_max_ps(hi, zero);
+            let n = _mm256_max_ps(_mm256_xor_ps(lo, sign), zero);
             let amax = _mm256_blendv_ps(h, n, _mm256_cmp_ps::<_CMP_LT_OQ>(h, n));
             let is_h = _mm256_cmp_ps::<_CMP_EQ_OQ>(h, amax);
             let tie = _mm256_and_ps(is_h, _mm256_cmp_ps::<_CMP_EQ_OQ>(n, amax));
@@ -165,8 +168,7 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
         _ => {
             // A zero minimum or maximum takes the portable kernel (its sign is candle's
             // fold's, see `zero_sign`).
-            let mx = reduce8(&hi, |a, b| _mm256_max_ps(a, b));
-            let mn = reduce8(&lo, |a, b| _mm256_min_ps(a, b));
+            let (mx, mn) = (hi, lo);
             let zeros = _mm256_or_ps(
                 _mm256_cmp_ps::<_CMP_EQ_OQ>(mx, zero),
                 _mm256_cmp_ps::<_CMP_EQ_OQ>(mn, zero),
