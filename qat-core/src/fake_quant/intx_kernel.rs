@@ -480,6 +480,15 @@ impl GroupParams {
 
     /// The first zero point the kernels cannot take exactly, if any.
     pub fn oversized_zero_point(&self) -> Option<f32> {
+        // A branch-free scan first (it vectorises; a `find` runs one element per branch),
+        // then the first offender only when there is one.
+        let any = self
+            .zero_point
+            .iter()
+            .fold(false, |a, z| a | (z.abs() > MAX_ZERO_POINT));
+        if !any {
+            return None;
+        }
         self.zero_point
             .iter()
             .copied()
