@@ -24,6 +24,8 @@ pub mod quantized;
 mod recent;
 mod record;
 mod sync;
+#[cfg(target_arch = "x86_64")]
+mod x86_lanes;
 
 pub use error::{Error, Result};
 pub use qparams::{calculate_qparams, QDType, QParams, QScheme, QuantRange};

@@ -480,6 +480,15 @@ impl GroupParams {
 
     /// The first zero point the kernels cannot take exactly, if any.
     pub fn oversized_zero_point(&self) -> Option<f32> {
+        // A branch-free scan first (it vectorises; a `find` runs one element per branch),
+        // then the first offender only when there is one.
+        let any = self
+            .zero_point
+            .iter()
+            .fold(false, |a, z| a | (z.abs() > MAX_ZERO_POINT));
+        if !any {
+            return None;
+        }
         self.zero_point
             .iter()
             .copied()
@@ -541,7 +550,32 @@ pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, Gro
             .zip(zp.chunks_mut(b))
         {
             if r.narrow == Narrow::F32 {
-                dynamic_block_f32(xb, ob, sb, zb, len, r, &mut scratch);
+                // Groups of 32: the explicit AVX2 kernel takes whole steps of 8 groups
+                // where the CPU has it, the portable one the rest.
+                #[cfg(target_arch = "x86_64")]
+                let done = if len == super::intx_avx2::GROUP {
+                    let mut portable =
+                        |x: &[f32], y: &mut [MaybeUninit<f32>], s: &mut [f32], z: &mut [f32]| {
+                            dynamic_block_f32(x, y, s, z, len, r, &mut scratch)
+                        };
+                    super::intx_avx2::dynamic_g32(xb, ob, sb, zb, r, &mut portable)
+                } else {
+                    0
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let done = 0;
+                if done < sb.len() {
+                    let (xr, or) = (&xb[done * len..], &mut ob[done * len..]);
+                    dynamic_block_f32(
+                        xr,
+                        or,
+                        &mut sb[done..],
+                        &mut zb[done..],
+                        len,
+                        r,
+                        &mut scratch,
+                    );
+                }
                 continue;
             }
             min_max_block(xb, len, &mut mm);
@@ -644,7 +678,20 @@ pub(crate) fn backward(
         return over_groups(x, len, |g0, xs, o| {
             let (off, g) = (g0 * len, xs.len() / len);
             let (sc, zp) = (&p.scale[g0..g0 + g], &p.zero_point[g0..g0 + g]);
-            backward_block_f32(xs, &dy[off..off + xs.len()], o, sc, zp, len, (qmin, qmax))
+            let dy = &dy[off..off + xs.len()];
+            // Groups of 32: the explicit AVX2 kernel takes whole steps of 8 groups where
+            // the CPU has it, the portable one the rest.
+            #[cfg(target_arch = "x86_64")]
+            let done = if len == super::intx_avx2::GROUP {
+                super::intx_avx2::backward_g32(xs, dy, o, sc, zp, (qmin, qmax))
+            } else {
+                0
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
+            let (r, e) = (done * len, xs.len());
+            let (sc, zp) = (&sc[done..], &zp[done..]);
+            backward_block_f32(&xs[r..], &dy[r..e], &mut o[r..], sc, zp, len, (qmin, qmax))
         });
     }
     with_steps(x, len, p, qmin, qmax, |steps, xb, ob, off| {
@@ -719,6 +766,112 @@ mod tests {
                 assert!(p.scale[1].is_nan() && p.zero_point[1].is_nan());
                 assert!(y[len..2 * len].iter().all(|v| v.is_nan()), "{rule:?}");
                 assert!(y[..len].iter().chain(&y[2 * len..]).all(|v| !v.is_nan()));
+            }
+        }
+    }
+
+    /// The AVX2 g32 kernels (through `forward_dynamic` and `backward`, which also run the
+    /// portable kernels on the groups after the last whole step of 8) give the portable
+    /// kernels' bits for every rule: random groups at several magnitudes, all-negative,
+    /// all-positive and all-zero groups, zero-only extremes, NaN and infinite groups, scale
+    /// floors; the backward also with odd qparams (NaN/zero scales, oversized zero points).
+    #[test]
+    fn g32_forward_and_backward_match_the_portable_kernels_bitwise() {
+        let mut s: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut x = Vec::new();
+        for scale in [1.0f32, 1e-3, 3.0e4, 1e-38, 1e-44, 1e30, 1e-7] {
+            for _ in 0..40 {
+                let mut g: Vec<f32> = (0..32)
+                    .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+                    .collect();
+                match next() % 8 {
+                    0 => g.iter_mut().for_each(|v| *v = -v.abs()),
+                    1 => g.iter_mut().for_each(|v| *v = v.abs()),
+                    2 => g
+                        .iter_mut()
+                        .for_each(|v| *v = ((*v / scale) * 8.0).round() * scale / 8.0),
+                    3 => g[(next() % 32) as usize] = if next() % 2 == 0 { 0.0 } else { -0.0 },
+                    _ => {}
+                }
+                x.extend(g);
+            }
+        }
+        let mut special = vec![0.0f32; 32];
+        x.extend(&special);
+        special[3] = -0.0;
+        x.extend(&special);
+        special[9] = f32::NAN;
+        x.extend(&special);
+        special[9] = f32::INFINITY;
+        x.extend(&special);
+        special[2] = f32::NEG_INFINITY;
+        x.extend(&special);
+        x.extend([-0.0f32; 32]);
+        // Not a whole number of steps of 8: the last groups take the portable kernel.
+        x.extend((0..3 * 32).map(|i| i as f32 - 40.0));
+        let rules = [
+            (Rule::Symmetric { div: 7.5 }, -8.0, 7.0),
+            (Rule::Symmetric { div: 127.5 }, -128.0, 127.0),
+            (Rule::Asymmetric, -8.0, 7.0),
+            (Rule::Asymmetric, 0.0, 15.0),
+            (
+                Rule::Tinygemm {
+                    levels: 15.0,
+                    mid: 8.0,
+                },
+                0.0,
+                15.0,
+            ),
+        ];
+        for (rule, qmin, qmax) in rules {
+            for eps in [f32::EPSILON, 0.0, 1e-3] {
+                let r = QRule {
+                    rule,
+                    qmin,
+                    qmax,
+                    eps,
+                    narrow: Narrow::F32,
+                };
+                let (y, p) = forward_dynamic(&x, 32, r);
+                let g = x.len() / 32;
+                let (mut sc, mut zp) = (vec![0f32; g], vec![0f32; g]);
+                let mut o = vec![MaybeUninit::uninit(); x.len()];
+                dynamic_block_f32(&x, &mut o, &mut sc, &mut zp, 32, r, &mut Scratch::default());
+                let b = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(b(&p.scale), b(&sc), "{rule:?} eps {eps}");
+                assert_eq!(b(&p.zero_point), b(&zp), "{rule:?} eps {eps}");
+                let (got, want) = (b(&y), b(&init(o)));
+                for i in 0..x.len() {
+                    assert_eq!(
+                        got[i], want[i],
+                        "{rule:?} eps {eps}: element {i} = {:e}",
+                        x[i]
+                    );
+                }
+                // The backward with these qparams and with others: integral zero points
+                // beyond the range and past MAX_ZERO_POINT, NaN and zero scales.
+                let mut p2 = p.clone();
+                for (k, (s, z)) in p2.scale.iter_mut().zip(&mut p2.zero_point).enumerate() {
+                    *z = [0.0, -3.0, 7.0, 300.0, -4e6, 4e6, f32::NAN, 16.0][k % 8];
+                    *s = [*s, 0.0, f32::NAN, 0.37, *s, *s, 1e-30, 2.5][(k / 8) % 8];
+                }
+                let dy: Vec<f32> = (0..x.len()).map(|i| (i % 17) as f32 * 0.3 - 2.0).collect();
+                for q in [&p, &p2] {
+                    let dx = backward(&x, &dy, 32, q, qmin, qmax, Narrow::F32);
+                    let mut o = vec![MaybeUninit::uninit(); x.len()];
+                    let lim = (qmin, qmax);
+                    backward_block_f32(&x, &dy, &mut o, &q.scale, &q.zero_point, 32, lim);
+                    let (got, want) = (b(&dx), b(&init(o)));
+                    for i in 0..x.len() {
+                        assert_eq!(got[i], want[i], "backward {rule:?} eps {eps}: element {i}");
+                    }
+                }
             }
         }
     }

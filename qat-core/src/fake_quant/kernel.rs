@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 use multiversion::multiversion;
 
 /// 1.5 * 2^23: `(v + MAGIC) - MAGIC` is `v` rounded half to even for |v| < 2^22.
-const MAGIC: f32 = 12_582_912.0;
+pub(crate) const MAGIC: f32 = 12_582_912.0;
 
 #[inline(always)]
 fn clamp(v: f32, lo: f32, hi: f32) -> f32 {

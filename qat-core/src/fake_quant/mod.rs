@@ -3,6 +3,8 @@
 //! torchao's integer (intx) fake quantization for LLMs (per token, per axis, per group).
 
 mod intx;
+#[cfg(target_arch = "x86_64")]
+mod intx_avx2;
 mod intx_kernel;
 mod intx_op;
 mod intx_quantizer;

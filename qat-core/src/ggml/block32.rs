@@ -128,6 +128,13 @@ fn raw_min_max(xs: &[f32]) -> (f32, f32) {
 #[inline(always)]
 fn min_max(xs: &[f32]) -> (f32, f32) {
     let (min, max) = raw_min_max(xs);
+    min_max_signed_zero(min, max, xs)
+}
+
+/// The block's minimum and maximum (NaNs ignored, zero signs unspecified) with the zero
+/// signs candle's fold leaves ([`zero_sign`]).
+#[inline(always)]
+pub(crate) fn min_max_signed_zero(min: f32, max: f32, xs: &[f32]) -> (f32, f32) {
     (zero_sign(min, xs, true), zero_sign(max, xs, false))
 }
 
@@ -518,8 +525,19 @@ fn bytes<B: Block>(x: &[f32], out: &mut [u8]) {
 }
 
 /// `y = dequantize(quantize(x))`; `x.len()` a multiple of 32 (whole blocks), `y` as long.
-#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+/// The explicit AVX2 kernel where the CPU has it, else the portable one.
 pub(crate) fn forward(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::block32_avx2::try_forward(kind, x, y) {
+        return;
+    }
+    forward_portable(kind, x, y)
+}
+
+/// The portable forward, the reference of the explicit SIMD kernels (same contract as
+/// [`forward`]).
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+pub(crate) fn forward_portable(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>]) {
     match kind {
         Kind32::Q8_0 => fwd::<Q8_0>(x, y),
         Kind32::Q4_0 => fwd::<Q4_0>(x, y),

@@ -20,6 +20,8 @@
 //! - other devices (CUDA, Metal) run their own kernels and are not matched numerically.
 
 mod block32;
+#[cfg(target_arch = "x86_64")]
+mod block32_avx2;
 mod block_type;
 mod kquant;
 mod op;

@@ -1,0 +1,322 @@
+//! The AVX2 dynamic forward of intx fake quantization for groups of 32 f32s (torchao's
+//! int4 per-group g32 and any other g32 spec), bit-exact with
+//! [`super::intx_kernel`]'s portable `dynamic_block_f32`, which stays the reference.
+//!
+//! Groups go 8 at a time: each group's 32 values are 4 AVX registers; their minima,
+//! maxima and NaN flags are reduced to one lane per group (an 8x8 transpose), the 8 scales
+//! and zero points computed lane-wise with the portable kernel's selects, in its order
+//! (no FMA contraction), then each group (still in L1) is quantized from broadcasts. Steps
+//! holding a NaN take the portable kernel (which gives NaN qparams and outputs to a NaN
+//! group); the sign of a zero minimum or maximum is not kept, which no qparams rule
+//! distinguishes.
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use super::intx_kernel::{Narrow, QRule, Rule, MAX_ZERO_POINT};
+use super::kernel::MAGIC;
+use crate::x86_lanes::reduce8x2;
+
+/// Elements per group this kernel takes.
+pub(crate) const GROUP: usize = 32;
+/// Groups per step.
+const LANES: usize = 8;
+
+/// The dynamic forward of the first `8 * k` groups of 32 (`k` as large as `x` allows):
+/// outputs, scales and zero points; returns how many groups it did (0 without AVX2, or for
+/// data that is not f32). Steps of 8 groups holding a NaN go to `portable`. `x.len() == y.len()`, `sc` and `zp` one per group of `x`.
+pub(crate) fn dynamic_g32(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    sc: &mut [f32],
+    zp: &mut [f32],
+    r: QRule,
+    portable: Portable<'_>,
+) -> usize {
+    if r.narrow != Narrow::F32 || !is_x86_feature_detected!("avx2") {
+        return 0;
+    }
+    // SAFETY: AVX2 was detected on this CPU just above.
+    unsafe { run(x, y, sc, zp, r, portable) }
+}
+
+/// The portable dynamic forward of some groups (inputs, outputs, scales, zero points),
+/// which [`dynamic_g32`] runs on each step of 8 groups holding a NaN.
+pub(crate) type Portable<'a> =
+    &'a mut dyn FnMut(&[f32], &mut [MaybeUninit<f32>], &mut [f32], &mut [f32]);
+
+#[target_feature(enable = "avx2")]
+fn run(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    sc: &mut [f32],
+    zp: &mut [f32],
+    r: QRule,
+    portable: Portable<'_>,
+) -> usize {
+    let n = x.len() / (LANES * GROUP);
+    assert!(y.len() == x.len() && sc.len() >= n * LANES && zp.len() >= n * LANES);
+    let xs = x.as_chunks::<{ LANES * GROUP }>().0;
+    let ys = y.as_chunks_mut::<{ LANES * GROUP }>().0;
+    let scs = sc.as_chunks_mut::<LANES>().0;
+    let zps = zp.as_chunks_mut::<LANES>().0;
+    for (((xg, yg), s), z) in xs.iter().zip(ys).zip(scs).zip(zps) {
+        if !step(xg, yg, s, z, r) {
+            portable(xg, yg, s, z);
+        }
+    }
+    n * LANES
+}
+
+/// The 32 inputs of group `g` of the step, as 4 vectors.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn load(xs: &[f32; LANES * GROUP], g: usize) -> [__m256; 4] {
+    assert!(g < LANES);
+    let p = xs[g * GROUP..].as_ptr();
+    // SAFETY: `g < 8` (asserted) and `xs` holds 8 groups of 32 f32s, so `p[0..32]` is in
+    // bounds; the loads read `p[0..8]`, `p[8..16]`, `p[16..24]`, `p[24..32]`, unaligned.
+    unsafe {
+        [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ]
+    }
+}
+
+/// `c ? a : b` lane-wise, `c` a comparison mask.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn sel(c: __m256, a: __m256, b: __m256) -> __m256 {
+    _mm256_blendv_ps(b, a, c)
+}
+
+/// 8 groups: statistics, qparams (written to `sc`, `zp`), outputs; `false` (nothing
+/// written) when one of them holds a NaN.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn step(
+    xs: &[f32; LANES * GROUP],
+    ys: &mut [MaybeUninit<f32>; LANES * GROUP],
+    sc: &mut [f32; LANES],
+    zp: &mut [f32; LANES],
+    r: QRule,
+) -> bool {
+    let zero = _mm256_setzero_ps();
+    let c = _mm256_set1_ps;
+    let mut nan = zero;
+    let (mn, mx) = reduce8x2(
+        |g| {
+            let v = load(xs, g);
+            nan = _mm256_or_ps(
+                nan,
+                _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+                ),
+            );
+            (
+                _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])),
+                _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
+            )
+        },
+        |a, b| _mm256_min_ps(a, b),
+        |a, b| _mm256_max_ps(a, b),
+    );
+    if _mm256_movemask_ps(nan) != 0 {
+        return false;
+    }
+    let (qmin, qmax, eps) = (c(r.qmin), c(r.qmax), c(r.eps));
+    // `if s < eps { eps } else { s }` (NaN stays NaN).
+    let floor = |s: __m256| sel(_mm256_cmp_ps::<_CMP_LT_OQ>(s, eps), eps, s);
+    let (s, z) = match r.rule {
+        Rule::Symmetric { div } => {
+            let a = sel(
+                _mm256_cmp_ps::<_CMP_LT_OQ>(mn, zero),
+                _mm256_xor_ps(mn, c(-0.0)),
+                zero,
+            );
+            let b = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(mx, zero), mx, zero);
+            let m = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b), a, b);
+            (floor(_mm256_div_ps(m, c(div))), zero)
+        }
+        Rule::Asymmetric => {
+            let l = sel(_mm256_cmp_ps::<_CMP_LT_OQ>(mn, zero), mn, zero);
+            let h = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(mx, zero), mx, zero);
+            let s = floor(_mm256_div_ps(_mm256_sub_ps(h, l), c(r.qmax - r.qmin)));
+            let z = _mm256_sub_ps(qmin, round_small(_mm256_div_ps(l, s)));
+            let z = sel(_mm256_cmp_ps::<_CMP_LT_OQ>(z, qmin), qmin, z);
+            (s, sel(_mm256_cmp_ps::<_CMP_GT_OQ>(z, qmax), qmax, z))
+        }
+        Rule::Tinygemm { levels, mid } => {
+            let s = floor(_mm256_div_ps(_mm256_sub_ps(mx, mn), c(levels)));
+            let z = _mm256_add_ps(mn, _mm256_mul_ps(s, c(mid)));
+            (
+                s,
+                _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(z),
+            )
+        }
+    };
+    // SAFETY: `sc` and `zp` hold 8 f32s each; the unaligned stores write all 8.
+    unsafe {
+        _mm256_storeu_ps(sc.as_mut_ptr(), s);
+        _mm256_storeu_ps(zp.as_mut_ptr(), z);
+    }
+    // `if z < -M { -M } else { z }`, then `if z > M { M } else { z }` (NaN stays NaN).
+    let zc = _mm256_min_ps(c(MAX_ZERO_POINT), _mm256_max_ps(c(-MAX_ZERO_POINT), z));
+    let lanes = |v: __m256| {
+        let mut a = [0f32; LANES];
+        // SAFETY: `a` holds 8 f32s; the unaligned store writes all 8.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+        a
+    };
+    let inv = lanes(_mm256_div_ps(c(1.0), s));
+    let qlo = lanes(_mm256_sub_ps(qmin, zc));
+    let qhi = lanes(_mm256_sub_ps(qmax, zc));
+    let scale = lanes(s);
+    for g in 0..LANES {
+        let (vi, vl, vh, vs) = (c(inv[g]), c(qlo[g]), c(qhi[g]), c(scale[g]));
+        let out = ys[g * GROUP..].as_mut_ptr().cast::<f32>();
+        for (i, v) in load(xs, g).into_iter().enumerate() {
+            // `if t < lo { lo } else { t }` is `max(lo, t)` and `if t > hi { hi } else { t }`
+            // is `min(hi, t)`, NaN kept (the second operand).
+            let t = _mm256_mul_ps(v, vi);
+            let t = _mm256_min_ps(vh, _mm256_max_ps(vl, t));
+            let yv = _mm256_mul_ps(round_small(t), vs);
+            // SAFETY: `g < 8` and `ys` holds 8 groups of 32 f32 slots (`MaybeUninit<f32>`
+            // has f32's layout), so `out[0..32]` is in bounds; `i < 4`, the store writes
+            // `out[8 * i..8 * i + 8]`.
+            unsafe { _mm256_storeu_ps(out.add(8 * i), yv) };
+        }
+    }
+    true
+}
+
+/// The straight-through backward of the first `8 * k` groups of 32 (`k` as large as `x`
+/// allows) with the forward's scales and zero points, the portable `backward_block_f32`'s
+/// bits; returns how many groups it did (0 without AVX2). `dy` and `dx` as long as `x`,
+/// `sc` and `zp` one per group.
+pub(crate) fn backward_g32(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    sc: &[f32],
+    zp: &[f32],
+    (qmin, qmax): (f32, f32),
+) -> usize {
+    if !is_x86_feature_detected!("avx2") {
+        return 0;
+    }
+    // SAFETY: AVX2 was detected on this CPU just above.
+    unsafe { run_backward(x, dy, dx, sc, zp, (qmin, qmax)) }
+}
+
+#[target_feature(enable = "avx2")]
+fn run_backward(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    sc: &[f32],
+    zp: &[f32],
+    (qmin, qmax): (f32, f32),
+) -> usize {
+    let n = x.len() / (LANES * GROUP);
+    assert!(dy.len() == x.len() && dx.len() == x.len());
+    assert!(sc.len() >= n * LANES && zp.len() >= n * LANES);
+    let c = _mm256_set1_ps;
+    let steps = x
+        .as_chunks::<{ LANES * GROUP }>()
+        .0
+        .iter()
+        .zip(dy.as_chunks::<{ LANES * GROUP }>().0)
+        .zip(dx.as_chunks_mut::<{ LANES * GROUP }>().0)
+        .zip(
+            sc.as_chunks::<LANES>()
+                .0
+                .iter()
+                .zip(zp.as_chunks::<LANES>().0),
+        );
+    for (((xs, ds), os), (s8, z8)) in steps {
+        // SAFETY: `s8` and `z8` hold 8 f32s each; the unaligned loads read all 8.
+        let (s, z) = unsafe { (_mm256_loadu_ps(s8.as_ptr()), _mm256_loadu_ps(z8.as_ptr())) };
+        // `zp.clamp(-M, M)` (NaN stays NaN).
+        let z = _mm256_min_ps(c(MAX_ZERO_POINT), _mm256_max_ps(c(-MAX_ZERO_POINT), z));
+        let inv = _mm256_div_ps(c(1.0), s);
+        let (in_lo, in_hi) = strict_bounds(_mm256_sub_ps(c(qmin), z), _mm256_sub_ps(c(qmax), z));
+        let lanes = |v: __m256| {
+            let mut a = [0f32; LANES];
+            // SAFETY: `a` holds 8 f32s; the unaligned store writes all 8.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+            a
+        };
+        let (inv, in_lo, in_hi, s) = (lanes(inv), lanes(in_lo), lanes(in_hi), lanes(s));
+        for g in 0..LANES {
+            let (vi, vl, vh, vs) = (c(inv[g]), c(in_lo[g]), c(in_hi[g]), c(s[g]));
+            let (xv, dv) = (load(xs, g), load(ds, g));
+            let out = os[g * GROUP..].as_mut_ptr().cast::<f32>();
+            for i in 0..4 {
+                let t = _mm256_mul_ps(xv[i], vi);
+                let inside = _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_GE_OQ>(t, vl),
+                    _mm256_cmp_ps::<_CMP_LE_OQ>(t, vh),
+                );
+                let g = _mm256_mul_ps(_mm256_mul_ps(dv[i], vs), vi);
+                // SAFETY: `g < 8` and `os` holds 8 groups of 32 f32 slots
+                // (`MaybeUninit<f32>` has f32's layout), so `out[0..32]` is in bounds;
+                // `i < 4`, the store writes `out[8 * i..8 * i + 8]`.
+                unsafe { _mm256_storeu_ps(out.add(8 * i), _mm256_and_ps(inside, g)) };
+            }
+        }
+    }
+    n * LANES
+}
+
+/// The portable `strict_bounds`, lane-wise: the `t` whose code `round_half_even(t)` lies
+/// strictly between the integers `lo` and `hi`, as `in_lo <= t <= in_hi` (`(inf, -inf)`
+/// when empty or NaN).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn strict_bounds(lo: __m256, hi: __m256) -> (__m256, __m256) {
+    let c = _mm256_set1_ps;
+    let (a, b) = (_mm256_add_ps(lo, c(1.0)), _mm256_sub_ps(hi, c(1.0)));
+    let (la, hb) = (_mm256_sub_ps(a, c(0.5)), _mm256_add_ps(b, c(0.5)));
+    // `(v as i32) & 1 == 1` (integral v within i32; NaN converts to an even value, as
+    // `as` gives 0).
+    let odd = |v: __m256| {
+        let one = _mm256_set1_epi32(1);
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+            _mm256_and_si256(_mm256_cvttps_epi32(v), one),
+            one,
+        ))
+    };
+    // One ulp away from (`toward_up`: up if `v > 0`) or toward 0 in the bits.
+    let step = |v: __m256, toward_up: bool| {
+        let pos = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_setzero_ps()));
+        // `pos` is -1 where v > 0, else 0: `2 * pos + 1` is -1 or +1.
+        let d = _mm256_add_epi32(_mm256_add_epi32(pos, pos), _mm256_set1_epi32(1));
+        let d = if toward_up {
+            _mm256_sub_epi32(_mm256_setzero_si256(), d)
+        } else {
+            d
+        };
+        _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(v), d))
+    };
+    let in_lo = sel(odd(a), step(la, true), la);
+    let in_hi = sel(odd(b), step(hb, false), hb);
+    let ok = _mm256_cmp_ps::<_CMP_LE_OQ>(a, b);
+    (
+        sel(ok, in_lo, c(f32::INFINITY)),
+        sel(ok, in_hi, c(f32::NEG_INFINITY)),
+    )
+}
+
+/// `(v + MAGIC) - MAGIC`: `v` rounded half to even for |v| < 2^22 (the portable kernel's
+/// `round_small`).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn round_small(v: __m256) -> __m256 {
+    let magic = _mm256_set1_ps(MAGIC);
+    _mm256_sub_ps(_mm256_add_ps(v, magic), magic)
+}

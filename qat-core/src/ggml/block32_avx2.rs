@@ -1,0 +1,375 @@
+//! The AVX2 + F16C forward of the 32-element GGML block types, bit-exact with the portable
+//! kernel in [`super::block32`] (which stays the reference, and which this kernel calls for
+//! every block it does not handle).
+//!
+//! Blocks go 8 at a time: each block's statistic is reduced to one lane of a vector (an 8x8
+//! transpose of partial maxima), the 8 scales divided, range-checked and rounded to f16 with
+//! F16C (`vcvtps2ph`, round to nearest even: `f16::from_f32`'s rounding) together, then each
+//! block (still in L1) is quantized and dequantized from broadcasts of its lane.
+//!
+//! The fast path takes the *ordinary* blocks: no NaN in the 8 blocks, a scale `d` that is a
+//! normal f32 (neither zero, subnormal nor infinite). There `id = 1 / d` is within 1 ulp
+//! and `|x| <= max|x|`, so `|x * id|` exceeds the code range's half-width by at most a few
+//! ulps: no code can saturate below, and the `as` casts of candle's expressions reduce to
+//! `trunc` plus the one upper `min` a code can reach (Q4_0 and Q5_0, whose `x = -max`
+//! maps to 16 and 32), and no tie the portable kernel resolves by position (Q4_0/Q5_0
+//! blocks holding both `+amax` and `-amax`, Q4_1/Q5_1 blocks whose minimum or maximum is a
+//! zero, whose sign candle's fold decides). Every other block goes to the portable kernel. Each f32 operation is the portable kernel's, in the same order (no FMA
+//! contraction), so the values are the same bits; tests below compare the two on random
+//! and adversarial blocks.
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use super::block32::{self, Kind32, QK};
+use crate::x86_lanes::reduce8x2;
+
+/// Runs the AVX2 forward when the CPU has AVX2 and F16C (else returns `false`, writing
+/// nothing); `x.len()` a multiple of 32 and `y` as long.
+pub(crate) fn try_forward(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>]) -> bool {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+        return false;
+    }
+    // SAFETY: AVX2 and F16C were detected on this CPU just above.
+    unsafe {
+        match kind {
+            Kind32::Q8_0 => run::<Q8_0>(x, y),
+            Kind32::Q4_0 => run::<Q4_0>(x, y),
+            Kind32::Q4_1 => run::<Q4_1>(x, y),
+            Kind32::Q5_0 => run::<Q5_0>(x, y),
+            Kind32::Q5_1 => run::<Q5_1>(x, y),
+        }
+    }
+    true
+}
+
+const Q8_0: u8 = 0;
+const Q4_0: u8 = 1;
+const Q4_1: u8 = 2;
+const Q5_0: u8 = 3;
+const Q5_1: u8 = 4;
+
+fn kind_of(k: u8) -> Kind32 {
+    match k {
+        Q8_0 => Kind32::Q8_0,
+        Q4_0 => Kind32::Q4_0,
+        Q4_1 => Kind32::Q4_1,
+        Q5_0 => Kind32::Q5_0,
+        _ => Kind32::Q5_1,
+    }
+}
+
+/// Blocks whose statistics are reduced together, one block per lane.
+const LANES: usize = 8;
+
+#[target_feature(enable = "avx2,f16c")]
+fn run<const K: u8>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    assert!(x.len() == y.len() && x.len().is_multiple_of(QK));
+    let (xg, xt) = x.as_chunks::<{ LANES * QK }>();
+    let (yg, yt) = y.as_chunks_mut::<{ LANES * QK }>();
+    for (xs, ys) in xg.iter().zip(yg) {
+        group::<K>(xs, ys);
+    }
+    // The last blocks (fewer than 8).
+    block32::forward_portable(kind_of(K), xt, yt);
+}
+
+/// `f16::from_f32(v).to_f32()` lane by lane, by F16C (`vcvtps2ph`, nearest even).
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn f16r(v: __m256) -> __m256 {
+    _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+}
+
+/// The 32 inputs of block `b` of the group, as 4 vectors.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn load(xs: &[f32; LANES * QK], b: usize) -> [__m256; 4] {
+    assert!(b < LANES);
+    let p = xs[b * QK..].as_ptr();
+    // SAFETY: `b < 8` (asserted) and `xs` holds 8 blocks of 32 f32s, so `p[0..32]` is in
+    // bounds; the loads read `p[0..8]`, `p[8..16]`, `p[16..24]`, `p[24..32]`, unaligned.
+    unsafe {
+        [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ]
+    }
+}
+
+/// Fake-quantizes 8 blocks: their statistics reduced one block per lane, the scales
+/// divided, range-checked and rounded to f16 8 at a time, then each block quantized from
+/// broadcasts; a block outside the fast path (see the module docs), or a group holding a
+/// NaN, goes to the portable kernel.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES * QK]) {
+    let zero = _mm256_setzero_ps();
+    let sign = _mm256_set1_ps(-0.0);
+    let mut nan = zero;
+    // Per lane (block): the largest |x| (Q8_0, twice) or the minimum and maximum.
+    let (lo, hi) = reduce8x2(
+        |b| {
+            let v = load(xs, b);
+            nan = _mm256_or_ps(
+                nan,
+                _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+                ),
+            );
+            if K == Q8_0 {
+                let a = |i: usize| _mm256_andnot_ps(sign, v[i]);
+                let m = _mm256_max_ps(_mm256_max_ps(a(0), a(1)), _mm256_max_ps(a(2), a(3)));
+                (m, m)
+            } else {
+                (
+                    _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])),
+                    _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
+                )
+            }
+        },
+        |a, b| {
+            if K == Q8_0 {
+                _mm256_max_ps(a, b)
+            } else {
+                _mm256_min_ps(a, b)
+            }
+        },
+        |a, b| _mm256_max_ps(a, b),
+    );
+    if _mm256_movemask_ps(nan) != 0 {
+        block32::forward_portable(kind_of(K), xs, ys);
+        return;
+    }
+    let all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    // Per lane (block): the scale `d`, the minimum, and whether the fast path takes it.
+    let (d, min, ok) = match K {
+        Q8_0 => (_mm256_div_ps(hi, _mm256_set1_ps(127.0)), zero, all),
+        Q4_0 | Q5_0 => {
+            // `signed_abs_max`: the largest value and the largest negated value, from 0;
+            // a block holding both `+amax` and `-amax` takes the portable kernel (which
+            // looks for the first of them).
+            let h = _mm256_max_ps(hi, zero);
+            let n = _mm256_max_ps(_mm256_xor_ps(lo, sign), zero);
+            let amax = _mm256_blendv_ps(h, n, _mm256_cmp_ps::<_CMP_LT_OQ>(h, n));
+            let is_h = _mm256_cmp_ps::<_CMP_EQ_OQ>(h, amax);
+            let tie = _mm256_and_ps(is_h, _mm256_cmp_ps::<_CMP_EQ_OQ>(n, amax));
+            let max = _mm256_blendv_ps(_mm256_xor_ps(n, sign), h, is_h);
+            let div = if K == Q4_0 { -8.0 } else { -16.0 };
+            (
+                _mm256_div_ps(max, _mm256_set1_ps(div)),
+                zero,
+                _mm256_andnot_ps(tie, all),
+            )
+        }
+        _ => {
+            // A zero minimum or maximum takes the portable kernel (its sign is candle's
+            // fold's, see `zero_sign`).
+            let (mx, mn) = (hi, lo);
+            let zeros = _mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_EQ_OQ>(mx, zero),
+                _mm256_cmp_ps::<_CMP_EQ_OQ>(mn, zero),
+            );
+            let div = if K == Q4_1 { 15.0 } else { 31.0 };
+            (
+                _mm256_div_ps(_mm256_sub_ps(mx, mn), _mm256_set1_ps(div)),
+                mn,
+                _mm256_andnot_ps(zeros, all),
+            )
+        }
+    };
+    // `d.is_normal()`: MIN_POSITIVE <= |d| < inf (false for NaN).
+    let ad = _mm256_andnot_ps(sign, d);
+    let normal = _mm256_and_ps(
+        _mm256_cmp_ps::<_CMP_GE_OQ>(ad, _mm256_set1_ps(f32::MIN_POSITIVE)),
+        _mm256_cmp_ps::<_CMP_LT_OQ>(ad, _mm256_set1_ps(f32::INFINITY)),
+    );
+    let ok = _mm256_movemask_ps(_mm256_and_ps(ok, normal));
+    let lanes = |v: __m256| {
+        let mut a = [0f32; LANES];
+        // SAFETY: `a` holds 8 f32s, the unaligned store writes `a[0..8]`.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+        a
+    };
+    let (id, dq) = (lanes(_mm256_div_ps(_mm256_set1_ps(1.0), d)), lanes(f16r(d)));
+    let (mn, mq) = (lanes(min), lanes(f16r(min)));
+    let trunc = |a: __m256| _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(a);
+    let c = _mm256_set1_ps;
+    for b in 0..LANES {
+        let (xb, yb) = (
+            &xs.as_chunks::<QK>().0[b],
+            &mut ys.as_chunks_mut::<QK>().0[b],
+        );
+        if ok & (1 << b) == 0 {
+            block32::forward_portable(kind_of(K), xb, yb);
+            continue;
+        }
+        let (vid, vd, vm, vmin) = (c(id[b]), c(dq[b]), c(mq[b]), c(mn[b]));
+        let out = yb.as_mut_ptr().cast::<f32>();
+        for (i, xv) in load(xs, b).into_iter().enumerate() {
+            let y = match K {
+                Q8_0 => {
+                    // round(q) half away from zero: trunc(q) + trunc(2 * frac), the
+                    // integral part made +0.0 first (`round(-0.3)` saturates to the
+                    // integer 0).
+                    let q = _mm256_mul_ps(xv, vid);
+                    let t = trunc(q);
+                    let f = _mm256_sub_ps(q, t);
+                    let r = _mm256_add_ps(_mm256_add_ps(t, zero), trunc(_mm256_add_ps(f, f)));
+                    _mm256_mul_ps(r, vd)
+                }
+                Q4_0 | Q5_0 => {
+                    let (off, half, hi) = if K == Q4_0 {
+                        (8.0, 8.5, 15.0)
+                    } else {
+                        (16.0, 16.5, 31.0)
+                    };
+                    let q = _mm256_add_ps(_mm256_mul_ps(xv, vid), c(half));
+                    let code = _mm256_min_ps(trunc(q), c(hi));
+                    _mm256_mul_ps(_mm256_sub_ps(code, c(off)), vd)
+                }
+                _ => {
+                    let q = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(xv, vmin), vid), c(0.5));
+                    let code = if K == Q4_1 {
+                        _mm256_min_ps(trunc(q), c(15.0))
+                    } else {
+                        trunc(q)
+                    };
+                    _mm256_add_ps(_mm256_mul_ps(code, vd), vm)
+                }
+            };
+            // SAFETY: `yb` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
+            // `i < 4`, so the store writes `out[8 * i..8 * i + 8]`, in bounds.
+            unsafe { _mm256_storeu_ps(out.add(8 * i), y) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+
+    use super::*;
+
+    fn both(kind: Kind32, x: &[f32]) -> Option<(Vec<u32>, Vec<u32>)> {
+        let mut a = vec![MaybeUninit::new(f32::NAN); x.len()];
+        let mut b = vec![MaybeUninit::new(f32::NAN); x.len()];
+        if !try_forward(kind, x, &mut a) {
+            return None;
+        }
+        block32::forward_portable(kind, x, &mut b);
+        let bits = |v: &[MaybeUninit<f32>]| {
+            v.iter()
+                // SAFETY: both vectors were created initialised (NaN).
+                .map(|e| unsafe { e.assume_init() }.to_bits())
+                .collect()
+        };
+        Some((bits(&a), bits(&b)))
+    }
+
+    const KINDS: [Kind32; 5] = [
+        Kind32::Q8_0,
+        Kind32::Q4_0,
+        Kind32::Q4_1,
+        Kind32::Q5_0,
+        Kind32::Q5_1,
+    ];
+
+    /// Random blocks at many magnitudes (normal, tiny, huge), ties of `x * id`, repeated
+    /// extremes of either sign, zeros of both signs, NaN and infinities: the AVX2 kernel
+    /// gives the portable kernel's bits.
+    #[test]
+    fn avx2_forward_matches_portable_bitwise() {
+        let mut s: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut x = Vec::new();
+        for scale in [
+            1.0f32, 1e-3, 3.0e4, 7e4, 1e-38, 1e-41, 1e30, 3e38, 6.1e-5, 1e-7,
+        ] {
+            for _ in 0..64 {
+                let mut b: Vec<f32> = (0..QK)
+                    .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+                    .collect();
+                match next() % 8 {
+                    0 => {
+                        // Integral grid: many exact .5 ties after scaling.
+                        for v in &mut b {
+                            *v = ((*v / scale * 16.0).round() / 16.0) * scale;
+                        }
+                    }
+                    1 => {
+                        let m = b[3].abs().max(1e-30);
+                        b[7] = -m * 4.0;
+                        b[20] = m * 4.0;
+                    }
+                    2 => b[(next() % 32) as usize] = if next() % 2 == 0 { 0.0 } else { -0.0 },
+                    3 => b.iter_mut().for_each(|v| *v = -v.abs()),
+                    4 => b.iter_mut().for_each(|v| *v = v.abs()),
+                    _ => {}
+                }
+                x.extend(b);
+            }
+        }
+        let mut special = vec![0.0f32; QK];
+        x.extend(&special);
+        special[5] = -0.0;
+        x.extend(&special);
+        special[9] = f32::NAN;
+        x.extend(&special);
+        special[9] = f32::INFINITY;
+        x.extend(&special);
+        special[2] = f32::NEG_INFINITY;
+        x.extend(&special);
+        for kind in KINDS {
+            let Some((a, b)) = both(kind, &x) else { return };
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(p, q, "{kind:?} element {i} (x = {:e})", x[i]);
+            }
+        }
+    }
+
+    /// F16C's nearest-even rounding is `f16::from_f32`'s, on a sweep of every 61st f32 bit
+    /// pattern (all exponents: subnormal results, overflow to infinity, NaN) and on every
+    /// f32 within 4 ulps of each f16 rounding boundary of the normal and subnormal range.
+    #[test]
+    fn f16c_rounding_is_half_crates() {
+        if !(is_x86_feature_detected!("f16c") && is_x86_feature_detected!("avx2")) {
+            return;
+        }
+        let check = |v: f32| {
+            // SAFETY: F16C detected above (and AVX2 by the caller's check).
+            let a = unsafe { _mm256_cvtss_f32(f16r(_mm256_set1_ps(v))) };
+            let b = f16::from_f32(v).to_f32();
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{v:e}: {a:e} vs {b:e}"
+            );
+        };
+        for bits in (0..=u32::MAX).step_by(61) {
+            check(f32::from_bits(bits));
+        }
+        for h in 0..=u16::MAX {
+            let (lo, hi) = (
+                f16::from_bits(h).to_f32(),
+                f16::from_bits(h.wrapping_add(1)).to_f32(),
+            );
+            if !lo.is_finite() || !hi.is_finite() || lo.is_sign_negative() != hi.is_sign_negative()
+            {
+                continue;
+            }
+            let mid = (lo as f64 + hi as f64) / 2.0;
+            let m = mid as f32;
+            for k in -4i32..=4 {
+                check(f32::from_bits(m.to_bits().wrapping_add_signed(k)));
+            }
+        }
+    }
+}
