@@ -11,7 +11,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "leaf data",
         &[
-            "error", "qparams", "geometry", "record", "sync", "host", "recent",
+            "error",
+            "qparams",
+            "geometry",
+            "record",
+            "sync",
+            "host",
+            "recent",
+            "x86_lanes",
         ],
     ),
     (
@@ -22,17 +29,13 @@ const LAYERS: &[(&str, &[&str])] = &[
             "kernels",
             "quantized",
             "ggml",
-            "intx",
             "qconfig",
             "qconfig_mapping",
         ],
     ),
     ("model", &["model", "provenance"]),
     ("layers", &["nn"]),
-    (
-        "consumers",
-        &["fuse", "passes", "checkpoint", "onnx", "gguf"],
-    ),
+    ("consumers", &["fuse", "passes", "checkpoint", "onnx"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
