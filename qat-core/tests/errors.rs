@@ -1273,3 +1273,37 @@ fn fixed_qparams_fake_quantize_starts_with_its_fixed_qparams() {
         assert_eq!(y, vec![code * scale]);
     }
 }
+
+#[test]
+fn a_state_with_another_scale_count_is_refused_before_anything_changes() {
+    let qc = QConfig::default_qat(Backend::X86);
+    let x = Tensor::new(&[[0.5f32, -1.0, 0.25], [2.0, 0.1, -0.3]], &cpu()).unwrap();
+    // Per-channel weight fake-quant (axis 0) that has seen a 2-channel tensor.
+    let mut pc = qc.weight.build().unwrap();
+    pc.forward(&x).unwrap();
+    let before = pc.state();
+    assert_eq!(before.scale.len(), 2);
+    // A per-tensor state (one scale, one-channel statistics) into it.
+    let mut pt = qc.activation.build().unwrap();
+    pt.forward(&x).unwrap();
+    let one = pt.state();
+    let e = pc.load_state(&one).unwrap_err().to_string();
+    assert!(e.contains("1 scales") && e.contains("2 channels"), "{e}");
+    assert_eq!(pc.state(), before);
+    // Its scale list cut to one channel while its statistics keep two.
+    let mut cut = before.clone();
+    cut.scale.truncate(1);
+    cut.zero_point.truncate(1);
+    let e = pc.load_state(&cut).unwrap_err().to_string();
+    assert!(e.contains("saved statistics"), "{e}");
+    assert_eq!(pc.state(), before);
+    // A per-channel state into a per-tensor fake-quant.
+    let before_pt = pt.state();
+    let e = pt.load_state(&before).unwrap_err().to_string();
+    assert!(e.contains("per tensor"), "{e}");
+    assert_eq!(pt.state(), before_pt);
+    // The matching states load.
+    pc.load_state(&before).unwrap();
+    pt.load_state(&before_pt).unwrap();
+    assert_eq!(pc.state(), before);
+}

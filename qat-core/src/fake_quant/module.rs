@@ -444,6 +444,7 @@ impl FakeQuantize {
         for &s in &state.scale {
             crate::qparams::check_scale(s)?;
         }
+        self.check_channel_count(state)?;
         match &self.learnable {
             Some(l) if state.scale.len() != l.scale.elem_count() => {
                 return Err(Error::state(
@@ -471,6 +472,35 @@ impl FakeQuantize {
         let mut observer = self.observer.box_clone();
         observer.load_state(&state.observer)?;
         Ok(observer)
+    }
+
+    /// A state's scale count fits this fake-quant: one for a per-tensor fake-quant; for a
+    /// per-channel one, the channel count of the statistics saved with it, and of the
+    /// statistics this fake-quant already holds (a fresh one knows no channel count yet).
+    fn check_channel_count(&self, state: &FakeQuantizeState) -> Result<()> {
+        let n = state.scale.len();
+        let mismatch = |what: String| {
+            Err(Error::state(
+                format!("{n} scales for a fake-quant with {what}"),
+                "load a state saved from a fake-quant of the same scheme and channel count",
+            ))
+        };
+        if self.observer.ch_axis().is_none() {
+            return if n == 1 {
+                Ok(())
+            } else {
+                mismatch("one scale (per tensor)".into())
+            };
+        }
+        let saved = state.observer.min_val.len();
+        if saved > 0 && saved != n {
+            return mismatch(format!("{saved} channels in its saved statistics"));
+        }
+        let own = self.observer.state().min_val.len();
+        if own > 0 && own != n {
+            return mismatch(format!("{own} channels"));
+        }
+        Ok(())
     }
 
     /// Restores a saved state. Everything is checked first ([`FakeQuantize::check_state`]): an
