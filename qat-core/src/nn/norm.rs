@@ -118,21 +118,14 @@ impl RmsNorm {
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        check_last("RmsNorm", x, self.weight.elem_count())?;
-        if self.common.converted_io().is_some() {
-            return self.common.converted_float_op(
-                &[x],
-                "RmsNorm",
-                || self.op(),
-                |v| self.compute(&v[0]),
-            );
-        }
-        self.common.check_input(x, "RmsNorm")?;
-        super::input::check_dtype("RmsNorm", x, self.weight.dtype())?;
-        self.common.note_inputs(&[x])?;
-        let y = self.compute(x)?;
-        self.common.trace_float(&[x], &y, || self.op());
-        self.common.finish(y)
+        norm_forward(
+            "RmsNorm",
+            &self.common,
+            &self.weight,
+            x,
+            || self.op(),
+            |x| self.compute(x),
+        )
     }
 
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
@@ -225,21 +218,14 @@ impl LayerNorm {
     }
 
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        check_last("LayerNorm", x, self.weight.elem_count())?;
-        if self.common.converted_io().is_some() {
-            return self.common.converted_float_op(
-                &[x],
-                "LayerNorm",
-                || self.op(),
-                |v| self.compute(&v[0]),
-            );
-        }
-        self.common.check_input(x, "LayerNorm")?;
-        super::input::check_dtype("LayerNorm", x, self.weight.dtype())?;
-        self.common.note_inputs(&[x])?;
-        let y = self.compute(x)?;
-        self.common.trace_float(&[x], &y, || self.op());
-        self.common.finish(y)
+        norm_forward(
+            "LayerNorm",
+            &self.common,
+            &self.weight,
+            x,
+            || self.op(),
+            |x| self.compute(x),
+        )
     }
 
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
@@ -268,6 +254,28 @@ impl LayerNorm {
         self.bias = bias;
         Ok(())
     }
+}
+
+/// The forward both norms share: shape and stage checks, then the float op (on dequantized
+/// codes once converted, else with provenance, trace and output fake-quant).
+fn norm_forward(
+    name: &str,
+    common: &Common,
+    weight: &Tensor,
+    x: &Tensor,
+    op: impl Fn() -> FloatOp,
+    compute: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    check_last(name, x, weight.elem_count())?;
+    if common.converted_io().is_some() {
+        return common.converted_float_op(&[x], name, &op, |v| compute(&v[0]));
+    }
+    common.check_input(x, name)?;
+    super::input::check_dtype(name, x, weight.dtype())?;
+    common.note_inputs(&[x])?;
+    let y = compute(x)?;
+    common.trace_float(&[x], &y, &op);
+    common.finish(y)
 }
 
 simple_module!(RmsNorm, observed: true, params: params, load_params);
