@@ -24,6 +24,8 @@ mod fusion;
 mod ggml;
 #[path = "golden_support/intx.rs"]
 mod intx;
+#[path = "golden_support/intx_qat.rs"]
+mod intx_qat;
 #[path = "golden_support/learnable.rs"]
 mod learnable;
 #[path = "golden_support/model_e2e.rs"]
@@ -58,6 +60,8 @@ const HANDLERS: &[(&str, Handler)] = &[
     ("quantized_linear", quantized::run_linear),
     ("quantized_conv2d", quantized::run_conv),
     ("intx_fake_quant", intx::run),
+    ("intx_qat_linear", intx_qat::run_linear),
+    ("intx_qat_embedding", intx_qat::run_embedding),
     ("ggml_fake_quant", ggml::run),
 ];
 

@@ -422,7 +422,7 @@ fn quantizer_dynamic_static_disabled() {
         .dynamic(false)
         .build()
         .unwrap();
-    let mut fixed = IntxFakeQuantizer::new(spec.clone());
+    let mut fixed = IntxFakeQuantizer::new(spec);
     assert!(fixed.scale().is_none());
     fixed.forward(&a).unwrap();
     let yb = fixed.forward(&b).unwrap();
@@ -501,7 +501,7 @@ fn range_learning_gradients_match_finite_differences() {
         .collect();
     let xt = Tensor::from_vec(x.clone(), (rows, cols), &dev).unwrap();
     let dyt = Tensor::from_vec(dy.clone(), (rows, cols), &dev).unwrap();
-    let mut fq = IntxFakeQuantizer::new(spec.clone());
+    let mut fq = IntxFakeQuantizer::new(spec);
     fq.initialize(&xt).unwrap();
     let vars = fq.vars();
     // Move the qparams off the initial grid so that codes are not at ties.

@@ -10,7 +10,7 @@ use crate::model::transaction::{self, transact};
 use crate::model::{
     FuseMode, ModulePath, ModuleVisitor, ModuleVisitorMut, QuantModule, Quantizable, Stage,
 };
-use crate::qconfig::{LearnableSpec, QConfig};
+use crate::qconfig::{LearnableSpec, QConfig, Scheme, SchemeSupport};
 use crate::qconfig_mapping::QConfigMapping;
 use crate::qparams::QParams;
 
@@ -79,6 +79,35 @@ impl Prepare<'_> {
             .unwrap_or(self.mapping.global_qconfig().copied())
     }
 
+    /// The qconfig a layer takes from the one the mapping resolved: under a torchao / GGML
+    /// scheme, layers without weights stay float, an Embedding takes only weight-only
+    /// schemes, and layers that cannot take one are an error (see `qconfig::Scheme`).
+    fn for_layer(module: &dyn QuantModule, qc: Option<QConfig>) -> Result<Option<QConfig>> {
+        let Some(qc) = qc else {
+            return Ok(None);
+        };
+        if matches!(qc.scheme, Scheme::Eager) {
+            return Ok(Some(qc));
+        }
+        match module.scheme_support() {
+            SchemeSupport::InputAndWeight => Ok(Some(qc)),
+            SchemeSupport::WeightOnly if !qc.scheme.quantizes_inputs() => Ok(Some(qc)),
+            SchemeSupport::WeightOnly | SchemeSupport::Float => Ok(None),
+            SchemeSupport::Refused => Err(Error::config(
+                format!(
+                    "{} ({}) cannot take the transformer scheme `{}` (torchao / GGML schemes                      quantize Linear inputs and Linear / Embedding weights)",
+                    module.kind(),
+                    module.type_name(),
+                    qc.scheme.describe()
+                ),
+                format!(
+                    "give it an eager qconfig (QConfig::default_qat) or None by type or path,                      e.g. `.set_type::<{}>(None)`",
+                    module.type_name()
+                ),
+            )),
+        }
+    }
+
     /// What `prepare_qat(qc)` on `module` would refuse, found without changing anything.
     fn check(module: &dyn QuantModule, qc: Option<&QConfig>) -> Result<()> {
         match module.stage() {
@@ -99,6 +128,9 @@ impl Prepare<'_> {
         let Some(qc) = qc else {
             return Ok(());
         };
+        if !matches!(qc.scheme, Scheme::Eager) {
+            return module.check_qconfig(qc);
+        }
         if !module.has_int8_form() {
             return Err(Error::config(
                 format!(
@@ -149,6 +181,7 @@ impl ModuleVisitorMut for Prepare<'_> {
             .mapping
             .resolve(&dotted, module.type_name(), self.parent().as_ref());
         self.seen_paths.push(dotted.clone());
+        let qc = Self::for_layer(&*module, qc).map_err(|e| e.in_module(dotted.clone()))?;
         if !self.apply {
             return Self::check(module, qc.as_ref()).map_err(|e| e.in_module(dotted));
         }
@@ -542,6 +575,9 @@ pub fn summary<M: Quantizable>(model: &M) -> Result<String> {
     let mut out = String::new();
     for m in named_modules(model)? {
         let _ = writeln!(out, "{:<28} {:<16} {:?}", m.path, m.kind, m.stage);
+        if let Some(qc) = m.qconfig.filter(|q| !matches!(q.scheme, Scheme::Eager)) {
+            let _ = writeln!(out, "    {:<10} {}", "scheme", qc.scheme.describe());
+        }
         for f in &m.fake_quants {
             let lsq = match (f.learnable, f.learning_enabled) {
                 (false, _) => "",

@@ -49,7 +49,7 @@ pub enum IntxGranularity {
 /// assert!(!w2.is_symmetric());
 /// # Ok::<(), qat_core::Error>(())
 /// ```
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IntxSpec {
     bits: u8,
     granularity: IntxGranularity,

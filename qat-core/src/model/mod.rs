@@ -101,6 +101,16 @@ pub trait QuantModule {
     fn has_int8_form(&self) -> bool {
         true
     }
+    /// How the layer takes a torchao or GGML [`crate::qconfig::Scheme`] (default: it
+    /// refuses them, and prepare names it).
+    fn scheme_support(&self) -> crate::qconfig::SchemeSupport {
+        crate::qconfig::SchemeSupport::Refused
+    }
+    /// What `prepare_qat(qconfig)` would refuse in the layer's own shapes (a group size that
+    /// does not divide in_features, ...), found without changing anything.
+    fn check_qconfig(&self, _qconfig: &QConfig) -> Result<()> {
+        Ok(())
+    }
     /// Computes what [`QuantModule::convert`] would make of the layer, changing nothing: the
     /// int8 weights and the input and output qparams of a prepared layer, checked (the
     /// fake-quants saw data, the inputs have a known producer, an int8 kernel exists), or

@@ -36,6 +36,12 @@ impl Staged {
         self.0.is_none()
     }
 
+    /// Whether the change holds a `T` (a layer that stages more than one kind of change
+    /// asks before [`Staged::into_change`]).
+    pub fn holds<T: Any>(&self) -> bool {
+        self.0.as_ref().is_some_and(|b| b.is::<T>())
+    }
+
     /// The change as the layer staged it (`None`: no change); an error when it was staged by
     /// a layer of another type.
     pub fn into_change<T: Any>(self) -> Result<Option<T>> {

@@ -247,9 +247,9 @@ impl SiLU {
     }
 }
 
-simple_module!(ReLU, observed: false);
-simple_module!(SiLU, observed: true);
-simple_module!(GELU, observed: true);
-simple_module!(Sigmoid, observed: true);
-simple_module!(Tanh, observed: true);
-simple_module!(Identity, observed: false);
+simple_module!(ReLU, observed: false, scheme: Float);
+simple_module!(SiLU, observed: true, scheme: Float);
+simple_module!(GELU, observed: true, scheme: Float);
+simple_module!(Sigmoid, observed: true, scheme: Float);
+simple_module!(Tanh, observed: true, scheme: Float);
+simple_module!(Identity, observed: false, scheme: Float);

@@ -643,6 +643,9 @@ impl Common {
     /// Records the qconfig and builds the output fake-quant (`with_output`) of a layer that
     /// adds nothing of its own.
     pub fn prepare(&mut self, qconfig: Option<&QConfig>, with_output: bool) -> Result<()> {
+        // A layer with nothing of its own to quantize stays float under a torchao / GGML
+        // scheme (see `qconfig::Scheme`).
+        let qconfig = qconfig.filter(|qc| matches!(qc.scheme, crate::qconfig::Scheme::Eager));
         self.prepare_with(
             qconfig,
             |qc| with_output.then_some(qc.activation),

@@ -76,7 +76,7 @@ impl Dropout {
     }
 }
 
-simple_module!(Dropout, observed: false);
+simple_module!(Dropout, observed: false, scheme: Float);
 
 #[cfg(test)]
 mod tests {

@@ -1,14 +1,29 @@
-//! Embedding: a lookup of rows of `weight` by integer ids. A float layer for now: an eager
-//! qconfig on it is refused at prepare time (it has no int8 form).
+//! Embedding: a lookup of rows of `weight` by integer ids, float or with its table
+//! fake-quantized by a weight-only torchao intx or GGML scheme (torchao's
+//! `FakeQuantizedEmbedding`). An eager qconfig on it is refused at prepare time (PyTorch's
+//! eager mode has no QAT embedding).
 
 use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::common::Common;
+use std::sync::Mutex;
+
+use super::common::{lock, Common};
 use super::simple::simple_module;
+use super::weighted::IntxFq;
 use crate::error::{Error, Result};
+use crate::fake_quant::{IntxFakeQuantizer, IntxGranularity};
+use crate::ggml::BlockType;
 use crate::model::params::check_float_params;
-use crate::qconfig::QConfig;
+use crate::model::Stage;
+use crate::qconfig::{QConfig, Scheme};
+
+/// How a prepared Embedding fake-quantizes its table.
+#[derive(Clone, Debug)]
+enum TableQuant {
+    Intx(IntxFq),
+    Ggml(BlockType),
+}
 
 /// PyTorch's `nn.Embedding(num_embeddings, dim)` with candle-nn's semantics: ids (u8, u32 or
 /// i64, any shape) select rows of `weight` (`(num_embeddings, dim)`, initialised N(0, 1)),
@@ -30,6 +45,7 @@ use crate::qconfig::QConfig;
 pub struct Embedding {
     weight: Tensor,
     pub(crate) common: Common,
+    quant: Option<TableQuant>,
 }
 
 impl Embedding {
@@ -49,6 +65,7 @@ impl Embedding {
         Ok(Embedding {
             weight,
             common: Common::default(),
+            quant: None,
         })
     }
 
@@ -94,19 +111,90 @@ impl Embedding {
         Ok(())
     }
 
+    /// The table as the forward uses it: fake-quantized when prepared with a weight-only
+    /// scheme (the deployed table, which candle dequantizes on load), else the weight.
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            None => Ok(self.weight.clone()),
+            Some(TableQuant::Intx(fq)) => lock(&fq.0)?.forward(&self.weight),
+            Some(TableQuant::Ggml(ty)) => crate::ggml::fake_quantize_ggml(&self.weight, *ty),
+        }
+    }
+
+    /// The GGML block type the table was prepared with (`None`: float or intx).
+    pub fn ggml_type(&self) -> Option<BlockType> {
+        match &self.quant {
+            Some(TableQuant::Ggml(ty)) => Some(*ty),
+            _ => None,
+        }
+    }
+
     fn forward_t(&self, ids: &Tensor) -> Result<Tensor> {
         self.check_ids(ids)?;
         let mut dims = ids.dims().to_vec();
         dims.push(self.dim());
-        let rows = self.weight.index_select(&ids.flatten_all()?, 0)?;
+        let table = self.effective_weight()?;
+        let rows = table.index_select(&ids.flatten_all()?, 0)?;
         Ok(rows.reshape(dims)?)
     }
 
+    /// What prepare would refuse for `qc`: a scheme whose weight spec does not fit the
+    /// table (a group that does not divide `dim`, per token, GGML blocks that do not tile a
+    /// row).
+    fn check_table_scheme(&self, qc: &QConfig) -> Result<()> {
+        match qc.scheme {
+            Scheme::Eager => Ok(()),
+            Scheme::Intx { weight, .. } => {
+                if weight.granularity() == IntxGranularity::PerToken {
+                    return Err(Error::config(
+                        "a per-token intx scheme on an Embedding's table (per token is for                          activations)",
+                        "use per_axis (torchao's default for embeddings) or per_group(g)",
+                    ));
+                }
+                weight.group_len(self.weight.dims()).map(|_| ())
+            }
+            Scheme::Ggml { weight, .. } => {
+                if !self.dim().is_multiple_of(weight.block_size()) {
+                    return Err(Error::config(
+                        format!(
+                            "GGML {} needs the embedding dim divisible by its block of {},                              but the table is {:?}",
+                            weight.name(),
+                            weight.block_size(),
+                            self.weight.dims()
+                        ),
+                        "use a type with 32-element blocks (Q8_0, Q4_0) or keep the                          Embedding float (None)",
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
-        self.common.prepare(qconfig, observed)
+        let Some(qc) = qconfig else {
+            return self.common.prepare(None, observed);
+        };
+        let quant = match qc.scheme {
+            Scheme::Eager => return self.common.prepare(qconfig, observed),
+            // A scheme that quantizes inputs is a Linear scheme: the table stays float.
+            s if s.quantizes_inputs() => return self.common.prepare(None, observed),
+            Scheme::Intx { weight, .. } => {
+                TableQuant::Intx(IntxFq(Mutex::new(IntxFakeQuantizer::new(weight))))
+            }
+            Scheme::Ggml { weight, .. } => TableQuant::Ggml(weight),
+        };
+        self.check_table_scheme(qc)?;
+        self.common.prepare_with(qconfig, |_| None, |_| Ok(()))?;
+        self.quant = Some(quant);
+        Ok(())
     }
 
     fn stage_convert_with(&self) -> Result<crate::model::Staged> {
+        if self.quant.is_some() && self.common.stage() == Stage::Prepared {
+            // The deployed table is the dequantized one the forward already uses (candle
+            // dequantizes a GGUF token_embd on load): the layer keeps its form.
+            return Ok(crate::model::Staged::unchanged());
+        }
         self.common.stage_convert("Embedding", false)
     }
 
@@ -125,7 +213,15 @@ impl Embedding {
     }
 }
 
-simple_module!(Embedding, observed: false, params: params, load_params, int8: false);
+simple_module!(
+    Embedding,
+    observed: false,
+    params: params,
+    load_params,
+    int8: false,
+    scheme: WeightOnly,
+    check: check_table_scheme
+);
 
 #[cfg(test)]
 mod tests {

@@ -57,6 +57,12 @@ impl Linear {
         self.w.bias.as_ref()
     }
 
+    /// The GGML weight of a layer converted from a GGML scheme: the blocks its weight
+    /// fake-quant produced, as candle's `QMatMul` runs them and a GGUF file stores them.
+    pub fn ggml_weight(&self) -> Option<&std::sync::Arc<candle_core::quantized::QTensor>> {
+        self.w.ggml().map(|g| &g.qtensor)
+    }
+
     /// Running mean and variance of a BatchNorm fused in for QAT.
     pub fn bn_running_stats(&self) -> Option<(Tensor, Tensor)> {
         self.w.bn.as_ref().map(|b| {
@@ -136,6 +142,12 @@ impl QuantModule for Linear {
     }
     fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
         self.w.prepare(qconfig)
+    }
+    fn scheme_support(&self) -> crate::qconfig::SchemeSupport {
+        crate::qconfig::SchemeSupport::InputAndWeight
+    }
+    fn check_qconfig(&self, qconfig: &QConfig) -> Result<()> {
+        self.w.check_scheme(qconfig)
     }
     fn qconfig(&self) -> Option<&QConfig> {
         self.w.common.qconfig()

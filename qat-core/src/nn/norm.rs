@@ -278,8 +278,8 @@ fn norm_forward(
     common.finish(y)
 }
 
-simple_module!(RmsNorm, observed: true, params: params, load_params);
-simple_module!(LayerNorm, observed: true, params: params, load_params);
+simple_module!(RmsNorm, observed: true, params: params, load_params, scheme: Float);
+simple_module!(LayerNorm, observed: true, params: params, load_params, scheme: Float);
 
 #[cfg(test)]
 mod tests {

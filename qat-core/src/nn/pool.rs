@@ -105,5 +105,5 @@ impl Flatten {
     }
 }
 
-simple_module!(MaxPool2d, observed: false);
-simple_module!(Flatten, observed: false);
+simple_module!(MaxPool2d, observed: false, scheme: Float);
+simple_module!(Flatten, observed: false, scheme: Float);

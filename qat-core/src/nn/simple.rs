@@ -5,7 +5,7 @@
 /// qconfig. `params: get, set`: inherent methods listing and replacing the layer's float
 /// tensors (`QuantModule::float_params`). `int8: false`: `prepare_qat` refuses a qconfig on it.
 macro_rules! simple_module {
-    ($t:ident, observed: $observed:expr $(, params: $get:ident, $set:ident)? $(, int8: $int8:expr)?) => {
+    ($t:ident, observed: $observed:expr $(, params: $get:ident, $set:ident)? $(, int8: $int8:expr)? $(, scheme: $scheme:ident)? $(, check: $check:ident)?) => {
         impl $crate::model::QuantModule for $t {
             fn kind(&self) -> String {
                 if self.common.absorbed.is_some() {
@@ -79,6 +79,19 @@ macro_rules! simple_module {
             $(
                 fn has_int8_form(&self) -> bool {
                     $int8
+                }
+            )?
+            $(
+                fn scheme_support(&self) -> $crate::qconfig::SchemeSupport {
+                    $crate::qconfig::SchemeSupport::$scheme
+                }
+            )?
+            $(
+                fn check_qconfig(
+                    &self,
+                    qconfig: &$crate::qconfig::QConfig,
+                ) -> $crate::error::Result<()> {
+                    self.$check(qconfig)
                 }
             )?
         }

@@ -10,10 +10,11 @@ use super::batch_norm::BnCore;
 use super::common::{lock, Common, ConvertedIo, LayerState};
 use super::conv::ConvConfig;
 use crate::error::{Error, Result};
-use crate::fake_quant::FakeQuantize;
+use crate::fake_quant::{FakeQuantize, IntxFakeQuantizer};
+use crate::ggml::{BlockType, VecDotType};
 use crate::model::hook as trace;
 use crate::model::{Stage, Staged};
-use crate::qconfig::{Backend, QConfig};
+use crate::qconfig::{Backend, QConfig, Scheme};
 use crate::qparams::QParams;
 use crate::quantized::{QuantizedWeight, Requant};
 use crate::record::IoQParams;
@@ -57,6 +58,15 @@ pub(crate) struct WeightedChange {
     weight_fq: Option<FakeQuantize>,
 }
 
+/// A GGML-prepared Linear converted to candle's quantized runtime: a `QMatMul` over exactly
+/// the blocks its weight fake-quant produced.
+#[derive(Clone, Debug)]
+pub(crate) struct GgmlWeighted {
+    pub qtensor: std::sync::Arc<candle_core::quantized::QTensor>,
+    pub matmul: candle_core::quantized::QMatMul,
+    pub ty: BlockType,
+}
+
 /// The bias as an integer engine adds it: `(acc + int_bias) * (x_scale * w_scale) +
 /// float_bias`. fbgemm/x86 keep the whole bias in float; qnnpack rounds it to int32 in units
 /// of `x_scale * w_scale` (PyTorch's qnnpack kernels do).
@@ -95,12 +105,50 @@ pub(crate) struct Weighted {
     pub bn: Option<BnCore>,
     pub bn_frozen: bool,
     pub relu: bool,
-    pub common: Common<WeightFq, IntState>,
+    pub common: Common<WeightQuant, IntForm>,
 }
+
+/// What a converted weighted layer holds: int8 kernels (eager) or candle's GGML runtime.
+#[derive(Clone, Debug)]
+pub(crate) enum IntForm {
+    Int8(Box<IntState>),
+    Ggml(GgmlWeighted),
+}
+
+/// The float op of a weighted layer: `op(x, w, bias)`.
+type FloatOpFn<'a> = &'a dyn Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>;
 
 /// A weighted layer's weight fake-quant.
 #[derive(Debug)]
 pub(crate) struct WeightFq(pub Mutex<FakeQuantize>);
+
+/// A torchao intx fake quantizer of a layer (its weight's or its input's).
+#[derive(Debug)]
+pub(crate) struct IntxFq(pub Mutex<IntxFakeQuantizer>);
+
+impl Clone for IntxFq {
+    fn clone(&self) -> Self {
+        // A poisoned lock still holds a consistent quantizer: every write is one assignment.
+        let fq = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        IntxFq(Mutex::new(fq.clone()))
+    }
+}
+
+/// What a prepared weighted layer holds: PyTorch eager's weight fake-quant (its output
+/// fake-quant is in [`Common`]), or a transformer scheme's input and weight quantizers
+/// (outputs stay float).
+#[derive(Clone, Debug)]
+pub(crate) enum WeightQuant {
+    Eager(WeightFq),
+    Intx {
+        weight: IntxFq,
+        input: Option<IntxFq>,
+    },
+    Ggml {
+        weight: BlockType,
+        input: Option<VecDotType>,
+    },
+}
 
 impl Clone for WeightFq {
     fn clone(&self) -> Self {
@@ -156,15 +204,108 @@ impl Weighted {
     /// The weight fake-quant (prepared and converted layers).
     pub fn weight_fq(&self) -> Option<&Mutex<FakeQuantize>> {
         match &self.common.state {
-            LayerState::Prepared(p) => Some(&p.extra.0),
-            LayerState::Converted(c) => c.extra.weight_fq.as_ref().map(|w| &w.0),
+            LayerState::Prepared(p) => match &p.extra {
+                WeightQuant::Eager(w) => Some(&w.0),
+                WeightQuant::Intx { .. } | WeightQuant::Ggml { .. } => None,
+            },
+            LayerState::Converted(c) => match &c.extra {
+                IntForm::Int8(i) => i.weight_fq.as_ref().map(|w| &w.0),
+                IntForm::Ggml(_) => None,
+            },
             LayerState::Float | LayerState::Fused => None,
         }
     }
 
     /// The int8 form (converted layers).
     pub fn int(&self) -> Option<&IntWeighted> {
-        self.common.converted().map(|c| &c.extra.int)
+        match &self.common.converted()?.extra {
+            IntForm::Int8(i) => Some(&i.int),
+            IntForm::Ggml(_) => None,
+        }
+    }
+
+    /// The GGML form (layers converted from a GGML scheme).
+    pub fn ggml(&self) -> Option<&GgmlWeighted> {
+        match &self.common.converted()?.extra {
+            IntForm::Ggml(g) => Some(g),
+            IntForm::Int8(_) => None,
+        }
+    }
+
+    /// The transformer-scheme quantizers of a prepared layer (`None`: eager or not
+    /// prepared).
+    fn scheme_quant(&self) -> Option<&WeightQuant> {
+        self.common
+            .prepared()
+            .map(|p| &p.extra)
+            .filter(|q| !matches!(q, WeightQuant::Eager(_)))
+    }
+
+    /// A torchao / GGML prepared layer's forward: the input through its quantizer (per
+    /// token, or in the weight type's vec-dot blocks), the weight through its own, then the
+    /// float op; the output stays float.
+    fn forward_scheme(
+        &self,
+        q: &WeightQuant,
+        x: &Tensor,
+        op: FloatOpFn,
+    ) -> Result<Tensor> {
+        self.common.check_input(x, "a prepared layer")?;
+        let (xq, w) = match q {
+            WeightQuant::Intx { weight, input } => {
+                let xq = match input {
+                    Some(i) => lock(&i.0)?.forward(x)?,
+                    None => x.clone(),
+                };
+                (xq, lock(&weight.0)?.forward(&self.weight)?)
+            }
+            WeightQuant::Ggml { weight, input } => {
+                let xq = match input {
+                    Some(vd) => crate::ggml::fake_quantize_vec_dot(x, *vd)?,
+                    None => x.clone(),
+                };
+                (xq, crate::ggml::fake_quantize_ggml(&self.weight, *weight)?)
+            }
+            WeightQuant::Eager(_) => {
+                return Err(Error::state(
+                    "eager layer on the transformer-scheme path",
+                    "report this as a bug",
+                ))
+            }
+        };
+        let y = op(&xq, &w, self.bias.as_ref())?;
+        let y = if self.relu {
+            crate::kernels::relu::relu(&y)?
+        } else {
+            y
+        };
+        self.common.finish(y)
+    }
+
+    /// A GGML-converted layer's forward: candle's `QMatMul`, then the bias.
+    fn forward_ggml(&self, g: &GgmlWeighted, x: &Tensor) -> Result<Tensor> {
+        self.common.check_input(x, "a GGML-converted layer")?;
+        if x.dtype() != candle_core::DType::F32 {
+            return Err(Error::tensor(
+                format!(
+                    "a GGML-converted layer ({}) got a {:?} input",
+                    g.ty.name(),
+                    x.dtype()
+                ),
+                "feed f32 activations (candle's quantized matmul takes f32 inputs)",
+            ));
+        }
+        let y = candle_core::Module::forward(&g.matmul, x)?;
+        let y = match &self.bias {
+            Some(b) => crate::kernels::channel::add_channel(&y, b, y.rank() - 1)?,
+            None => y,
+        };
+        let y = if self.relu {
+            crate::kernels::relu::relu(&y)?
+        } else {
+            y
+        };
+        self.common.finish(y)
     }
 
     pub fn out_channels(&self) -> usize {
@@ -248,6 +389,12 @@ impl Weighted {
             WeightedKind::Conv { config, rank: 2 } => Some(IntOp::Conv2d(config)),
             WeightedKind::Conv { .. } => None,
         };
+        if let Some(q) = self.scheme_quant() {
+            return self.forward_scheme(q, x, &op);
+        }
+        if let Some(g) = self.ggml() {
+            return self.forward_ggml(g, x);
+        }
         if let Some(int) = self.int() {
             let y = self.forward_int(int, x, int_op)?;
             self.common.trace(&[x], &y, || Op::IntWeighted {
@@ -385,6 +532,9 @@ impl Weighted {
             Stage::Float | Stage::Fused => return Ok(Staged::unchanged()),
             Stage::Prepared => {}
         }
+        if let Some(q) = self.scheme_quant() {
+            return self.stage_convert_scheme(what, q);
+        }
         if !supported {
             return Err(Error::config(
                 format!("{what} has no int8 kernel"),
@@ -444,6 +594,52 @@ impl Weighted {
             output: out,
             weight_fq: Some(fq),
         }))
+    }
+
+    /// Stages the conversion of a torchao / GGML prepared layer: GGML with quantized inputs
+    /// becomes candle's `QMatMul` over the blocks its weight fake-quant produced; the
+    /// others have no runtime here and are refused.
+    fn stage_convert_scheme(&self, what: &str, q: &WeightQuant) -> Result<Staged> {
+        match q {
+            WeightQuant::Ggml {
+                weight,
+                input: Some(_),
+            } => {
+                if self.bn.is_some() {
+                    return Err(Error::state(
+                        "GGML-prepared layer with a fused BatchNorm",
+                        "report this as a bug (prepare refuses it)",
+                    ));
+                }
+                let qtensor = std::sync::Arc::new(crate::ggml::to_qtensor(
+                    &self.weight.detach(),
+                    *weight,
+                )?);
+                let matmul = candle_core::quantized::QMatMul::from_arc(qtensor.clone())?;
+                Ok(Staged::new(GgmlWeighted {
+                    qtensor,
+                    matmul,
+                    ty: *weight,
+                }))
+            }
+            WeightQuant::Ggml { weight, input: None } => Err(Error::config(
+                format!(
+                    "{what} was prepared with a weight-only GGML scheme ({}): candle's                      quantized matmul quantizes its inputs, so the converted layer would not                      compute what the QAT model computed",
+                    weight.name()
+                ),
+                "prepare Linears with QConfig::ggml (weights and inputs); keep                  ggml_weight_only for Embeddings",
+            )),
+            WeightQuant::Intx { .. } => Err(Error::config(
+                format!(
+                    "{what} was prepared with a torchao intx scheme, which has no integer                      kernel or GGUF type here"
+                ),
+                "deploy the prepared (fake-quant) model as it is, or train with a GGML                  scheme (QConfig::ggml) to convert and export GGUF; map the layer to None to                  keep it float",
+            )),
+            WeightQuant::Eager(_) => Err(Error::state(
+                "eager layer on the transformer-scheme path",
+                "report this as a bug",
+            )),
+        }
     }
 
     /// The saved form of a converted layer.
@@ -517,6 +713,12 @@ impl Weighted {
     /// Applies a change staged by [`Weighted::stage_convert`] or
     /// [`Weighted::stage_int8_state`].
     pub fn apply(&mut self, change: Staged) -> Result<()> {
+        if change.holds::<GgmlWeighted>() {
+            if let Some(g) = change.into_change::<GgmlWeighted>()? {
+                self.common.set_converted(None, IntForm::Ggml(g));
+            }
+            return Ok(());
+        }
         let Some(c) = change.into_change::<WeightedChange>()? else {
             return Ok(());
         };
@@ -527,24 +729,95 @@ impl Weighted {
         let weight_fq = c.weight_fq.map(|fq| WeightFq(Mutex::new(fq)));
         self.common.set_converted(
             Some(io),
-            IntState {
+            IntForm::Int8(Box::new(IntState {
                 int: c.int,
                 weight_fq,
-            },
+            })),
         );
         Ok(())
     }
 
     pub fn prepare(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
+        if let Some(qc) = qconfig {
+            self.check_scheme(qc)?;
+        }
         let channels = self.out_channels();
         self.common.prepare_with(
             qconfig,
-            |qc| Some(qc.activation),
+            |qc| matches!(qc.scheme, Scheme::Eager).then_some(qc.activation),
             |qc| {
-                let fq = FakeQuantize::with_channels(&qc.weight, channels)?;
-                Ok(WeightFq(Mutex::new(fq)))
+                Ok(match qc.scheme {
+                    Scheme::Eager => {
+                        let fq = FakeQuantize::with_channels(&qc.weight, channels)?;
+                        WeightQuant::Eager(WeightFq(Mutex::new(fq)))
+                    }
+                    Scheme::Intx { input, weight } => WeightQuant::Intx {
+                        weight: IntxFq(Mutex::new(IntxFakeQuantizer::new(weight))),
+                        input: input.map(|i| IntxFq(Mutex::new(IntxFakeQuantizer::new(i)))),
+                    },
+                    Scheme::Ggml { weight, input } => WeightQuant::Ggml {
+                        weight,
+                        input: input.then(|| weight.vec_dot_type()),
+                    },
+                })
             },
         )
+    }
+
+    /// Checks that a transformer scheme fits this layer's weight (a Linear's: 2-D), changing
+    /// nothing: groups that divide in_features, a weight granularity (not per token), GGML
+    /// blocks that tile the rows, no fused BatchNorm.
+    pub fn check_scheme(&self, qc: &QConfig) -> Result<()> {
+        let dims = self.weight.dims();
+        match qc.scheme {
+            Scheme::Eager => return Ok(()),
+            Scheme::Intx { input, weight } => {
+                if weight.granularity() == crate::fake_quant::IntxGranularity::PerToken {
+                    return Err(Error::config(
+                        "a per-token intx scheme on a weight (per token is for activations:                          torchao quantizes a Linear's input per token)",
+                        "use per_group(g) or per_axis for the weight spec",
+                    ));
+                }
+                weight.group_len(dims)?;
+                if let Some(i) = input {
+                    if i.granularity() != crate::fake_quant::IntxGranularity::PerToken {
+                        return Err(Error::config(
+                            "an input (activation) intx scheme that is not per token: the                              input's shape changes with the batch, so only per-token                              activations are supported (as torchao's presets)",
+                            "use IntxSpec::int8_per_token_asym() (or a per_token builder)                              for the input",
+                        ));
+                    }
+                    if i.range_learning() || !i.is_dynamic() {
+                        return Err(Error::config(
+                            "a static or range-learning per-token input scheme: per-token                              qparams belong to each token of each batch",
+                            "keep per-token input schemes dynamic (torchao's default)",
+                        ));
+                    }
+                }
+            }
+            Scheme::Ggml { weight, .. } => {
+                let bs = weight.block_size();
+                let last = dims.last().copied().unwrap_or(0);
+                if dims.len() != 2 || last % bs != 0 {
+                    return Err(Error::config(
+                        format!(
+                            "GGML {} needs in_features divisible by its block of {bs}, but the                              weight has shape {dims:?}",
+                            weight.name()
+                        ),
+                        format!(
+                            "use a type with smaller blocks (Q8_0/Q4_0: 32) for this layer                              by path, or keep it float (None){}",
+                            if bs == 256 { "; K-quants need in_features % 256 == 0" } else { "" }
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.bn.is_some() {
+            return Err(Error::config(
+                "a transformer scheme (torchao / GGML) on a layer with a fused BatchNorm",
+                "give fused conv/linear + BatchNorm groups an eager qconfig",
+            ));
+        }
+        Ok(())
     }
 
     pub fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
@@ -562,8 +835,14 @@ impl Weighted {
 
     pub fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
         let weight_fq = match &mut self.common.state {
-            LayerState::Prepared(p) => Some(&mut p.extra.0),
-            LayerState::Converted(c) => c.extra.weight_fq.as_mut().map(|w| &mut w.0),
+            LayerState::Prepared(p) => match &mut p.extra {
+                WeightQuant::Eager(w) => Some(&mut w.0),
+                WeightQuant::Intx { .. } | WeightQuant::Ggml { .. } => None,
+            },
+            LayerState::Converted(c) => match &mut c.extra {
+                IntForm::Int8(i) => i.weight_fq.as_mut().map(|w| &mut w.0),
+                IntForm::Ggml(_) => None,
+            },
             LayerState::Float | LayerState::Fused => None,
         };
         if let Some(m) = weight_fq {
