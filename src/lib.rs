@@ -26,6 +26,7 @@ pub use qat_macros::Quantizable;
 
 /// The names most programs need.
 pub mod prelude {
+    pub use qat_core::fake_quant::IntxSpec;
     pub use qat_core::model::{ModulePath, Quantizable, Stage};
     pub use qat_core::nn::{
         BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig, Conv1d, Conv2d, Conv3d, ConvConfig,
@@ -35,10 +36,12 @@ pub mod prelude {
     pub use qat_core::passes::{
         disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,
         enable_param_learning, enable_static_estimate, eval, freeze_bn_stats, fuse_modules,
-        fuse_modules_qat, learnable_parameters, make_learnable, named_modules, prepare_qat,
-        summary, train, update_bn_stats,
+        fuse_modules_qat, initialize_fake_quantizers, learnable_parameters, make_learnable,
+        named_modules, prepare_qat, summary, train, update_bn_stats,
     };
-    pub use qat_core::qconfig::{Backend, FakeQuantizeSpec, ObserverKind, QConfig};
+    pub use qat_core::qconfig::{
+        Backend, BlockType, FakeQuantizeSpec, ObserverKind, QConfig, Scheme,
+    };
     pub use qat_core::qconfig_mapping::QConfigMapping;
     pub use qat_core::{qconfig_mapping, Error, QDType, QParams, QScheme, Result};
 

@@ -465,9 +465,68 @@ pub fn learnable_parameters<M: Quantizable>(model: &mut M) -> Result<Vec<(String
                 out.push((format!("{prefix}.{name}"), v));
             }
         });
-        Ok(())
+        m.for_each_intx_quantizer(&mut |role, q, _| {
+            let prefix = path.join(role);
+            for (name, v) in ["scale", "zero_point"].into_iter().zip(q.vars()) {
+                out.push((format!("{prefix}.{name}"), v));
+            }
+            Ok(())
+        })
     })?;
     Ok(out)
+}
+
+/// torchao's `initialize_fake_quantizers`: gives every range-learning intx weight quantizer
+/// (`IntxSpec::builder(..).dynamic(false).range_learning(true)`) its trainable scale and
+/// zero point, computed from the layer's current weight, so that [`learnable_parameters`]
+/// returns them for the optimizer. Call it after [`prepare_qat`] and before building the
+/// optimizer. Static (non-dynamic) quantizers are left to take their qparams from their first
+/// forward, as torchao's; dynamic ones have nothing to initialise. An error (a quantizer that
+/// cannot take its weight's shape) leaves every quantizer as it was.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use qat_core::fake_quant::IntxSpec;
+/// use qat_core::nn::Linear;
+/// use qat_core::passes::{initialize_fake_quantizers, learnable_parameters, prepare_qat};
+/// use qat_core::qconfig::QConfig;
+/// use qat_core::qconfig_mapping::QConfigMapping;
+/// let vm = VarMap::new();
+/// let mut fc = Linear::new(64, 8, false, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let w4 = IntxSpec::builder(4).per_group(32).dynamic(false).range_learning(true).build()?;
+/// prepare_qat(&mut fc, &QConfigMapping::global(QConfig::intx(None, w4)))?;
+/// initialize_fake_quantizers(&mut fc)?;
+/// let names: Vec<String> = learnable_parameters(&mut fc)?.into_iter().map(|(n, _)| n).collect();
+/// assert_eq!(names, ["weight_fake_quantizer.scale"]); // symmetric: no zero point
+/// # Ok::<(), qat_core::Error>(())
+/// ```
+pub fn initialize_fake_quantizers<M: Quantizable>(model: &mut M) -> Result<()> {
+    // Computed first, applied after: an error changes nothing.
+    let mut staged = Vec::new();
+    for_each_layer(model, |path, m| {
+        m.for_each_intx_quantizer(&mut |role, q, weight| {
+            if let (true, Some(w)) = (q.spec().range_learning(), weight) {
+                let mut fresh = q.clone();
+                fresh
+                    .initialize(w)
+                    .map_err(|e| e.in_module(path.join(role)))?;
+                staged.push(fresh);
+            }
+            Ok(())
+        })
+    })?;
+    let mut staged = staged.into_iter();
+    for_each_layer(model, |_, m| {
+        m.for_each_intx_quantizer(&mut |_, q, weight| {
+            if let (true, Some(_)) = (q.spec().range_learning(), weight) {
+                if let Some(fresh) = staged.next() {
+                    *q = fresh;
+                }
+            }
+            Ok(())
+        })
+    })
 }
 
 /// One fake-quant of a module, as listed by [`named_modules`].

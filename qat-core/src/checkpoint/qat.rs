@@ -74,6 +74,20 @@ pub(super) fn save<M: Quantizable>(model: &mut M, varmap: &VarMap, path: &Path) 
         entries.push((format!("{p}.max_val"), vec_entry(&s.observer.max_val)));
         entries.push((format!("{p}.histogram"), vec_entry(&s.observer.histogram)));
     }
+    // torchao intx quantizers that keep qparams (static, or range learning: their trained
+    // scale and zero point); dynamic ones recompute them every forward and hold no state.
+    for_each_layer(model, |path, m| {
+        m.for_each_intx_quantizer(&mut |role, q, _| {
+            if let (false, Some(qp)) = (q.spec().is_dynamic(), q.qparams()?) {
+                let p = path.join(role);
+                for (k, t) in [("scale", qp.scale()), ("zero_point", qp.zero_point())] {
+                    let data = t.flatten_all()?.to_vec1::<f32>()?;
+                    entries.push((format!("{p}.{k}"), Entry::f32(&data, t.dims())));
+                }
+            }
+            Ok(())
+        })
+    })?;
     let vars = varmap.data().lock().map_err(|_| lock_err())?;
     for (name, var) in vars.iter() {
         let v = var.as_tensor().to_dtype(DType::F32)?;
@@ -138,6 +152,51 @@ pub(super) fn load<M: Quantizable>(model: &mut M, varmap: &VarMap, path: &Path) 
         m.check_fake_quant_states(&states)?;
         Ok(states)
     })?;
+    // Kept intx qparams: read and checked now, set after everything else was validated.
+    let mut intx = Vec::new();
+    for_each_layer(model, |path, m| {
+        m.for_each_intx_quantizer(&mut |role, q, _| {
+            let p = path.join(role);
+            let key = |k: &str| format!("{p}.{k}");
+            if q.spec().is_dynamic() {
+                return Ok(());
+            }
+            if !r.has(&key("scale")) {
+                if q.qparams()?.is_some() {
+                    return Err(Error::state(
+                        format!(
+                            "`{p}` holds static qparams but the file has none for it (saved                              before its first forward, or from a model with another scheme)"
+                        ),
+                        "load a checkpoint saved from a model prepared with the same qconfig                          mapping",
+                    ));
+                }
+                return Ok(());
+            }
+            let (ss, sv) = r.f32s(&key("scale"))?;
+            let (zs, zv) = r.f32s(&key("zero_point"))?;
+            if ss != zs || sv.iter().chain(&zv).any(|x| !x.is_finite()) {
+                return Err(Error::state(
+                    format!("`{p}`: saved scale {ss:?} / zero point {zs:?} do not pair, or hold a non-finite value"),
+                    "load a checkpoint written by save_qat_checkpoint",
+                ));
+            }
+            if let Some(now) = q.qparams()? {
+                if now.scale().dims() != ss.as_slice() {
+                    return Err(Error::state(
+                        format!(
+                            "`{p}`: saved qparams of shape {ss:?}, the quantizer's are {:?}",
+                            now.scale().dims()
+                        ),
+                        "load a checkpoint saved from a model of the same architecture and                          qconfig mapping",
+                    ));
+                }
+            }
+            let scale = Tensor::from_vec(sv, ss, &Device::Cpu)?;
+            let zp = Tensor::from_vec(zv, zs, &Device::Cpu)?;
+            intx.push(crate::fake_quant::IntxQParams::new(scale, zp)?);
+            Ok(())
+        })
+    })?;
     let mut values = Vec::new();
     {
         let vars = varmap.data().lock().map_err(|_| lock_err())?;
@@ -167,5 +226,20 @@ pub(super) fn load<M: Quantizable>(model: &mut M, varmap: &VarMap, path: &Path) 
     for (var, t) in values {
         var.set(&t)?;
     }
-    plan.apply(model, |m, states| m.load_fake_quant_states(&states))
+    plan.apply(model, |m, states| m.load_fake_quant_states(&states))?;
+    let mut intx = intx.into_iter();
+    for_each_layer(model, |path, m| {
+        m.for_each_intx_quantizer(&mut |role, q, _| {
+            if q.spec().is_dynamic() {
+                return Ok(());
+            }
+            let p = path.join(role);
+            if r.has(&format!("{p}.scale")) {
+                if let Some(qp) = intx.next() {
+                    q.set_qparams(qp)?;
+                }
+            }
+            Ok(())
+        })
+    })
 }

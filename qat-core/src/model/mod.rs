@@ -13,6 +13,14 @@ pub(crate) mod transaction;
 
 pub use staged::Staged;
 
+/// What [`QuantModule::for_each_intx_quantizer`] calls: `f(name, quantizer, weight)`.
+pub type IntxVisitor<'a> = dyn FnMut(
+        &str,
+        &mut crate::fake_quant::IntxFakeQuantizer,
+        Option<&candle_core::Tensor>,
+    ) -> Result<()>
+    + 'a;
+
 /// A dotted module path as PyTorch writes it (`blocks.0.conv1`), built while walking a model.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModulePath {
@@ -105,6 +113,12 @@ pub trait QuantModule {
     /// refuses them, and prepare names it).
     fn scheme_support(&self) -> crate::qconfig::SchemeSupport {
         crate::qconfig::SchemeSupport::Refused
+    }
+    /// Calls `f(name, quantizer, weight)` for each torchao intx quantizer the layer owns,
+    /// named as torchao names them (`weight_fake_quantizer`, `activation_fake_quantizer`);
+    /// `weight` is the tensor a weight quantizer sees (`None` for an input quantizer).
+    fn for_each_intx_quantizer(&mut self, _f: &mut IntxVisitor<'_>) -> Result<()> {
+        Ok(())
     }
     /// What `prepare_qat(qconfig)` would refuse in the layer's own shapes (a group size that
     /// does not divide in_features, ...), found without changing anything.

@@ -189,6 +189,14 @@ impl Embedding {
         Ok(())
     }
 
+    fn table_quantizer(&mut self, f: &mut crate::model::IntxVisitor<'_>) -> Result<()> {
+        if let Some(TableQuant::Intx(fq)) = &mut self.quant {
+            let q = fq.0.get_mut().unwrap_or_else(|p| p.into_inner());
+            f("weight_fake_quantizer", q, Some(&self.weight))?;
+        }
+        Ok(())
+    }
+
     fn stage_convert_with(&self) -> Result<crate::model::Staged> {
         if self.quant.is_some() && self.common.stage() == Stage::Prepared {
             // The deployed table is the dequantized one the forward already uses (candle
@@ -220,7 +228,8 @@ simple_module!(
     load_params,
     int8: false,
     scheme: WeightOnly,
-    check: check_table_scheme
+    check: check_table_scheme,
+    intx: table_quantizer
 );
 
 #[cfg(test)]

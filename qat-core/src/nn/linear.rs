@@ -149,6 +149,9 @@ impl QuantModule for Linear {
     fn check_qconfig(&self, qconfig: &QConfig) -> Result<()> {
         self.w.check_scheme(qconfig)
     }
+    fn for_each_intx_quantizer(&mut self, f: &mut crate::model::IntxVisitor<'_>) -> Result<()> {
+        self.w.for_each_intx_quantizer(f)
+    }
     fn qconfig(&self) -> Option<&QConfig> {
         self.w.common.qconfig()
     }

@@ -5,7 +5,7 @@
 /// qconfig. `params: get, set`: inherent methods listing and replacing the layer's float
 /// tensors (`QuantModule::float_params`). `int8: false`: `prepare_qat` refuses a qconfig on it.
 macro_rules! simple_module {
-    ($t:ident, observed: $observed:expr $(, params: $get:ident, $set:ident)? $(, int8: $int8:expr)? $(, scheme: $scheme:ident)? $(, check: $check:ident)?) => {
+    ($t:ident, observed: $observed:expr $(, params: $get:ident, $set:ident)? $(, int8: $int8:expr)? $(, scheme: $scheme:ident)? $(, check: $check:ident)? $(, intx: $intx:ident)?) => {
         impl $crate::model::QuantModule for $t {
             fn kind(&self) -> String {
                 if self.common.absorbed.is_some() {
@@ -84,6 +84,14 @@ macro_rules! simple_module {
             $(
                 fn scheme_support(&self) -> $crate::qconfig::SchemeSupport {
                     $crate::qconfig::SchemeSupport::$scheme
+                }
+            )?
+            $(
+                fn for_each_intx_quantizer(
+                    &mut self,
+                    f: &mut $crate::model::IntxVisitor<'_>,
+                ) -> $crate::error::Result<()> {
+                    self.$intx(f)
                 }
             )?
             $(

@@ -244,12 +244,7 @@ impl Weighted {
     /// A torchao / GGML prepared layer's forward: the input through its quantizer (per
     /// token, or in the weight type's vec-dot blocks), the weight through its own, then the
     /// float op; the output stays float.
-    fn forward_scheme(
-        &self,
-        q: &WeightQuant,
-        x: &Tensor,
-        op: FloatOpFn,
-    ) -> Result<Tensor> {
+    fn forward_scheme(&self, q: &WeightQuant, x: &Tensor, op: FloatOpFn) -> Result<Tensor> {
         self.common.check_input(x, "a prepared layer")?;
         let (xq, w) = match q {
             WeightQuant::Intx { weight, input } => {
@@ -816,6 +811,22 @@ impl Weighted {
                 "a transformer scheme (torchao / GGML) on a layer with a fused BatchNorm",
                 "give fused conv/linear + BatchNorm groups an eager qconfig",
             ));
+        }
+        Ok(())
+    }
+
+    /// The torchao intx quantizers of a prepared layer, with torchao's names.
+    pub fn for_each_intx_quantizer(&mut self, f: &mut crate::model::IntxVisitor<'_>) -> Result<()> {
+        let weight = self.weight.clone();
+        if let LayerState::Prepared(p) = &mut self.common.state {
+            if let WeightQuant::Intx { weight: w, input } = &mut p.extra {
+                let wq = w.0.get_mut().unwrap_or_else(|p| p.into_inner());
+                f("weight_fake_quantizer", wq, Some(&weight))?;
+                if let Some(i) = input {
+                    let iq = i.0.get_mut().unwrap_or_else(|p| p.into_inner());
+                    f("activation_fake_quantizer", iq, None)?;
+                }
+            }
         }
         Ok(())
     }
