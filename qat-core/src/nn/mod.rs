@@ -9,6 +9,7 @@ mod conv;
 mod dropout;
 mod embedding;
 mod functional;
+mod gguf_tensor;
 mod input;
 mod linear;
 mod norm;

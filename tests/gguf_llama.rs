@@ -1,0 +1,443 @@
+//! GGUF export of the tiny Llama (examples/common/tiny_llama.rs), proved in candle-transformers:
+//! a 2-block random float model written as F32 GGUF by `LlamaGguf`, loaded by
+//! `quantized_llama::ModelWeights::from_gguf`, gives our forward's logits at every position
+//! (tokens fed one at a time through its KV cache, and a whole prompt at once). Also: the
+//! file's metadata keys and value types, the model's gradients (its attention must pass
+//! them to wq and wk), and the writer's errors.
+//!
+//! The test leaves the file and what it should hold in `QAT_GGUF_DIR` (default: a
+//! directory under the target dir), which `tools/gguf-check/check_gguf.py` (run by
+//! `.ci/run`) reads with llama.cpp's `gguf` package.
+
+#[path = "../examples/common/tiny_llama.rs"]
+mod tiny_llama;
+
+use std::path::PathBuf;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_qat::gguf::{LlamaBlock, LlamaGguf, LlamaHparams};
+use candle_qat::prelude::*;
+use candle_transformers::models::quantized_llama::ModelWeights;
+use tiny_llama::{TinyLlama, TinyLlamaConfig};
+
+type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn out_dir() -> PathBuf {
+    std::env::var_os("QAT_GGUF_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gguf-check"))
+}
+
+/// SplitMix64 with Box-Muller normals.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
+    }
+}
+
+/// The tiny config with weights 15x the reference's init (std 0.3: sharp attention, so
+/// the rotary phases and the mask matter) and RmsNorm weights drawn around 1 (so a norm
+/// written under another norm's name shows).
+fn random_model(cfg: TinyLlamaConfig, seed: u64) -> Res<(TinyLlama, VarMap)> {
+    let vm = VarMap::new();
+    let model = TinyLlama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    let mut rng = Rng(seed);
+    model.init_weights(&vm, || 15.0 * rng.normal())?;
+    for (name, var) in vm.data().lock().map_err(|e| e.to_string())?.iter() {
+        if var.rank() == 1 {
+            let v: Vec<f32> = (0..var.elem_count())
+                .map(|_| (1.0 + 0.3 * rng.normal()) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu)?)?;
+            assert!(name.ends_with("norm.weight"), "{name}");
+        }
+    }
+    Ok((model, vm))
+}
+
+fn ids(cfg: &TinyLlamaConfig, batch: usize, seed: u64) -> Res<Tensor> {
+    let mut rng = Rng(seed);
+    let v: Vec<u32> = (0..batch * cfg.ctx)
+        .map(|_| (rng.next() % cfg.vocab as u64) as u32)
+        .collect();
+    Ok(Tensor::from_vec(v, (batch, cfg.ctx), &Device::Cpu)?)
+}
+
+fn load(path: &std::path::Path) -> Res<ModelWeights> {
+    let mut f = std::fs::File::open(path)?;
+    let content = gguf_file::Content::read(&mut f)?;
+    Ok(ModelWeights::from_gguf(content, &mut f, &Device::Cpu)?)
+}
+
+/// max |a - b| / max |b|.
+fn rel_diff(a: &Tensor, b: &Tensor) -> Res<f32> {
+    let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(d / m)
+}
+
+#[test]
+fn f32_export_runs_in_quantized_llama_with_our_logits_at_every_position() -> Res<()> {
+    let cfg = TinyLlamaConfig::tiny();
+    let (model, _vm) = random_model(cfg, 7)?;
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("tiny_llama_f32.gguf");
+    model.gguf().write(&path)?;
+    assert!(!dir.join("tiny_llama_f32.gguf.partial").exists());
+
+    let batch = ids(&cfg, 2, 11)?;
+    let ours = model.forward(&batch)?; // (2, ctx, vocab)
+    assert_eq!(ours.dims(), &[2, cfg.ctx, cfg.vocab]);
+    let mut worst = 0f32;
+    for s in 0..2 {
+        let seq = batch.i(s..s + 1)?;
+        // One token at a time through the KV cache: quantized_llama returns the last
+        // position, so position p's logits come from the call with index_pos p.
+        let mut q = load(&path)?;
+        for p in 0..cfg.ctx {
+            let theirs = q.forward(&seq.i((.., p..p + 1))?, p)?.squeeze(0)?;
+            let r = rel_diff(&theirs, &ours.i((s, p))?)?;
+            worst = worst.max(r);
+            assert!(
+                r <= 1e-4,
+                "sequence {s} position {p}: relative difference {r}"
+            );
+        }
+        // The whole prompt at once (its causal mask path) gives the last position.
+        let mut q = load(&path)?;
+        let last = q.forward(&seq, 0)?.squeeze(0)?;
+        let r = rel_diff(&last, &ours.i((s, cfg.ctx - 1))?)?;
+        assert!(
+            r <= 1e-4,
+            "sequence {s}, whole prompt: relative difference {r}"
+        );
+    }
+    eprintln!("worst per-position max|dlogit|/max|logit|: {worst:.2e}");
+    // The logits depend on the positions (rotary phases) and are far from uniform: the
+    // comparison above would catch a wrong rotation or mask.
+    let spread = ours.max_all()?.to_scalar::<f32>()? - ours.min_all()?.to_scalar::<f32>()?;
+    assert!(spread > 1.0, "logit spread {spread}");
+
+    // What the file holds, for tools/gguf-check/check_gguf.py.
+    let tensors = model.gguf().tensors()?;
+    let mut entries = Vec::new();
+    for (name, t) in &tensors {
+        let v = t
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let sum: f64 = v.iter().map(|&x| x as f64).sum();
+        let sumsq: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        entries.push(serde_json::json!({
+            "name": name,
+            "shape": t.shape().dims(),
+            "type": format!("{:?}", t.dtype()),
+            "sum": sum,
+            "sum_sq": sumsq,
+        }));
+    }
+    let expect = serde_json::json!({
+        "file": "tiny_llama_f32.gguf",
+        "metadata": {
+            "general.architecture": ["STRING", "llama"],
+            "general.name": ["STRING", "candle-qat tiny llama"],
+            "llama.context_length": ["UINT32", cfg.ctx],
+            "llama.embedding_length": ["UINT32", cfg.dim],
+            "llama.block_count": ["UINT32", cfg.n_layers],
+            "llama.feed_forward_length": ["UINT32", cfg.hidden],
+            "llama.attention.head_count": ["UINT32", cfg.n_heads],
+            "llama.attention.head_count_kv": ["UINT32", cfg.n_heads],
+            "llama.rope.dimension_count": ["UINT32", cfg.head_dim()],
+            "llama.vocab_size": ["UINT32", cfg.vocab],
+            "llama.attention.layer_norm_rms_epsilon": ["FLOAT32", cfg.norm_eps as f32],
+            "llama.rope.freq_base": ["FLOAT32", cfg.rope_base],
+        },
+        "tensors": entries,
+    });
+    std::fs::write(
+        dir.join("tiny_llama_f32.expect.json"),
+        serde_json::to_string_pretty(&expect)?,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn the_file_holds_the_keys_and_value_types_quantized_llama_reads() -> Res<()> {
+    let cfg = TinyLlamaConfig::tiny();
+    let (model, _vm) = random_model(cfg, 3)?;
+    let mut buf = std::io::Cursor::new(Vec::new());
+    model.gguf().write_to(&mut buf)?;
+    buf.set_position(0);
+    let c = gguf_file::Content::read(&mut buf)?;
+    let md = |k: &str| c.metadata.get(k).ok_or(format!("no {k}"));
+    assert_eq!(md("general.architecture")?.to_string()?, "llama");
+    for (k, v) in [
+        ("llama.attention.head_count", cfg.n_heads),
+        ("llama.attention.head_count_kv", cfg.n_heads),
+        ("llama.block_count", cfg.n_layers),
+        ("llama.embedding_length", cfg.dim),
+        ("llama.rope.dimension_count", cfg.head_dim()),
+        ("llama.context_length", cfg.ctx),
+        ("llama.feed_forward_length", cfg.hidden),
+    ] {
+        assert_eq!(md(k)?.to_u32()? as usize, v, "{k}");
+    }
+    assert_eq!(
+        md("llama.attention.layer_norm_rms_epsilon")?.to_f32()?,
+        1e-5f32
+    );
+    assert_eq!(md("llama.rope.freq_base")?.to_f32()?, 10000f32);
+    let mut names: Vec<&String> = c.tensor_infos.keys().collect();
+    names.sort();
+    assert_eq!(names.len(), 2 + 9 * cfg.n_layers + 1);
+    for (name, info) in &c.tensor_infos {
+        assert_eq!(info.ggml_dtype, GgmlDType::F32, "{name}");
+    }
+    let shape = |n: &str| c.tensor_infos[n].shape.dims().to_vec();
+    assert_eq!(shape("token_embd.weight"), [cfg.vocab, cfg.dim]);
+    assert_eq!(shape("output.weight"), [cfg.vocab, cfg.dim]);
+    assert_eq!(shape("blk.1.ffn_gate.weight"), [cfg.hidden, cfg.dim]);
+    assert_eq!(shape("blk.1.ffn_down.weight"), [cfg.dim, cfg.hidden]);
+    assert_eq!(shape("blk.0.attn_norm.weight"), [cfg.dim]);
+    // The values are the layers' own: blk.1.ffn_up is layers.1.feed_forward.w3.
+    let up = c
+        .tensor(&mut buf, "blk.1.ffn_up.weight", &Device::Cpu)?
+        .dequantize(&Device::Cpu)?;
+    let w3 = model.layers[1].feed_forward.w3.weight();
+    assert_eq!(rel_diff(&up, w3)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn gradients_reach_every_parameter_and_rope_equals_candle_rope_i() -> Res<()> {
+    let cfg = TinyLlamaConfig::tiny();
+    let (model, vm) = random_model(cfg, 5)?;
+    let x = ids(&cfg, 2, 1)?;
+    let logits = model.forward(&x)?;
+    let target = ids(&cfg, 2, 2)?.flatten_all()?;
+    let loss = candle_nn::loss::cross_entropy(&logits.reshape(((), cfg.vocab))?, &target)?;
+    let grads = loss.backward()?;
+    for (name, t) in model.named_parameters() {
+        let g = grads
+            .get(&t)
+            .ok_or(format!("no gradient for {name}"))?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(g > 0.0, "zero gradient for {name}");
+    }
+    assert_eq!(vm.all_vars().len(), model.named_parameters().len());
+    // The differentiable rotation has rope_i's values, bit for bit.
+    let dev = Device::Cpu;
+    let mut rng = Rng(9);
+    let v: Vec<f32> = (0..2 * 3 * 5 * 8).map(|_| rng.normal() as f32).collect();
+    let xs = Tensor::from_vec(v, (2, 3, 5, 8), &dev)?;
+    let angles: Vec<f32> = (0..5 * 4).map(|i| i as f32 * 0.37).collect();
+    let angles = Tensor::from_vec(angles, (5, 4), &dev)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    let a = tiny_llama::rope(&xs, &cos, &sin)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let b = candle_nn::rotary_emb::rope_i(&xs, &cos, &sin)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+    Ok(())
+}
+
+#[test]
+fn forward_refuses_windows_longer_than_the_context() -> Res<()> {
+    let cfg = TinyLlamaConfig::tiny();
+    let (model, _vm) = random_model(cfg, 1)?;
+    let long = Tensor::zeros((1, cfg.ctx + 1), DType::U32, &Device::Cpu)?;
+    let e = model.forward(&long).unwrap_err().to_string();
+    assert!(e.contains("context"), "{e}");
+    // A shorter window is the prefix of the full one (causal).
+    let x = ids(&cfg, 1, 4)?;
+    let full = model.forward(&x)?;
+    let short = model.forward(&x.i((.., ..5))?)?;
+    assert!(rel_diff(&short, &full.i((.., ..5))?)? <= 1e-6);
+    Ok(())
+}
+
+/// The tiny model's hyper-parameters, for hand-built writers.
+fn hparams(cfg: &TinyLlamaConfig) -> LlamaHparams {
+    LlamaHparams {
+        head_count: cfg.n_heads,
+        head_count_kv: cfg.n_heads,
+        block_count: cfg.n_layers,
+        embedding_length: cfg.dim,
+        context_length: cfg.ctx,
+        rms_norm_eps: cfg.norm_eps,
+        rope_freq_base: cfg.rope_base,
+    }
+}
+
+fn block(b: &tiny_llama::Block) -> LlamaBlock<'_> {
+    LlamaBlock {
+        attn_norm: &b.attention_norm,
+        attn_q: &b.attention.wq,
+        attn_k: &b.attention.wk,
+        attn_v: &b.attention.wv,
+        attn_output: &b.attention.wo,
+        ffn_norm: &b.ffn_norm,
+        ffn_gate: &b.feed_forward.w1,
+        ffn_down: &b.feed_forward.w2,
+        ffn_up: &b.feed_forward.w3,
+    }
+}
+
+/// The writer of `m` with every role but the output; `hp` for the hyper-parameters.
+fn without_output(m: &TinyLlama, hp: LlamaHparams) -> LlamaGguf<'_> {
+    let mut g = LlamaGguf::new(hp).token_embd(&m.tok_embeddings);
+    for (i, b) in m.layers.iter().enumerate() {
+        g = g.block(i, block(b));
+    }
+    g.output_norm(&m.norm)
+}
+
+fn err(g: &LlamaGguf) -> String {
+    g.tensors().map(|_| ()).unwrap_err().to_string()
+}
+
+#[test]
+fn the_writer_refuses_models_it_cannot_name_and_writes_nothing() -> Res<()> {
+    let cfg = TinyLlamaConfig::tiny();
+    let (m, _vm) = random_model(cfg, 2)?;
+    let hp = hparams(&cfg);
+    let dir = out_dir().join("refused");
+    std::fs::create_dir_all(&dir)?;
+
+    // No output: the loader would tie it to token_embd; refused, and no file appears.
+    let g = without_output(&m, hp.clone());
+    let e = err(&g);
+    assert!(e.contains("`output`") && e.contains("token_embd"), "{e}");
+    let path = dir.join("no_output.gguf");
+    assert!(g.write(&path).is_err());
+    assert!(!path.exists() && !dir.join("no_output.gguf.partial").exists());
+
+    // A missing block, one given twice, one beyond block_count.
+    let mut g = LlamaGguf::new(hp.clone()).token_embd(&m.tok_embeddings);
+    g = g.block(0, block(&m.layers[0]));
+    let g = g.output_norm(&m.norm).output(&m.output);
+    let e = err(&g);
+    assert!(e.contains("block 1") && e.contains("missing"), "{e}");
+    let e = err(&g.clone().block(0, block(&m.layers[1])));
+    assert!(e.contains("block 0 given twice"), "{e}");
+    let e = err(&g
+        .clone()
+        .block(1, block(&m.layers[1]))
+        .block(2, block(&m.layers[0])));
+    assert!(e.contains("block 2 given but block_count is 2"), "{e}");
+
+    // Head counts that do not divide.
+    let e = err(&without_output(
+        &m,
+        LlamaHparams {
+            head_count: 3,
+            head_count_kv: 3,
+            ..hp.clone()
+        },
+    )
+    .output(&m.output));
+    assert!(
+        e.contains("embedding_length 32") && e.contains("head_count 3"),
+        "{e}"
+    );
+    let e = err(&without_output(
+        &m,
+        LlamaHparams {
+            head_count_kv: 3,
+            ..hp.clone()
+        },
+    )
+    .output(&m.output));
+    assert!(
+        e.contains("head_count_kv 3 does not divide head_count 2"),
+        "{e}"
+    );
+    // Grouped-query metadata whose k/v projections are full width: the shapes disagree.
+    let e = err(&without_output(
+        &m,
+        LlamaHparams {
+            head_count_kv: 1,
+            ..hp.clone()
+        },
+    )
+    .output(&m.output));
+    assert!(
+        e.contains("`blk.0.attn_k.weight`") && e.contains("(16, 32) is needed"),
+        "{e}"
+    );
+    // A width that is not the embedding's.
+    let e = err(&without_output(
+        &m,
+        LlamaHparams {
+            embedding_length: 64,
+            head_count: 2,
+            ..hp.clone()
+        },
+    )
+    .output(&m.output));
+    assert!(e.contains("`token_embd.weight`") && e.contains("64"), "{e}");
+    // The norms' eps must be the file's one value.
+    let e = err(&without_output(
+        &m,
+        LlamaHparams {
+            rms_norm_eps: 1e-6,
+            ..hp.clone()
+        },
+    )
+    .output(&m.output));
+    assert!(
+        e.contains("`blk.0.attn_norm.weight`") && e.contains("eps"),
+        "{e}"
+    );
+
+    // An output of another vocabulary, and one with a bias.
+    let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let other = Linear::new(cfg.dim, cfg.vocab + 1, false, vb.clone())?;
+    let e = err(&without_output(&m, hp.clone()).output(&other));
+    assert!(
+        e.contains("`output.weight`") && e.contains("(17, 32) is needed"),
+        "{e}"
+    );
+    let biased = Linear::new(cfg.dim, cfg.vocab, true, vb)?;
+    let e = err(&without_output(&m, hp.clone()).output(&biased));
+    assert!(e.contains("bias"), "{e}");
+
+    // A model prepared for eager int8 QAT: refused at its first prepared layer, by path.
+    let mut prepared = m.clone();
+    prepare_qat(
+        &mut prepared,
+        &QConfigMapping::global(QConfig::default_qat(Backend::X86)).set_type::<Embedding>(None),
+    )?;
+    let e = err(&prepared.gguf());
+    assert!(
+        e.contains("layers.0.attention_norm") && e.contains("prepared for QAT"),
+        "{e}"
+    );
+
+    // An unwritable path: an error naming it, nothing left behind.
+    let bad = dir.join("no/such/dir/model.gguf");
+    let e = m.gguf().write(&bad).unwrap_err().to_string();
+    assert!(e.contains("no/such/dir"), "{e}");
+    Ok(())
+}
