@@ -62,7 +62,22 @@ impl Linear {
     pub(crate) fn gguf_tensor(&self) -> Result<QTensor> {
         match self.stage() {
             Stage::Float => float_qtensor(self.weight()),
-            // A GGML-converted Linear (its QMatMul's QTensor) gets its arm here.
+            // A GGML-converted Linear: the blocks its QMatMul runs (requantizing the float
+            // weight gives the same bytes: the quantizer is a function of the weight).
+            Stage::Converted if self.ggml_weight().is_some() => {
+                let held = self
+                    .ggml_weight()
+                    .ok_or_else(|| Error::state("no GGML weight", "report this as a bug"))?;
+                let q = crate::ggml::to_qtensor(&self.weight().detach(), self.w.ggml_type()?)?;
+                if q.data()? != held.data()? {
+                    return Err(Error::state(
+                        "the GGML blocks of a converted Linear differ from its weight's",
+                        "do not change a converted layer's float weight; convert again",
+                    )
+                    .in_module(self.w.common.path.clone()));
+                }
+                Ok(q)
+            }
             Stage::Fused | Stage::Prepared | Stage::Converted => {
                 Err(unexportable(self, &self.w.common.path))
             }
@@ -80,7 +95,17 @@ impl Embedding {
     pub(crate) fn gguf_tensor(&self) -> Result<QTensor> {
         match self.stage() {
             Stage::Float => float_qtensor(self.weight()),
-            // A GGML-converted Embedding (its table's QTensor) gets its arm here.
+            // A table prepared with a GGML scheme: its blocks, which candle dequantizes on
+            // load to exactly the table the fake-quant forward used.
+            Stage::Prepared if self.ggml_type().is_some() => {
+                let ty = self
+                    .ggml_type()
+                    .ok_or_else(|| Error::state("no GGML type", "report this as a bug"))?;
+                Ok(crate::ggml::to_qtensor(
+                    &self.weight().detach().to_device(&Device::Cpu)?,
+                    ty,
+                )?)
+            }
             Stage::Fused | Stage::Prepared | Stage::Converted => {
                 Err(unexportable(self, &self.common.path))
             }
