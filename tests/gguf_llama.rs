@@ -252,7 +252,7 @@ fn gradients_reach_every_parameter_and_rope_equals_candle_rope_i() -> Res<()> {
     let angles: Vec<f32> = (0..5 * 4).map(|i| i as f32 * 0.37).collect();
     let angles = Tensor::from_vec(angles, (5, 4), &dev)?;
     let (cos, sin) = (angles.cos()?, angles.sin()?);
-    let a = tiny_llama::rope(&xs, &cos, &sin)?
+    let a = candle_qat::nn::rope_i(&xs, &cos, &sin)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     let b = candle_nn::rotary_emb::rope_i(&xs, &cos, &sin)?
