@@ -3,8 +3,9 @@
 //! differentiable `softmax` builds five ops forward and more backward.
 //!
 //! Arithmetic (f32, per row): `m = max(x)`, `e = exp(x - m)`, `y = e / sum(e)` with the sum
-//! taken in order, as candle's `softmax_last_dim` CPU kernel (equal bit for bit); `-inf`
-//! entries (masked positions) give 0. Backward from the output: `dx = y * (dy - dot(dy, y))`.
+//! in the order of candle's `softmax_last_dim` CPU kernel ([`row_sum`]), so the two are equal
+//! bit for bit on x86-64; `-inf` entries (masked positions) give 0. Backward from the
+//! output: `dx = y * (dy - dot(dy, y))`.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -23,6 +24,44 @@ fn last_dim(shape: &[usize]) -> candle_core::Result<usize> {
     }
 }
 
+/// The sum of a row as candle's `softmax_last_dim` takes it (`candle_core::cpu::vec_sum`): on
+/// x86-64 with AVX2, 32 running sums (4 vectors of 8 lanes) over the whole blocks of 32,
+/// combined as candle's AVX `vec_reduce` combines them, then the rest in order; elsewhere
+/// in order from 0 (candle's scalar path; its NEON path on ARM sums in yet another order).
+fn row_sum(v: &[f32], avx2: bool) -> f32 {
+    if !avx2 {
+        return v.iter().fold(0f32, |a, &x| a + x);
+    }
+    let np = v.len() & !31;
+    let mut s = [0f32; 32];
+    for c in v[..np].chunks_exact(32) {
+        for (a, x) in s.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    // vectors x_j = s[8j..8j+8]: x0 + x1, x2 + x3, then their sum.
+    let x: [f32; 8] = std::array::from_fn(|l| (s[l] + s[8 + l]) + (s[16 + l] + s[24 + l]));
+    // The two 128-bit halves added, then two horizontal adds.
+    let t0: [f32; 4] = std::array::from_fn(|l| x[l] + x[4 + l]);
+    let mut b = (t0[0] + t0[1]) + (t0[2] + t0[3]);
+    for &y in &v[np..] {
+        b += y;
+    }
+    b
+}
+
+/// Whether candle's CPU kernels take their AVX2 paths here.
+fn candle_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 struct Softmax;
 
 impl CustomOp1 for Softmax {
@@ -34,16 +73,16 @@ impl CustomOp1 for Softmax {
         let d = last_dim(l.dims())?;
         let x = cpu_f32_slice(s, l, "softmax: input")?;
         let mut y = vec![0f32; x.len()];
+        let avx2 = candle_avx2();
         y.par_chunks_mut(per_task(d))
             .zip(x.par_chunks(per_task(d)))
             .for_each(|(ys, xs)| {
                 for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
                     let m = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let mut sum = 0f32;
                     for (o, &v) in yr.iter_mut().zip(xr) {
                         *o = (v - m).exp();
-                        sum += *o;
                     }
+                    let sum = row_sum(yr, avx2);
                     for o in yr.iter_mut() {
                         *o /= sum;
                     }
@@ -132,27 +171,37 @@ mod tests {
     #[test]
     fn softmax_equals_candles_and_its_gradient_the_composite_one() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&(Tensor::randn(0f32, 3., (3, 5, 13), &dev).unwrap())).unwrap();
-        // A causal mask's -inf entries.
-        let mask: Vec<u8> = (0..5 * 13).map(|i| u8::from(i % 13 > i / 13 + 2)).collect();
-        let mask = Tensor::from_vec(mask, (5, 13), &dev).unwrap();
-        let ninf = Tensor::new(f32::NEG_INFINITY, &dev)
-            .unwrap()
-            .broadcast_as((3, 5, 13))
-            .unwrap();
-        let xm = mask
-            .broadcast_as((3, 5, 13))
-            .unwrap()
-            .where_cond(&ninf, &x)
-            .unwrap();
-        let ours = softmax_last_dim(&xm).unwrap();
-        let fast = candle_nn::ops::softmax_last_dim(&xm).unwrap();
-        let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = fast.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
-        assert!(a.iter().all(|v| v.is_finite()));
-        let slow = candle_nn::ops::softmax(&xm, candle_core::D::Minus1).unwrap();
-        crate::kernels::assert_same_grads("softmax dx", &ours, &slow, &[("x", &x)], 1e-6);
+        // Rows shorter than candle's 32-element blocks, whole blocks, blocks and a tail.
+        for d in [13, 64, 77] {
+            let x = Var::from_tensor(&(Tensor::randn(0f32, 3., (3, 5, d), &dev).unwrap())).unwrap();
+            // A causal mask's -inf entries.
+            let mask: Vec<u8> = (0..5 * d).map(|i| u8::from(i % d > i / d + 2)).collect();
+            let mask = Tensor::from_vec(mask, (5, d), &dev).unwrap();
+            let ninf = Tensor::new(f32::NEG_INFINITY, &dev)
+                .unwrap()
+                .broadcast_as((3, 5, d))
+                .unwrap();
+            let xm = mask
+                .broadcast_as((3, 5, d))
+                .unwrap()
+                .where_cond(&ninf, &x)
+                .unwrap();
+            for input in [&xm, x.as_tensor()] {
+                let ours = softmax_last_dim(input).unwrap();
+                let fast = candle_nn::ops::softmax_last_dim(input).unwrap();
+                let a: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = fast.flatten_all().unwrap().to_vec1().unwrap();
+                let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+                if cfg!(target_arch = "x86_64") {
+                    assert!(same, "row length {d}");
+                }
+                assert!(a.iter().all(|v| v.is_finite()));
+            }
+            let ours = softmax_last_dim(&xm).unwrap();
+            let slow = candle_nn::ops::softmax(&xm, candle_core::D::Minus1).unwrap();
+            crate::kernels::assert_close("softmax", &ours, &slow, 1e-6);
+            crate::kernels::assert_same_grads("softmax dx", &ours, &slow, &[("x", &x)], 1e-6);
+        }
         assert!(
             softmax_last_dim(&Tensor::zeros((2, 0), candle_core::DType::F32, &dev).unwrap())
                 .is_err()

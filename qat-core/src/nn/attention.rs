@@ -28,9 +28,10 @@ pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(crate::kernels::rope::rope_i(x, cos, sin)?)
 }
 
-/// Softmax over the last dim: the values of `candle_nn::ops::softmax_last_dim`, bit for bit
-/// on CPU f32 (`-inf` entries, masked positions, give 0), but differentiable (that kernel
-/// has no backward). A fused kernel on CPU f32; candle's composite `softmax` elsewhere.
+/// Softmax over the last dim: the values of `candle_nn::ops::softmax_last_dim` (bit for bit
+/// on x86-64 CPUs in f32, where this sums each row in candle's order; `-inf` entries, masked
+/// positions, give 0), but differentiable (that kernel has no backward). A fused kernel on
+/// CPU f32; candle's composite `softmax` elsewhere.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
