@@ -331,7 +331,8 @@ fn the_writer_refuses_models_it_cannot_name_and_writes_nothing() -> Res<()> {
     )
     .output(&m.output));
     assert!(
-        e.contains("`blk.0.attn_k.weight`") && e.contains("(16, 32) is needed"),
+        e.contains("`blk.0.attn_k.weight` (Meta Llama's `layers.0.attention.wk`)")
+            && e.contains("(16, 32) is needed"),
         "{e}"
     );
     // A width that is not the embedding's.
