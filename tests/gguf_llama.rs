@@ -294,6 +294,13 @@ fn the_writer_refuses_models_it_cannot_name_and_writes_nothing() -> Res<()> {
         .block(1, block(&m.layers[1]))
         .block(2, block(&m.layers[0])));
     assert!(e.contains("block 2 given but block_count is 2"), "{e}");
+    // An absurd block count is a missing block, not an allocation.
+    let huge = LlamaHparams {
+        block_count: usize::MAX,
+        ..hp.clone()
+    };
+    let e = err(&without_output(&m, huge).output(&m.output));
+    assert!(e.contains("block 2 (`blk.2.*`) is missing"), "{e}");
 
     // Head counts that do not divide.
     let e = err(&without_output(

@@ -300,36 +300,33 @@ impl<'a> LlamaGguf<'a> {
     /// The blocks in order, each given once.
     fn ordered_blocks(&self) -> Result<Vec<LlamaBlock<'a>>> {
         let n = self.hparams.block_count;
-        let mut slots: Vec<Option<LlamaBlock<'a>>> = vec![None; n];
-        for (i, b) in &self.blocks {
-            match slots.get_mut(*i) {
-                None => {
-                    return Err(Error::write(
-                        format!("Llama GGUF: block {i} given but block_count is {n}"),
-                        "give blocks 0..block_count, or raise block_count",
-                    ))
-                }
-                Some(Some(_)) => {
-                    return Err(Error::write(
-                        format!("Llama GGUF: block {i} given twice"),
-                        "give each block once",
-                    ))
-                }
-                Some(slot) => *slot = Some(*b),
-            }
+        let mut given: Vec<(usize, LlamaBlock<'a>)> = self.blocks.clone();
+        given.sort_by_key(|(i, _)| *i);
+        if let Some(w) = given.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Error::write(
+                format!("Llama GGUF: block {} given twice", w[0].0),
+                "give each block once",
+            ));
         }
-        slots
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                s.ok_or_else(|| {
-                    Error::write(
-                        format!("Llama GGUF: block {i} (`blk.{i}.*`) is missing"),
-                        format!("give it with .block({i}, LlamaBlock {{ .. }})"),
-                    )
-                })
-            })
-            .collect()
+        if let Some((i, _)) = given.iter().find(|(i, _)| *i >= n) {
+            return Err(Error::write(
+                format!("Llama GGUF: block {i} given but block_count is {n}"),
+                "give blocks 0..block_count, or raise block_count",
+            ));
+        }
+        // Sorted, distinct and below n: the first index out of place is the first missing.
+        if given.len() < n {
+            let i = given
+                .iter()
+                .enumerate()
+                .find(|(k, (i, _))| k != i)
+                .map_or(given.len(), |(k, _)| k);
+            return Err(Error::write(
+                format!("Llama GGUF: block {i} (`blk.{i}.*`) is missing"),
+                format!("give it with .block({i}, LlamaBlock {{ .. }})"),
+            ));
+        }
+        Ok(given.into_iter().map(|(_, b)| b).collect())
     }
 
     /// The metadata, in the order it is written (also checked: a failing check is an
