@@ -9,11 +9,14 @@
 //! (untied), no biases. Attention is causal softmax(q kᵀ / sqrt(head_dim)) v, written here
 //! with candle ops; rotary embeddings rotate interleaved pairs (2i, 2i+1) by position x
 //! theta_i, theta_i = 1 / base^(2i / head_dim) in f32, as quantized_llama computes them.
+//! The rotation and the softmax are candle-qat's `rope_i` and `softmax_last_dim`: the values
+//! of candle's fused kernels (which quantized_llama runs), with the backward those lack.
 #![allow(dead_code)]
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_qat::gguf::{LlamaBlock, LlamaGguf, LlamaHparams};
+use candle_qat::nn::{rope_i, softmax_last_dim};
 use candle_qat::prelude::*;
 
 /// The model's sizes.
@@ -165,14 +168,6 @@ fn rope_tables(
     ))
 }
 
-/// Rotates interleaved pairs of `x` `(batch, heads, seq, head_dim)`: the values of
-/// `candle_nn::rotary_emb::rope_i` (same f32 products, `x0 cos - x1 sin`, `x0 sin + x1
-/// cos`), but differentiable: `rope_i` is a forward-only kernel and would cut q's and k's
-/// gradients, so training goes through candle's composite `rope_i_slow`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    candle_nn::rotary_emb::rope_i_slow(x, cos, sin)
-}
-
 /// `(seq, seq)` u8, 1 above the diagonal: the key positions a query may not see.
 fn causal_mask(seq: usize, dev: &Device) -> candle_core::Result<Tensor> {
     let m: Vec<u8> = (0..seq)
@@ -203,8 +198,8 @@ impl Attention {
         let (b, t, d) = x.dims3()?;
         let (h, hd) = (self.n_heads, d / self.n_heads);
         let heads = |y: Tensor| y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous();
-        let q = rope(&heads(self.wq.forward(x)?)?, cos, sin)?;
-        let k = rope(&heads(self.wk.forward(x)?)?, cos, sin)?;
+        let q = rope_i(&heads(self.wq.forward(x)?)?, cos, sin)?;
+        let k = rope_i(&heads(self.wk.forward(x)?)?, cos, sin)?;
         let v = heads(self.wv.forward(x)?)?;
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         let att = match mask {
@@ -216,7 +211,7 @@ impl Attention {
             }
             None => att,
         };
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = softmax_last_dim(&att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.wo.forward(&y)
     }

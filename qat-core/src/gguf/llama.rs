@@ -129,12 +129,45 @@ struct Role<'s> {
 impl Role<'_> {
     fn err(&self, what: impl std::fmt::Display, fix: impl Into<String>) -> Error {
         let at = if self.path.is_empty() {
-            String::new()
+            match meta_name(self.name) {
+                Some(m) => format!(" (Meta Llama's `{m}`)"),
+                None => String::new(),
+            }
         } else {
             format!(" (module `{}`)", self.path)
         };
         Error::write(format!("Llama GGUF: `{}`{at} {what}", self.name), fix)
     }
+}
+
+/// The Meta Llama module of a GGUF tensor name (`blk.1.attn_k.weight` ->
+/// `layers.1.attention.wk`), for messages about layers whose own path is not known.
+fn meta_name(gguf: &str) -> Option<String> {
+    let role = gguf.strip_suffix(".weight")?;
+    let top = match role {
+        "token_embd" => Some("tok_embeddings"),
+        "output_norm" => Some("norm"),
+        "output" => Some("output"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.to_string());
+    }
+    let rest = role.strip_prefix("blk.")?;
+    let (i, r) = rest.split_once('.')?;
+    let m = match r {
+        "attn_norm" => "attention_norm",
+        "attn_q" => "attention.wq",
+        "attn_k" => "attention.wk",
+        "attn_v" => "attention.wv",
+        "attn_output" => "attention.wo",
+        "ffn_norm" => "ffn_norm",
+        "ffn_gate" => "feed_forward.w1",
+        "ffn_up" => "feed_forward.w3",
+        "ffn_down" => "feed_forward.w2",
+        _ => return None,
+    };
+    Some(format!("layers.{i}.{m}"))
 }
 
 /// Writes checked metadata and tensors with candle's GGUF writer.
@@ -267,36 +300,33 @@ impl<'a> LlamaGguf<'a> {
     /// The blocks in order, each given once.
     fn ordered_blocks(&self) -> Result<Vec<LlamaBlock<'a>>> {
         let n = self.hparams.block_count;
-        let mut slots: Vec<Option<LlamaBlock<'a>>> = vec![None; n];
-        for (i, b) in &self.blocks {
-            match slots.get_mut(*i) {
-                None => {
-                    return Err(Error::write(
-                        format!("Llama GGUF: block {i} given but block_count is {n}"),
-                        "give blocks 0..block_count, or raise block_count",
-                    ))
-                }
-                Some(Some(_)) => {
-                    return Err(Error::write(
-                        format!("Llama GGUF: block {i} given twice"),
-                        "give each block once",
-                    ))
-                }
-                Some(slot) => *slot = Some(*b),
-            }
+        let mut given: Vec<(usize, LlamaBlock<'a>)> = self.blocks.clone();
+        given.sort_by_key(|(i, _)| *i);
+        if let Some(w) = given.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Error::write(
+                format!("Llama GGUF: block {} given twice", w[0].0),
+                "give each block once",
+            ));
         }
-        slots
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                s.ok_or_else(|| {
-                    Error::write(
-                        format!("Llama GGUF: block {i} (`blk.{i}.*`) is missing"),
-                        format!("give it with .block({i}, LlamaBlock {{ .. }})"),
-                    )
-                })
-            })
-            .collect()
+        if let Some((i, _)) = given.iter().find(|(i, _)| *i >= n) {
+            return Err(Error::write(
+                format!("Llama GGUF: block {i} given but block_count is {n}"),
+                "give blocks 0..block_count, or raise block_count",
+            ));
+        }
+        // Sorted, distinct and below n: the first index out of place is the first missing.
+        if given.len() < n {
+            let i = given
+                .iter()
+                .enumerate()
+                .find(|(k, (i, _))| k != i)
+                .map_or(given.len(), |(k, _)| k);
+            return Err(Error::write(
+                format!("Llama GGUF: block {i} (`blk.{i}.*`) is missing"),
+                format!("give it with .block({i}, LlamaBlock {{ .. }})"),
+            ));
+        }
+        Ok(given.into_iter().map(|(_, b)| b).collect())
     }
 
     /// The metadata, in the order it is written (also checked: a failing check is an
@@ -498,5 +528,32 @@ impl<'a> LlamaGguf<'a> {
             let _ = std::fs::remove_file(&tmp);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::meta_name;
+
+    #[test]
+    fn gguf_names_map_to_meta_llama_modules() {
+        for (g, m) in [
+            ("token_embd.weight", "tok_embeddings"),
+            ("blk.3.attn_norm.weight", "layers.3.attention_norm"),
+            ("blk.0.attn_q.weight", "layers.0.attention.wq"),
+            ("blk.0.attn_k.weight", "layers.0.attention.wk"),
+            ("blk.0.attn_v.weight", "layers.0.attention.wv"),
+            ("blk.12.attn_output.weight", "layers.12.attention.wo"),
+            ("blk.1.ffn_norm.weight", "layers.1.ffn_norm"),
+            ("blk.1.ffn_gate.weight", "layers.1.feed_forward.w1"),
+            ("blk.1.ffn_down.weight", "layers.1.feed_forward.w2"),
+            ("blk.1.ffn_up.weight", "layers.1.feed_forward.w3"),
+            ("output_norm.weight", "norm"),
+            ("output.weight", "output"),
+        ] {
+            assert_eq!(meta_name(g).as_deref(), Some(m), "{g}");
+        }
+        assert_eq!(meta_name("blk.0.ffn_gate_inp.weight"), None);
+        assert_eq!(meta_name("output"), None);
     }
 }

@@ -3,6 +3,7 @@
 //! converted) in place, so the model's forward code never changes.
 
 mod activation;
+mod attention;
 mod batch_norm;
 pub(crate) mod common;
 mod conv;
@@ -20,6 +21,7 @@ mod stubs;
 pub(crate) mod weighted;
 
 pub use activation::{Gelu, Identity, ReLU, SiLU, Sigmoid, Tanh, GELU};
+pub use attention::{rope_i, softmax_last_dim};
 pub(crate) use batch_norm::BatchNormInner;
 pub use batch_norm::{BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig};
 pub use conv::{Conv1d, Conv2d, Conv3d, ConvConfig};
