@@ -6,17 +6,14 @@
 //! the learned scales train beside the weights.
 
 #[path = "../examples/common/idx.rs"]
-#[allow(dead_code)]
 mod idx;
 #[path = "../examples/common/tiny_llama.rs"]
 mod tiny_llama;
 #[path = "../examples/common/trainer.rs"]
-#[allow(dead_code)]
 mod trainer;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use candle_qat::model::QuantModule;
 use candle_qat::passes::for_each_layer;
 use candle_qat::prelude::*;
 use tiny_llama::{TinyLlama, TinyLlamaConfig};
