@@ -147,7 +147,7 @@ pub struct TinyLlama {
 
 /// quantized_llama's `precomput_freqs_cis` for `ctx` positions: theta_i = 1 /
 /// base^(2i/head_dim) in f32, angles as the (positions x 1) @ (1 x head_dim/2) matmul.
-fn rope_tables(
+pub fn rope_tables(
     cfg: &TinyLlamaConfig,
     dtype: DType,
     dev: &Device,
@@ -169,7 +169,7 @@ fn rope_tables(
 }
 
 /// `(seq, seq)` u8, 1 above the diagonal: the key positions a query may not see.
-fn causal_mask(seq: usize, dev: &Device) -> candle_core::Result<Tensor> {
+pub fn causal_mask(seq: usize, dev: &Device) -> candle_core::Result<Tensor> {
     let m: Vec<u8> = (0..seq)
         .flat_map(|i| (0..seq).map(move |j| u8::from(j > i)))
         .collect();
@@ -236,7 +236,7 @@ impl Module for FeedForward {
 }
 
 impl Block {
-    fn new(cfg: &TinyLlamaConfig, vb: VarBuilder) -> candle_qat::Result<Self> {
+    pub fn new(cfg: &TinyLlamaConfig, vb: VarBuilder) -> candle_qat::Result<Self> {
         Ok(Block {
             attention_norm: RmsNorm::new(cfg.dim, cfg.norm_eps, vb.pp("attention_norm"))?,
             attention: Attention::new(cfg, vb.pp("attention"))?,
@@ -245,7 +245,7 @@ impl Block {
         })
     }
 
-    fn forward(
+    pub fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
