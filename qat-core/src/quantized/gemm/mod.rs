@@ -330,7 +330,7 @@ pub(crate) struct Fused<'a> {
 
 /// [`gemm`] with the requantization fused into the kernel: `out[i][p]` is the code of
 /// `sum_k (x[p][k] - x_zp) * w[rows.start + i][k]` under `f` (row `i` of `f`). Runs only
-/// where a kernel can (AVX-512 VNNI, a row length of one k-block) and returns whether it
+/// where a kernel can (AVX-512 VNNI or saturating AVX2, a row length of one k-block) and returns whether it
 /// ran; the caller computes the sums and requantizes them otherwise. An error (never an
 /// out-of-bounds access) when the operands do not fit together.
 pub(crate) fn gemm_codes(
@@ -342,7 +342,12 @@ pub(crate) fn gemm_codes(
     f: &Fused,
     out: &mut [u8],
 ) -> Result<bool> {
-    if path != Path::Vnni || !has_vnni() || w.kp / KG > K_BLOCK {
+    let fits = match path {
+        Path::Vnni => has_vnni(),
+        Path::Avx2Madd => has_avx2(),
+        _ => false,
+    };
+    if !fits || w.kp / KG > K_BLOCK {
         return Ok(false);
     }
     let p = panel.positions;
@@ -372,13 +377,18 @@ pub(crate) fn gemm_codes(
             bias: &f.bias[i0..i0 + n],
             ..*f
         };
-        // SAFETY: AVX-512F/BW/VL and VNNI are present and the row length is one k-block
-        // (both checked at the top of `gemm_codes`); just above, in O(1): the rows lie
+        // SAFETY: the path's features are present (AVX-512F/BW/VL and VNNI, or AVX2 for
+        // the saturating kernel, whose activations the path was chosen for) and the row
+        // length is one k-block (both checked at the top of `gemm_codes`); just above, in O(1): the rows lie
         // inside the weight, the panel holds the weight's k-groups, `corr` holds a value
         // per row and `out` a code per row and position, `fr` a factor per row.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            vnni::block(w, r, corr, panel, vnni::Dest::Codes(out, &fr))
+            if path == Path::Vnni {
+                vnni::block(w, r, corr, panel, vnni::Dest::Codes(out, &fr))
+            } else {
+                x86::block_codes(w, r, corr, panel, out, &fr)
+            }
         };
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (fr, corr, out);
