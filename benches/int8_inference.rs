@@ -15,6 +15,11 @@
 //! The allocator is mimalloc, as in the examples and the training-step bench
 //! (`examples/common/alloc.rs`).
 //!
+//! `QAT_BENCH_PLAIN=1` replaces criterion's sampling by the statistic of
+//! `benches/reference/onnxruntime_int8.py`: per cell, 10 warm-up forwards, then the median
+//! (and range) of 41 timed ones, printed one line per cell, so that the two sides can be
+//! interleaved and compared measured the same way (`benches/reference/int8_vs_onnxruntime.sh`).
+//!
 //! Setup and every forward are checked once before anything is timed (the outputs must be
 //! finite logits of shape (batch, 10)); a forward that fails while timed aborts the bench.
 
@@ -82,6 +87,44 @@ fn checked_forward<M: Module>(name: &str, m: &M, x: &Tensor) -> Tensor {
     y
 }
 
+/// Warm-up forwards and timed forwards per cell in the plain mode (as the onnxruntime script).
+const PLAIN_WARMUP: usize = 10;
+const PLAIN_RUNS: usize = 41;
+
+/// The plain mode's cell: median, min and max of `PLAIN_RUNS` forwards, in microseconds.
+fn plain_cell<M: Module>(name: &str, m: &M, x: &Tensor) -> (f64, f64, f64) {
+    let run = || {
+        m.forward(x)
+            .unwrap_or_else(|e| panic!("{name}: forward failed: {e}"))
+    };
+    for _ in 0..PLAIN_WARMUP {
+        run();
+    }
+    let mut ts: Vec<f64> = (0..PLAIN_RUNS)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            criterion::black_box(run());
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    ts.sort_by(f64::total_cmp);
+    (ts[PLAIN_RUNS / 2], ts[0], ts[PLAIN_RUNS - 1])
+}
+
+fn plain_model<M: Module>(model: &str, threads: usize, float: &M, int8: &M) {
+    for batch in [1usize, 64] {
+        let x = Tensor::randn(0f32, 1., (batch, 1, 28, 28), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("input of batch {batch}: {e}"));
+        for (name, m) in [("float_bn_folded", float), ("int8", int8)] {
+            checked_forward(name, m, &x);
+            let (med, lo, hi) = plain_cell(name, m, &x);
+            println!(
+                "ours {model} {name} threads={threads} batch={batch}: {med:.1} ({lo:.1}-{hi:.1})"
+            );
+        }
+    }
+}
+
 fn bench_model<M: Module>(c: &mut Criterion, model: &str, threads: usize, float: &M, int8: &M) {
     for batch in [1usize, 64] {
         let mut g = c.benchmark_group(format!("{model}_inference/threads={threads}/batch={batch}"));
@@ -109,12 +152,21 @@ fn run(c: &mut Criterion) {
     let x86 = QConfigMapping::global(QConfig::default_qat(Backend::X86));
     let (float, int8) =
         models(MnistNet::new, &x86).unwrap_or_else(|e| panic!("MnistNet setup failed: {e}"));
-    bench_model(c, "mnist", n, &float, &int8);
+    let plain = std::env::var_os("QAT_BENCH_PLAIN").is_some();
+    if plain {
+        plain_model("mnist", n, &float, &int8);
+    } else {
+        bench_model(c, "mnist", n, &float, &int8);
+    }
     let mapping = residual_net::qconfig_mapping(Backend::X86)
         .unwrap_or_else(|e| panic!("residual qconfigs: {e}"));
     let (float, int8) =
         models(ResNet::new, &mapping).unwrap_or_else(|e| panic!("ResNet setup failed: {e}"));
-    bench_model(c, "residual", n, &float, &int8);
+    if plain {
+        plain_model("residual", n, &float, &int8);
+    } else {
+        bench_model(c, "residual", n, &float, &int8);
+    }
 }
 
 criterion_group!(benches, run);
