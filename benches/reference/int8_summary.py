@@ -1,8 +1,9 @@
 """Summarises a log of benches/reference/int8_vs_onnxruntime.sh: per model, threads and
 batch, the median over rounds of each side's per-run median (microseconds), the ratio
 onnxruntime / ours of those (> 1: ours faster) with the range of the per-round ratios, for
-our dispatched kernel and for the AVX2 one; and, at each batch, int8 against our float
-model (BN folded). Also the load averages logged.
+our dispatched kernel and for the AVX2 one; at each batch, int8 against our float model
+(BN folded); and the ratio of the fastest runs over all rounds (the least disturbed by other
+load on a shared machine). Also the load averages logged.
 
     python benches/reference/int8_summary.py target/int8_vs_onnxruntime.log
 """
@@ -13,13 +14,14 @@ import sys
 from collections import defaultdict
 
 LINE = re.compile(
-    r"^(?:ours kernel=(\S+) (\S+) (\S+)|ort (\S+)) threads=(\d+) batch=(\d+): ([\d.]+)"
+    r"^(?:ours kernel=(\S+) (\S+) (\S+)|ort (\S+)) threads=(\d+) batch=(\d+): ([\d.]+) \(([\d.]+)"
 )
 ORT_NAME = {"mnist_net_x86": "mnist", "residual_x86": "residual"}
 
 
 def main():
     runs = defaultdict(list)  # (side, model, threads, batch) -> per-round medians
+    fastest = defaultdict(list)  # the same -> per-round minima
     loads = []
     for line in open(sys.argv[1]):
         if line.startswith("# round"):
@@ -28,19 +30,20 @@ def main():
         m = LINE.match(line)
         if not m:
             continue
-        kernel, model, variant, ort_model, t, b, med = m.groups()
+        kernel, model, variant, ort_model, t, b, med, lo = m.groups()
         if ort_model:
             side, model = "ort", ORT_NAME[ort_model]
         else:
             side = f"{variant}/{kernel}"
         runs[(side, model, int(t), int(b))].append(float(med))
+        fastest[(side, model, int(t), int(b))].append(float(lo))
     if loads:
         print(f"load average (1 min) at the runs: {min(loads):.2f}-{max(loads):.2f}")
     print(
         "| model | threads | batch | onnxruntime us | ours int8 us | ratio (range) "
-        "| ours AVX2 us | ratio (range) | int8 / float |"
+        "| ours AVX2 us | ratio (range) | int8 / float | ratio of minima: ours, AVX2 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model in ("mnist", "residual"):
         for t in (1, 2):
             for b in (1, 64):
@@ -63,6 +66,15 @@ def main():
                 q = runs.get(("int8/auto", model, t, b))
                 cells.append(
                     f"{statistics.median(fl) / statistics.median(q):.2f}x" if fl and q else "-"
+                )
+                lo_ort = min(fastest[("ort", model, t, b)])
+                cells.append(
+                    ", ".join(
+                        f"{lo_ort / min(fastest[(side, model, t, b)]):.2f}"
+                        if fastest.get((side, model, t, b))
+                        else "-"
+                        for side in ("int8/auto", "int8/avx2")
+                    )
                 )
                 print("| " + " | ".join(cells) + " |")
 
