@@ -807,6 +807,58 @@ mod tests {
         }
     }
 
+    /// A product large enough to be split over rayon tasks by weight rows (inside one image,
+    /// and across images), on every kernel, against the direct convolution.
+    #[test]
+    fn parallel_split_matches_direct_convolution() {
+        let t = Case {
+            n: 2,
+            c: 64,
+            h: 20,
+            w: 20,
+            o: 72,
+            k: (3, 3),
+            conv: cfg(1, 1, 1, 1),
+            amax: 127,
+            xzp: 33,
+            relu: true,
+        };
+        let mut s: u32 = 11;
+        let mut next = move |n: u32| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) % n
+        };
+        let xq: Vec<u8> = (0..t.n * t.c * t.h * t.w)
+            .map(|_| next(t.amax + 1) as u8)
+            .collect();
+        let codes: Vec<i8> = (0..t.o * t.c * 9).map(|_| next(256) as u8 as i8).collect();
+        let scales: Vec<f32> = (0..t.o).map(|i| 0.001 + 0.0001 * i as f32).collect();
+        let w = QuantizedWeight::from_codes(codes, &[t.o, t.c, 3, 3], &scales).unwrap();
+        let bias: Vec<f32> = (0..t.o).map(|i| (i as f32 - 30.0) * 0.01).collect();
+        let rq = Requant::new(0.2, 10, 0, 127).unwrap().with_relu(true);
+        let x = Tensor::from_vec(xq.clone(), (t.n, t.c, t.h, t.w), &Device::Cpu).unwrap();
+        let (_, want) = reference(&t, &xq, &w, &bias, &rq, 0.02);
+        let g = Geometry::new(x.dims(), w.shape(), &t.conv).unwrap();
+        assert!(
+            t.o * g.positions() * g.row_len() >= 1 << 22,
+            "large enough to split"
+        );
+        let plan = rq.plan(0.02, &w, Some(&bias)).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for k in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512Vnni] {
+            if k.is_available() {
+                let y = pool
+                    .install(|| run_with(&x, t.xzp, &w, &g, &plan, k))
+                    .unwrap();
+                let got = y.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+                assert_eq!(got, want, "{k:?}");
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_shapes() {
         let rq = Requant::new(0.1, 0, 0, 255).unwrap();

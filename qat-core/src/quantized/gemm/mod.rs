@@ -174,12 +174,7 @@ fn auto_cap() -> Result<Option<Kernel>> {
     static CAP: OnceLock<std::result::Result<Option<Kernel>, String>> = OnceLock::new();
     let cap = CAP.get_or_init(|| match std::env::var("QAT_INT8_KERNEL") {
         Err(std::env::VarError::NotPresent) => Ok(None),
-        Ok(v) => match v.as_str() {
-            "portable" => Ok(Some(Kernel::Portable)),
-            "avx2" => Ok(Some(Kernel::Avx2)),
-            "avx512vnni" => Ok(Some(Kernel::Avx512Vnni)),
-            _ => Err(v),
-        },
+        Ok(v) => parse_cap(&v).map(Some).ok_or(v),
         Err(std::env::VarError::NotUnicode(v)) => Err(v.to_string_lossy().into_owned()),
     });
     cap.clone().map_err(|v| {
@@ -188,6 +183,16 @@ fn auto_cap() -> Result<Option<Kernel>> {
             "set it to portable, avx2 or avx512vnni, or unset it",
         )
     })
+}
+
+/// The kernel a `QAT_INT8_KERNEL` value names.
+fn parse_cap(v: &str) -> Option<Kernel> {
+    match v {
+        "portable" => Some(Kernel::Portable),
+        "avx2" => Some(Kernel::Avx2),
+        "avx512vnni" => Some(Kernel::Avx512Vnni),
+        _ => None,
+    }
 }
 
 /// A kernel and, for AVX2, the saturating or the widening variant.

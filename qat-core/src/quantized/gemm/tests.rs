@@ -280,3 +280,15 @@ fn mismatched_operands_are_errors() {
         );
     }
 }
+
+#[test]
+fn kernel_cap_names() {
+    assert_eq!(parse_cap("portable"), Some(Kernel::Portable));
+    assert_eq!(parse_cap("avx2"), Some(Kernel::Avx2));
+    assert_eq!(parse_cap("avx512vnni"), Some(Kernel::Avx512Vnni));
+    assert_eq!(parse_cap("AVX2"), None);
+    assert_eq!(parse_cap(""), None);
+    // The cap orders kernels by speed: Auto resolves to the best one at or below it.
+    assert!(rank(Kernel::Portable) < rank(Kernel::Avx2));
+    assert!(rank(Kernel::Avx2) < rank(Kernel::Avx512Vnni));
+}
