@@ -14,8 +14,11 @@
 //!   [`linear_prerequant`] and [`conv2d_prerequant`] stop before the rounding and return
 //!   the f32 values (what a fake-quant model's output fake-quant sees).
 //!
-//! The i32 products run on an AVX2 kernel when the CPU has it (checked at run time) and on a
-//! portable one otherwise; both give the same integers ([`Kernel`], [`gemm_u8_i8`]).
+//! The i32 products run on an AVX-512 VNNI kernel or an AVX2 one when the CPU has it
+//! (checked at run time) and on a portable one otherwise; all give the same integers
+//! ([`Kernel`], [`gemm_u8_i8`]). Convolutions on the VNNI and saturating AVX2 kernels
+//! requantize inside the kernel, from registers, with the same f32 operations as
+//! [`Requant`].
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
