@@ -31,7 +31,8 @@ pub mod prelude {
         AdaptiveAvgPool2d, AvgPool2d, AvgPoolOutput, BatchNorm1d, BatchNorm2d, BatchNorm3d,
         BatchNormConfig, Conv1d, Conv2d, Conv3d, ConvConfig, DeQuantStub, Dropout, Embedding,
         Flatten, FloatFunctional, Gelu, Hardsigmoid, Hardswish, Identity, LayerNorm, LeakyReLU,
-        Linear, MaxPool2d, QuantStub, ReLU, ReLU6, RmsNorm, SiLU, Sigmoid, Tanh, ELU, GELU,
+        Linear, MaxPool2d, QuantStub, ReLU, ReLU6, RmsNorm, SiLU, Sigmoid, Tanh, Upsample, ELU,
+        GELU,
     };
     pub use qat_core::passes::{
         disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,

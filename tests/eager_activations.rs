@@ -15,7 +15,7 @@ use candle_core::{Module, Tensor, Var};
 use candle_qat::model::Quantizable;
 use candle_qat::nn::{
     AdaptiveAvgPool2d, AvgPool2d, DeQuantStub, Hardsigmoid, Hardswish, LeakyReLU, QuantStub, ReLU6,
-    ELU,
+    Upsample, ELU,
 };
 use candle_qat::passes::{convert, disable_observer, eval, prepare_qat, train};
 use candle_qat::qconfig::{Backend, QConfig};
@@ -254,6 +254,7 @@ struct Chain {
     pool: AvgPool2d,
     hsig: Hardsigmoid,
     gap: AdaptiveAvgPool2d,
+    up: Upsample,
     dequant: DeQuantStub,
 }
 
@@ -263,7 +264,8 @@ impl Module for Chain {
         let x = self.relu6.forward(&self.hswish.forward(&x)?)?;
         let x = self.elu.forward(&self.leaky.forward(&x)?)?;
         let x = self.hsig.forward(&self.pool.forward(&x)?)?;
-        self.dequant.forward(&self.gap.forward(&x)?)
+        self.dequant
+            .forward(&self.up.forward(&self.gap.forward(&x)?)?)
     }
 }
 
@@ -280,6 +282,7 @@ fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
         pool: AvgPool2d::new([2, 2], [2, 2], [0, 0])?,
         hsig: Hardsigmoid::new(),
         gap: AdaptiveAvgPool2d::new([1, 1])?,
+        up: Upsample::nearest([2, 3])?,
         dequant: DeQuantStub::new(),
     };
     prepare_qat(
@@ -307,6 +310,7 @@ fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
         "AvgPool2d",
         "Hardsigmoid",
         "AdaptiveAvgPool2d",
+        "Upsample",
     ] {
         assert!(s.contains(kind), "{kind} missing from\n{s}");
     }
@@ -325,6 +329,7 @@ fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
         ("Elu", 1),
         ("AveragePool", 1),
         ("GlobalAveragePool", 1),
+        ("Resize", 1),
     ] {
         assert_eq!(count(op), n, "{op}: {:?}", report.op_counts);
     }

@@ -149,6 +149,8 @@ pub(crate) enum FloatOp {
         input: [usize; 2],
         output: [usize; 2],
     },
+    /// Nearest-neighbour upsampling by integer (height, width) factors.
+    UpsampleNearest([usize; 2]),
 }
 
 /// One layer's computation.

@@ -18,6 +18,7 @@ mod piecewise;
 mod pool;
 mod simple;
 mod stubs;
+mod upsample;
 pub(crate) mod weighted;
 
 pub use activation::{Gelu, Identity, ReLU, SiLU, Sigmoid, Tanh, GELU};
@@ -33,6 +34,7 @@ pub use norm::{LayerNorm, RmsNorm};
 pub use piecewise::{Hardsigmoid, Hardswish, LeakyReLU, ReLU6, ELU};
 pub use pool::{Flatten, MaxPool2d};
 pub use stubs::{DeQuantStub, QuantStub};
+pub use upsample::Upsample;
 
 /// Each layer's name for mapping qconfigs by type ([`crate::qconfig_mapping::Named`]).
 macro_rules! named {
@@ -72,5 +74,6 @@ named!(
     LeakyReLU,
     ELU,
     AvgPool2d,
-    AdaptiveAvgPool2d
+    AdaptiveAvgPool2d,
+    Upsample
 );

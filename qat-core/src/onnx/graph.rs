@@ -78,6 +78,15 @@ fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
     }
 }
 
+fn attr_string(name: &str, s: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(s.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
 fn attr_float(name: &str, f: f32) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
@@ -619,6 +628,27 @@ impl GraphBuilder {
                     "use an output size that divides the input size (or 1x1, a global \
                      average pool)",
                 ))
+            }
+            FloatOp::UpsampleNearest(scale) => {
+                // Resize (opset 13) with PyTorch's nearest rule: src = floor(dst / scale).
+                let scales = self.init_f32(
+                    &format!("{path}.scales"),
+                    &[4],
+                    &[1.0, 1.0, scale[0] as f32, scale[1] as f32],
+                );
+                let out = self.fresh(&format!("{path}.resize"));
+                self.node(
+                    "Resize",
+                    path,
+                    &[&xs[0], "", &scales],
+                    &out,
+                    vec![
+                        attr_string("mode", "nearest"),
+                        attr_string("coordinate_transformation_mode", "asymmetric"),
+                        attr_string("nearest_mode", "floor"),
+                    ],
+                );
+                out
             }
             FloatOp::Silu => {
                 let sig = self.fresh(&format!("{path}.sigmoid"));
