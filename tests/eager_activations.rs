@@ -269,11 +269,8 @@ impl Module for Chain {
     }
 }
 
-#[test]
-fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
-    use candle_qat::onnx::{to_onnx, ExportOptions};
-    let dev = candle_core::Device::Cpu;
-    let mut m = Chain {
+fn chain() -> candle_qat::Result<Chain> {
+    Ok(Chain {
         quant: QuantStub::new(),
         hswish: Hardswish::new(),
         relu6: ReLU6::new(),
@@ -284,7 +281,16 @@ fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
         gap: AdaptiveAvgPool2d::new([1, 1])?,
         up: Upsample::nearest([2, 3])?,
         dequant: DeQuantStub::new(),
-    };
+    })
+}
+
+#[test]
+fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
+    use candle_qat::checkpoint::{load_int8, load_qat_checkpoint, save_int8, save_qat_checkpoint};
+    use candle_qat::onnx::{to_onnx, ExportOptions};
+    let dev = candle_core::Device::Cpu;
+    let tmp = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let mut m = chain()?;
     prepare_qat(
         &mut m,
         // qnnpack's activations use the whole 0..=255, so no Clip follows a QuantizeLinear
@@ -298,9 +304,26 @@ fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
     disable_observer(&mut m)?;
     let x = Tensor::randn(0f32, 3.0, (2, 3, 6, 6), &dev)?;
     let y_fq = m.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+    // The QAT state (every fake-quant, the fixed one included) round-trips.
+    let vm = candle_nn::VarMap::new();
+    save_qat_checkpoint(&mut m, &vm, tmp.join("chain_qat.safetensors"))?;
+    let mut r = chain()?;
+    prepare_qat(
+        &mut r,
+        &QConfigMapping::global(QConfig::default_qat(Backend::Qnnpack)),
+    )?;
+    load_qat_checkpoint(&mut r, &vm, tmp.join("chain_qat.safetensors"))?;
+    eval(&mut r)?;
+    disable_observer(&mut r)?;
+    assert_eq!(r.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, y_fq);
     convert(&mut m)?;
     let y8 = m.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
     assert_eq!(y8, y_fq, "int8 equals the fake-quant model");
+    // The int8 model round-trips too.
+    save_int8(&mut m, tmp.join("chain_int8.safetensors"))?;
+    let mut l = chain()?;
+    load_int8(&mut l, tmp.join("chain_int8.safetensors"))?;
+    assert_eq!(l.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, y8);
     let s = candle_qat::passes::summary(&m)?;
     for kind in [
         "Hardswish",
