@@ -2,7 +2,9 @@
 //! (fixtures: tests/data/eager_activations, written by tools/gen_eager_activations.py) on
 //! QuantStub -> activation -> DeQuantStub: prepare_qat, calibration in train mode, a train
 //! forward and backward (values, input gradient, both fake-quants' qparams), then convert with
-//! observers frozen (int8 codes); plus ONNX export of the converted forms.
+//! observers frozen (int8 codes); plus ONNX export of the converted forms. Likewise AvgPool2d,
+//! AdaptiveAvgPool2d (in `AvgPoolOutput::PyTorchEager`) and Upsample (fixtures:
+//! tests/data/eager_pools, tools/gen_eager_pools.py): their int8 codes equal PyTorch's.
 
 // Tolerance checks are written `!(diff <= tol)` so that a NaN fails them.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -14,8 +16,8 @@ mod case;
 use candle_core::{Module, Tensor, Var};
 use candle_qat::model::Quantizable;
 use candle_qat::nn::{
-    AdaptiveAvgPool2d, AvgPool2d, DeQuantStub, Hardsigmoid, Hardswish, LeakyReLU, QuantStub, ReLU6,
-    Upsample, ELU,
+    AdaptiveAvgPool2d, AvgPool2d, AvgPoolOutput, DeQuantStub, Hardsigmoid, Hardswish, LeakyReLU,
+    QuantStub, ReLU6, Upsample, ELU,
 };
 use candle_qat::passes::{convert, disable_observer, eval, prepare_qat, train};
 use candle_qat::qconfig::{Backend, QConfig};
@@ -357,4 +359,122 @@ fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
         assert_eq!(count(op), n, "{op}: {:?}", report.op_counts);
     }
     Ok(())
+}
+
+net!(AvgNet, AvgPool2d);
+net!(AdaptiveNet, AdaptiveAvgPool2d);
+net!(UpNet, Upsample);
+
+/// QuantStub's fake-quant (scale, zero point) of a pool net.
+fn stub_qparams<M: Quantizable>(m: &M) -> R<(f32, i32)> {
+    let infos = candle_qat::passes::named_modules(m).map_err(err)?;
+    let stub = infos
+        .iter()
+        .find(|i| i.path == "quant")
+        .ok_or("no quant stub")?;
+    let f = stub
+        .fake_quants
+        .first()
+        .ok_or("QuantStub has no fake-quant")?;
+    match &f.qparams {
+        candle_qat::QParams::PerTensor { scale, zero_point } => Ok((*scale, *zero_point)),
+        q => Err(format!("per-channel stub qparams {q:?}")),
+    }
+}
+
+/// A pool (in the setting that reproduces PyTorch) against PyTorch's eager pipeline: the
+/// unrounded QAT output (float tolerance), its input gradient, QuantStub's qparams, and the
+/// converted pool's codes (exactly; they keep the input's qparams).
+fn run_pool<M: Quantizable + Module>(case: &Case, mut model: M) -> R<()> {
+    let j = &case.json;
+    let e = &j["expected"];
+    let qc = QConfig::default_qat(backend(string(&j["preset"], "preset")?)?);
+    train(&mut model).map_err(err)?;
+    prepare_qat(&mut model, &QConfigMapping::global(qc)).map_err(err)?;
+    for c in j["calib"].as_array().ok_or("no calib")? {
+        model.forward(&candle(c, "calib")?).map_err(err)?;
+    }
+    let x = Var::from_tensor(&candle(&j["x"], "x")?).map_err(err)?;
+    let y = model.forward(x.as_tensor()).map_err(err)?;
+    let grad_y = candle(&j["grad_y"], "grad_y")?;
+    let grads = (&y * &grad_y)
+        .and_then(|p| p.sum_all())
+        .and_then(|l| l.backward())
+        .map_err(err)?;
+    let (s, z) = stub_qparams(&model)?;
+    check_rel(
+        "input scale",
+        &[s],
+        &[num(&e["in_scale"], "in_scale")? as f32],
+        1e-6,
+    )?;
+    check_exact(
+        "input zero point",
+        &[z as i64],
+        &[int(&e["in_zero_point"], "zp")?],
+    )?;
+    case::check_float("qat_y", &to_vec(&y)?, &f32s(&e["qat_y"], "qat_y")?)?;
+    let gx = grads.get(x.as_tensor()).ok_or("no gradient for x")?;
+    check_grad("grad_x", &to_vec(gx)?, &f32s(&e["grad_x"], "grad_x")?)?;
+    eval(&mut model).map_err(err)?;
+    disable_observer(&mut model).map_err(err)?;
+    convert(&mut model).map_err(err)?;
+    let y8 = to_vec(&model.forward(x.as_tensor()).map_err(err)?)?;
+    let ours: Vec<i64> = as_codes("int8", &y8, s)?
+        .into_iter()
+        .map(|c| c + z as i64)
+        .collect();
+    let want = as_codes("int8_codes", &f32s(&e["int8_codes"], "int8_codes")?, 1.0)?;
+    // Bit-exact: the same integer sums and the same f32 multiplier as PyTorch's kernels.
+    check_exact("int8_codes", &ours, &want)
+}
+
+fn run_pool_case(case: &Case) -> R<()> {
+    let j = &case.json;
+    let pair = |k: &str| -> R<[usize; 2]> {
+        let v = case::array(&j["args"][k], k)?;
+        match v.as_slice() {
+            [a, b] => Ok([int(a, k)? as usize, int(b, k)? as usize]),
+            _ => Err(format!("{k}: want 2 values")),
+        }
+    };
+    let eager = AvgPoolOutput::PyTorchEager;
+    match string(&j["module"], "module")? {
+        "AvgPool2d" => {
+            let p = AvgPool2d::new(pair("kernel")?, pair("stride")?, pair("padding")?)
+                .map_err(err)?
+                .with_output(eager);
+            run_pool(case, AvgNet::new(p))
+        }
+        "AdaptiveAvgPool2d" => {
+            let p = AdaptiveAvgPool2d::new(pair("output")?)
+                .map_err(err)?
+                .with_output(eager);
+            run_pool(case, AdaptiveNet::new(p))
+        }
+        "Upsample" => run_pool(
+            case,
+            UpNet::new(Upsample::nearest(pair("scale")?).map_err(err)?),
+        ),
+        m => Err(format!("unknown module {m}")),
+    }
+}
+
+#[test]
+fn pools_match_pytorch_in_the_pytorch_setting() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/eager_pools");
+    let files = case::json_files(&dir).expect("fixture directory");
+    assert_eq!(files.len(), 12, "six layers, two presets");
+    let mut failed = Vec::new();
+    for f in &files {
+        let c = case::load(f).expect("fixture");
+        match run_pool_case(&c) {
+            Ok(()) => println!("ok {}", case::stem(f)),
+            Err(e) => {
+                println!("FAIL {}: {e}", case::stem(f));
+                failed.push(case::stem(f));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "failed: {failed:?}");
 }
