@@ -304,9 +304,10 @@ fn output_qparams<M: Quantizable>(model: &M) -> R<Vec<(String, QP)>> {
 /// The setting that reproduces PyTorch (`AvgPoolOutput::PyTorchEager`): the eval forward on
 /// `test_x` (which still updates the observers, as PyTorch's), convert, then the int8
 /// forward's codes against `int8_codes_clamped` (integer-code tolerance) and every converted
-/// module's output qparams against `qparams` (scale relative 1e-5, zero point exact; the
-/// modules PyTorch lists and ours must be the same, a pool and the fixed-qparams Hardsigmoid
-/// being absent from both... PyTorch lists only modules it swapped).
+/// module's output qparams against `qparams` (scale relative 1e-5, zero point exact), for
+/// every module PyTorch lists (those it swapped for quantized modules: not the pools, the
+/// ReLUs fused away, the Hardsigmoid it runs as a float module, nor the flatten); each must
+/// exist among ours with output qparams.
 /// Not compared (FORMAT.md): `qat_y`, `int8_codes` / `int8_y` (PyTorch's unclamped model).
 fn pytorch_setting<M: Quantizable + Module>(
     case: &Case,
