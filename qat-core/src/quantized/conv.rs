@@ -1,6 +1,7 @@
 //! Int8 2-D convolution: im2col on u8 codes, then the integer GEMM, then requantization.
 
 use candle_core::{Tensor, WithDType};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Kernel, Panel, Path};
@@ -346,6 +347,8 @@ struct Scratch {
     padded: Vec<u8>,
     panel: Panel,
     acc: Vec<i32>,
+    /// Depthwise sums over the padded width.
+    wide: Vec<i32>,
 }
 
 /// One image: per group, pad, unfold, multiply, requantize into `y` (`(O, OH, OW)`).
@@ -363,6 +366,25 @@ fn conv_image<E: Epilogue>(
     let p = g.positions();
     let og = g.out_channels / g.groups;
     let group_in = g.cg * g.h * g.w;
+    if g.cg == 1 && og == 1 {
+        // Depthwise: one channel in, one out per group. Direct sums over the taps, no
+        // unfolding and no one-row GEMM per channel.
+        let taps = g.kh * g.kw;
+        for gi in 0..g.groups {
+            pad_group(
+                g,
+                &x[gi * group_in..(gi + 1) * group_in],
+                x_zp,
+                &mut s.padded,
+            );
+            s.acc.clear();
+            s.acc.resize(p, 0);
+            let wc = &w.codes()[gi * taps..(gi + 1) * taps];
+            depthwise_sums(g, &s.padded, x_zp as i32, wc, &mut s.acc, &mut s.wide);
+            epi.row(gi, &s.acc, &mut y[gi * p..(gi + 1) * p]);
+        }
+        return Ok(());
+    }
     for gi in 0..g.groups {
         pad_group(
             g,
@@ -399,6 +421,63 @@ fn conv_image<E: Epilogue>(
         }
     }
     Ok(())
+}
+
+/// One depthwise channel: `acc[oy * ow + ox] = sum over taps (x - x_zp) * w`, `padded` one
+/// channel bordered with the zero point (`(hp, wp)`), `w` its `kh * kw` weight codes, exact
+/// in i32 (|term| <= 255 * 128, fewer than 2^16 taps). At stride 1 every tap is one long run
+/// over the padded width (`wide`, `oh * wp` sums whose last `wp - ow` columns of each row are
+/// dropped), so the inner loop vectorizes; other strides go row by row.
+fn depthwise_sums(
+    g: &Geometry,
+    padded: &[u8],
+    x_zp: i32,
+    w: &[i8],
+    acc: &mut [i32],
+    wide: &mut Vec<i32>,
+) {
+    let (ow, wp) = (g.ow, g.wp);
+    if g.stride_h == 1 && g.stride_w == 1 {
+        let run = (g.oh - 1) * wp + ow;
+        wide.clear();
+        wide.resize(run, 0);
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let wv = w[ky * g.kw + kx] as i32;
+                if wv != 0 {
+                    let base = ky * g.dilation * wp + kx * g.dilation;
+                    tap_run(&padded[base..base + run], x_zp, wv, wide);
+                }
+            }
+        }
+        for (a, src) in acc.chunks_exact_mut(ow).zip(wide.chunks(wp)) {
+            a.copy_from_slice(&src[..ow]);
+        }
+        return;
+    }
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            let wv = w[ky * g.kw + kx] as i32;
+            if wv == 0 {
+                continue;
+            }
+            let base = ky * g.dilation * wp + kx * g.dilation;
+            for (oy, a) in acc.chunks_exact_mut(ow).enumerate() {
+                let row = base + oy * g.stride_h * wp;
+                for (ox, a) in a.iter_mut().enumerate() {
+                    *a += (padded[row + ox * g.stride_w] as i32 - x_zp) * wv;
+                }
+            }
+        }
+    }
+}
+
+/// `acc[i] += (x[i] - x_zp) * w` over a run (one depthwise tap at stride 1).
+#[multiversion(targets("x86_64+avx2"))]
+fn tap_run(x: &[u8], x_zp: i32, w: i32, acc: &mut [i32]) {
+    for (a, &xv) in acc.iter_mut().zip(x) {
+        *a += (xv as i32 - x_zp) * w;
+    }
 }
 
 /// Copies one group's channels into `(cg, hp, wp)` bordered with the zero point (plus
@@ -765,6 +844,42 @@ mod tests {
                 conv: cfg(1, 1, 1, 1),
                 amax: 127,
                 xzp: 40,
+                relu: false,
+            },
+            Case {
+                n: 2,
+                c: 16,
+                h: 13,
+                w: 12,
+                o: 16,
+                k: (3, 3),
+                conv: cfg(1, 2, 1, 16),
+                amax: 127,
+                xzp: 37,
+                relu: true,
+            },
+            Case {
+                n: 1,
+                c: 5,
+                h: 17,
+                w: 19,
+                o: 5,
+                k: (5, 5),
+                conv: cfg(4, 1, 2, 5),
+                amax: 255,
+                xzp: 250,
+                relu: false,
+            },
+            Case {
+                n: 3,
+                c: 7,
+                h: 1,
+                w: 40,
+                o: 7,
+                k: (1, 3),
+                conv: cfg(0, 1, 1, 7),
+                amax: 255,
+                xzp: 0,
                 relu: false,
             },
         ];

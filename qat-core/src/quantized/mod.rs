@@ -39,6 +39,7 @@
 //! # Ok::<(), qat_core::Error>(())
 //! ```
 
+mod avg_pool;
 mod conv;
 mod conv1d;
 mod gemm;
@@ -48,6 +49,7 @@ mod qtensor;
 mod requant;
 mod weight;
 
+pub use avg_pool::{avg_pool2d_codes, PoolBin, PoolRounding};
 pub(crate) use conv::conv2d_int;
 pub use conv::{conv2d_prerequant, quantized_conv2d};
 pub(crate) use conv1d::conv1d_int;
