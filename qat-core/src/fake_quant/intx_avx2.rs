@@ -3,12 +3,14 @@
 //! [`super::intx_kernel`]'s portable `dynamic_block_f32`, which stays the reference.
 //!
 //! Groups go 8 at a time: each group's 32 values are 4 AVX registers; their minima,
-//! maxima and NaN flags are reduced to one lane per group (an 8x8 transpose), the 8 scales
-//! and zero points computed lane-wise with the portable kernel's selects, in its order
-//! (no FMA contraction), then each group (still in L1) is quantized from broadcasts. Steps
-//! holding a NaN take the portable kernel (which gives NaN qparams and outputs to a NaN
-//! group); the sign of a zero minimum or maximum is not kept, which no qparams rule
-//! distinguishes.
+//! maxima and NaN flags (symmetric rules: their largest |x|, NaN included, in one integer
+//! reduction) are reduced to one lane per group (an 8x8 transpose), the 8 scales and zero
+//! points computed lane-wise with the portable kernel's selects, in its order (no FMA
+//! contraction), then each group (still in L1) is quantized from broadcasts. The qparams of
+//! the next step are computed before the outputs of the current one (software pipelining:
+//! the divisions' latency hides behind independent work). Steps holding a NaN take the
+//! portable kernel (which gives NaN qparams and outputs to a NaN group); the sign of a
+//! zero minimum or maximum is not kept, which no qparams rule distinguishes.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -60,9 +62,16 @@ fn run(
     let ys = y.as_chunks_mut::<{ LANES * GROUP }>().0;
     let scs = sc.as_chunks_mut::<LANES>().0;
     let zps = zp.as_chunks_mut::<LANES>().0;
-    for (((xg, yg), s), z) in xs.iter().zip(ys).zip(scs).zip(zps) {
-        if !step(xg, yg, s, z, r) {
-            portable(xg, yg, s, z);
+    // Software-pipelined: the qparams of step k + 1 (a reduction, then two dependent
+    // divisions) are computed before the outputs of step k, so that their latency
+    // overlaps independent work instead of stalling every step.
+    let mut next = xs.first().map(|x0| qparams(x0, r));
+    for (k, (((xg, yg), s), z)) in xs.iter().zip(ys).zip(scs).zip(zps).enumerate() {
+        let cur = next;
+        next = xs.get(k + 1).map(|x1| qparams(x1, r));
+        match cur {
+            Some(Some(p)) => outputs(xg, yg, s, z, p, r),
+            _ => portable(xg, yg, s, z),
         }
     }
     n * LANES
@@ -93,20 +102,40 @@ fn sel(c: __m256, a: __m256, b: __m256) -> __m256 {
     _mm256_blendv_ps(b, a, c)
 }
 
-/// 8 groups: statistics, qparams (written to `sc`, `zp`), outputs; `false` (nothing
-/// written) when one of them holds a NaN.
+/// The scales and zero points of the 8 groups of a step, one group per lane.
+#[derive(Clone, Copy)]
+struct Params {
+    scale: __m256,
+    zero_point: __m256,
+}
+
+/// Per lane (group): the bits of the group's largest `|x|`, compared as signed integers:
+/// for non-negative floats the integer order is the float order, and a NaN's `|x|` bits
+/// exceed infinity's, so the maximum also tells whether the group holds a NaN.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn step(
-    xs: &[f32; LANES * GROUP],
-    ys: &mut [MaybeUninit<f32>; LANES * GROUP],
-    sc: &mut [f32; LANES],
-    zp: &mut [f32; LANES],
-    r: QRule,
-) -> bool {
-    let zero = _mm256_setzero_ps();
-    let c = _mm256_set1_ps;
-    let mut nan = zero;
+fn abs_max_bits(xs: &[f32; LANES * GROUP]) -> __m256i {
+    let bits = _mm256_castps_si256;
+    let imax = |a: __m256, b: __m256| _mm256_castsi256_ps(_mm256_max_epi32(bits(a), bits(b)));
+    let abs = _mm256_set1_epi32(i32::MAX);
+    let (m, _) = reduce8x2(
+        |g| {
+            let v = load(xs, g);
+            let a = |i: usize| _mm256_castsi256_ps(_mm256_and_si256(bits(v[i]), abs));
+            let m = imax(imax(a(0), a(1)), imax(a(2), a(3)));
+            (m, m)
+        },
+        imax,
+        imax,
+    );
+    bits(m)
+}
+
+/// Per lane (group): the minimum and maximum of each group; `None` when one holds a NaN.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn min_max(xs: &[f32; LANES * GROUP]) -> Option<(__m256, __m256)> {
+    let mut nan = _mm256_setzero_ps();
     let (mn, mx) = reduce8x2(
         |g| {
             let v = load(xs, g);
@@ -125,24 +154,33 @@ fn step(
         |a, b| _mm256_min_ps(a, b),
         |a, b| _mm256_max_ps(a, b),
     );
-    if _mm256_movemask_ps(nan) != 0 {
-        return false;
-    }
+    (_mm256_movemask_ps(nan) == 0).then_some((mn, mx))
+}
+
+/// The qparams of the 8 groups of a step, lane-wise with the portable kernel's selects in
+/// its order (no FMA contraction); `None` when a group holds a NaN (the portable kernel
+/// then takes the step: it gives NaN qparams and outputs to that group).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn qparams(xs: &[f32; LANES * GROUP], r: QRule) -> Option<Params> {
+    let zero = _mm256_setzero_ps();
+    let c = _mm256_set1_ps;
     let (qmin, qmax, eps) = (c(r.qmin), c(r.qmax), c(r.eps));
     // `if s < eps { eps } else { s }` (NaN stays NaN).
     let floor = |s: __m256| sel(_mm256_cmp_ps::<_CMP_LT_OQ>(s, eps), eps, s);
-    let (s, z) = match r.rule {
+    let (scale, zero_point) = match r.rule {
         Rule::Symmetric { div } => {
-            let a = sel(
-                _mm256_cmp_ps::<_CMP_LT_OQ>(mn, zero),
-                _mm256_xor_ps(mn, c(-0.0)),
-                zero,
-            );
-            let b = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(mx, zero), mx, zero);
-            let m = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b), a, b);
-            (floor(_mm256_div_ps(m, c(div))), zero)
+            // `max(-min(min, 0), max(max, 0))` is the largest |x| (+0.0 for a group of
+            // zeros, as the portable selects give): one integer reduction, NaN included.
+            let m = abs_max_bits(xs);
+            let inf = _mm256_set1_epi32(f32::INFINITY.to_bits() as i32);
+            if _mm256_movemask_epi8(_mm256_cmpgt_epi32(m, inf)) != 0 {
+                return None;
+            }
+            (floor(_mm256_div_ps(_mm256_castsi256_ps(m), c(div))), zero)
         }
         Rule::Asymmetric => {
+            let (mn, mx) = min_max(xs)?;
             let l = sel(_mm256_cmp_ps::<_CMP_LT_OQ>(mn, zero), mn, zero);
             let h = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(mx, zero), mx, zero);
             let s = floor(_mm256_div_ps(_mm256_sub_ps(h, l), c(r.qmax - r.qmin)));
@@ -151,6 +189,7 @@ fn step(
             (s, sel(_mm256_cmp_ps::<_CMP_GT_OQ>(z, qmax), qmax, z))
         }
         Rule::Tinygemm { levels, mid } => {
+            let (mn, mx) = min_max(xs)?;
             let s = floor(_mm256_div_ps(_mm256_sub_ps(mx, mn), c(levels)));
             let z = _mm256_add_ps(mn, _mm256_mul_ps(s, c(mid)));
             (
@@ -159,6 +198,23 @@ fn step(
             )
         }
     };
+    Some(Params { scale, zero_point })
+}
+
+/// The 8 groups of a step from their qparams: scales and zero points to `sc` and `zp`,
+/// outputs to `ys`, each group (still in L1) quantized from broadcasts.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn outputs(
+    xs: &[f32; LANES * GROUP],
+    ys: &mut [MaybeUninit<f32>; LANES * GROUP],
+    sc: &mut [f32; LANES],
+    zp: &mut [f32; LANES],
+    p: Params,
+    r: QRule,
+) {
+    let c = _mm256_set1_ps;
+    let (s, z) = (p.scale, p.zero_point);
     // SAFETY: `sc` and `zp` hold 8 f32s each; the unaligned stores write all 8.
     unsafe {
         _mm256_storeu_ps(sc.as_mut_ptr(), s);
@@ -173,8 +229,8 @@ fn step(
         a
     };
     let inv = lanes(_mm256_div_ps(c(1.0), s));
-    let qlo = lanes(_mm256_sub_ps(qmin, zc));
-    let qhi = lanes(_mm256_sub_ps(qmax, zc));
+    let qlo = lanes(_mm256_sub_ps(c(r.qmin), zc));
+    let qhi = lanes(_mm256_sub_ps(c(r.qmax), zc));
     let scale = lanes(s);
     for g in 0..LANES {
         let (vi, vl, vh, vs) = (c(inv[g]), c(qlo[g]), c(qhi[g]), c(scale[g]));
@@ -191,7 +247,6 @@ fn step(
             unsafe { _mm256_storeu_ps(out.add(8 * i), yv) };
         }
     }
-    true
 }
 
 /// The straight-through backward of the first `8 * k` groups of 32 (`k` as large as `x`

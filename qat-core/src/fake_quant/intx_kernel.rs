@@ -156,25 +156,39 @@ fn strict_bounds(lo: f32, hi: f32) -> (f32, f32) {
 
 /// Min, max and NaN flag of one group with a tree reduction of the lanes (select-based, so
 /// that it maps to vector min/max; the values are those of a sequential scan up to the
-/// sign of a zero, which no qparams rule distinguishes).
+/// sign of a zero, which no qparams rule distinguishes). Element `j` of the whole chunks
+/// goes to lane `j % LANES`, the tail to lanes `0..`; the NaN flags are all-ones masks, two
+/// chunks checked by one unordered comparison.
 #[inline(always)]
 fn min_max_lanes<const LANES: usize>(x: &[f32]) -> (f32, f32, bool) {
     let mut lo = [f32::INFINITY; LANES];
     let mut hi = [f32::NEG_INFINITY; LANES];
-    let mut nan = [0u32; LANES];
-    let mut chunks = x.chunks_exact(LANES);
+    let mut nan = [0i32; LANES];
+    let mut pairs = x.chunks_exact(2 * LANES);
+    for c in &mut pairs {
+        let (a, b) = c.split_at(LANES);
+        for i in 0..LANES {
+            let (u, v) = (a[i], b[i]);
+            lo[i] = if u < lo[i] { u } else { lo[i] };
+            hi[i] = if u > hi[i] { u } else { hi[i] };
+            lo[i] = if v < lo[i] { v } else { lo[i] };
+            hi[i] = if v > hi[i] { v } else { hi[i] };
+            nan[i] |= -((u.is_nan() | v.is_nan()) as i32);
+        }
+    }
+    let mut chunks = pairs.remainder().chunks_exact(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
             let v = c[i];
             lo[i] = if v < lo[i] { v } else { lo[i] };
             hi[i] = if v > hi[i] { v } else { hi[i] };
-            nan[i] |= v.is_nan() as u32;
+            nan[i] |= -(v.is_nan() as i32);
         }
     }
     for (i, &v) in chunks.remainder().iter().enumerate() {
         lo[i] = if v < lo[i] { v } else { lo[i] };
         hi[i] = if v > hi[i] { v } else { hi[i] };
-        nan[i] |= v.is_nan() as u32;
+        nan[i] |= -(v.is_nan() as i32);
     }
     let mut w = LANES / 2;
     while w > 0 {

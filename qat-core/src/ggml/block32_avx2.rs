@@ -67,8 +67,17 @@ fn run<const K: u8>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     assert!(x.len() == y.len() && x.len().is_multiple_of(QK));
     let (xg, xt) = x.as_chunks::<{ LANES * QK }>();
     let (yg, yt) = y.as_chunks_mut::<{ LANES * QK }>();
-    for (xs, ys) in xg.iter().zip(yg) {
-        group::<K>(xs, ys);
+    // Software-pipelined: the statistics and scales of group k + 1 (a reduction, then
+    // dependent divisions and f16 roundings) are computed before the outputs of group k,
+    // so that their latency overlaps independent work instead of stalling every group.
+    let mut next = xg.first().map(|x0| stats::<K>(x0));
+    for (k, (xs, ys)) in xg.iter().zip(yg).enumerate() {
+        let cur = next;
+        next = xg.get(k + 1).map(|x1| stats::<K>(x1));
+        match cur {
+            Some(Some(st)) => quantize::<K>(xs, ys, &st),
+            _ => block32::forward_portable(kind_of(K), xs, ys),
+        }
     }
     // The last blocks (fewer than 8).
     block32::forward_portable(kind_of(K), xt, yt);
@@ -99,63 +108,106 @@ fn load(xs: &[f32; LANES * QK], b: usize) -> [__m256; 4] {
     }
 }
 
-/// Fake-quantizes 8 blocks: their statistics reduced one block per lane, the scales
-/// divided, range-checked and rounded to f16 8 at a time, then each block quantized from
-/// broadcasts; a block outside the fast path (see the module docs), or a group holding a
-/// NaN, goes to the portable kernel.
+/// The constants of 8 blocks, one block per lane, and which of them the fast path takes.
+struct Stats {
+    /// `1 / d` (f32).
+    id: [f32; LANES],
+    /// `d` rounded to f16 (as f32).
+    dq: [f32; LANES],
+    /// The block minimum (Q4_1, Q5_1; else 0) and its f16 rounding.
+    mn: [f32; LANES],
+    mq: [f32; LANES],
+    /// Bit `b` set: block `b` takes the fast path (see the module docs).
+    ok: i32,
+}
+
+/// `x` as its f32 bits.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn bits(v: __m256) -> __m256i {
+    _mm256_castps_si256(v)
+}
+
+/// The statistics and scales of 8 blocks (see [`Stats`]); `None` when one of them holds a
+/// NaN (the portable kernel then takes the group).
+///
+/// Q8_0 reduces the bits of `|x|` with a signed integer maximum: for non-negative floats
+/// the integer order is the float order, and a NaN's bits exceed infinity's. Q4_0 and Q5_0
+/// reduce the bits of `x` with a signed maximum (the largest non-negative value, or a
+/// positive NaN, when there is one) and an unsigned maximum (the negative value of largest
+/// magnitude, or a negative NaN, when there is one): the two extremes `signed_abs_max`
+/// compares, NaN check included. Q4_1 and Q5_1 take the float minimum and maximum and an
+/// unordered comparison.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES * QK]) {
+fn stats<const K: u8>(xs: &[f32; LANES * QK]) -> Option<Stats> {
     let zero = _mm256_setzero_ps();
     let sign = _mm256_set1_ps(-0.0);
-    let mut nan = zero;
-    // Per lane (block): the largest |x| (Q8_0, twice) or the minimum and maximum.
-    let (lo, hi) = reduce8x2(
-        |b| {
-            let v = load(xs, b);
-            nan = _mm256_or_ps(
-                nan,
-                _mm256_or_ps(
-                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
-                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
-                ),
-            );
-            if K == Q8_0 {
-                let a = |i: usize| _mm256_andnot_ps(sign, v[i]);
-                let m = _mm256_max_ps(_mm256_max_ps(a(0), a(1)), _mm256_max_ps(a(2), a(3)));
-                (m, m)
-            } else {
-                (
-                    _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])),
-                    _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
-                )
-            }
-        },
-        |a, b| {
-            if K == Q8_0 {
-                _mm256_max_ps(a, b)
-            } else {
-                _mm256_min_ps(a, b)
-            }
-        },
-        |a, b| _mm256_max_ps(a, b),
-    );
-    if _mm256_movemask_ps(nan) != 0 {
-        block32::forward_portable(kind_of(K), xs, ys);
-        return;
-    }
     let all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    let cast = _mm256_castsi256_ps;
+    let smax = |a: __m256, b: __m256| cast(_mm256_max_epi32(bits(a), bits(b)));
+    let umax = |a: __m256, b: __m256| cast(_mm256_max_epu32(bits(a), bits(b)));
+    let inf = _mm256_set1_epi32(f32::INFINITY.to_bits() as i32);
     // Per lane (block): the scale `d`, the minimum, and whether the fast path takes it.
     let (d, min, ok) = match K {
-        Q8_0 => (_mm256_div_ps(hi, _mm256_set1_ps(127.0)), zero, all),
+        Q8_0 => {
+            let (m, _) = reduce8x2(
+                |b| {
+                    let v = load(xs, b);
+                    let a = |i: usize| _mm256_andnot_ps(sign, v[i]);
+                    let m = smax(smax(a(0), a(1)), smax(a(2), a(3)));
+                    (m, m)
+                },
+                smax,
+                smax,
+            );
+            if _mm256_movemask_epi8(_mm256_cmpgt_epi32(bits(m), inf)) != 0 {
+                return None;
+            }
+            (_mm256_div_ps(m, _mm256_set1_ps(127.0)), zero, all)
+        }
         Q4_0 | Q5_0 => {
-            // `signed_abs_max`: the largest value and the largest negated value, from 0;
-            // a block holding both `+amax` and `-amax` takes the portable kernel (which
-            // looks for the first of them).
-            let h = _mm256_max_ps(hi, zero);
-            let n = _mm256_max_ps(_mm256_xor_ps(lo, sign), zero);
+            // `hs`: the largest value as a signed integer (a non-negative float when the
+            // block has one); `hu`: the largest as an unsigned integer (a negative float
+            // when the block has one).
+            let (hs, hu) = reduce8x2(
+                |b| {
+                    let v = load(xs, b);
+                    (
+                        smax(smax(v[0], v[1]), smax(v[2], v[3])),
+                        umax(umax(v[0], v[1]), umax(v[2], v[3])),
+                    )
+                },
+                smax,
+                umax,
+            );
+            // A positive NaN is the only value above +inf as a signed integer, a negative
+            // NaN the only one above -inf as an unsigned integer (`hu >= -inf`, unsigned,
+            // and `hu != -inf`).
+            let neg_inf = _mm256_set1_epi32(f32::NEG_INFINITY.to_bits() as i32);
+            let neg_nan = _mm256_andnot_si256(
+                _mm256_cmpeq_epi32(bits(hu), neg_inf),
+                _mm256_cmpeq_epi32(_mm256_max_epu32(bits(hu), neg_inf), bits(hu)),
+            );
+            let nan = _mm256_or_si256(_mm256_cmpgt_epi32(bits(hs), inf), neg_nan);
+            if _mm256_movemask_epi8(nan) != 0 {
+                return None;
+            }
+            // `signed_abs_max`'s largest value and largest negated value, from 0: `hs`
+            // when non-negative (a negative `hs` means no non-negative value), `-hu` when
+            // negative (a non-negative `hu` means no negative value).
+            let h = _mm256_and_ps(
+                hs,
+                cast(_mm256_cmpgt_epi32(bits(hs), _mm256_set1_epi32(-1))),
+            );
+            let n = _mm256_and_ps(
+                _mm256_xor_ps(hu, sign),
+                cast(_mm256_cmpgt_epi32(_mm256_setzero_si256(), bits(hu))),
+            );
             let amax = _mm256_blendv_ps(h, n, _mm256_cmp_ps::<_CMP_LT_OQ>(h, n));
             let is_h = _mm256_cmp_ps::<_CMP_EQ_OQ>(h, amax);
+            // A block holding both `+amax` and `-amax` takes the portable kernel (which
+            // looks for the first of them).
             let tie = _mm256_and_ps(is_h, _mm256_cmp_ps::<_CMP_EQ_OQ>(n, amax));
             let max = _mm256_blendv_ps(_mm256_xor_ps(n, sign), h, is_h);
             let div = if K == Q4_0 { -8.0 } else { -16.0 };
@@ -166,9 +218,30 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
             )
         }
         _ => {
+            let mut nan = zero;
+            let (mn, mx) = reduce8x2(
+                |b| {
+                    let v = load(xs, b);
+                    nan = _mm256_or_ps(
+                        nan,
+                        _mm256_or_ps(
+                            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+                            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+                        ),
+                    );
+                    (
+                        _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])),
+                        _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
+                    )
+                },
+                |a, b| _mm256_min_ps(a, b),
+                |a, b| _mm256_max_ps(a, b),
+            );
+            if _mm256_movemask_ps(nan) != 0 {
+                return None;
+            }
             // A zero minimum or maximum takes the portable kernel (its sign is candle's
             // fold's, see `zero_sign`).
-            let (mx, mn) = (hi, lo);
             let zeros = _mm256_or_ps(
                 _mm256_cmp_ps::<_CMP_EQ_OQ>(mx, zero),
                 _mm256_cmp_ps::<_CMP_EQ_OQ>(mn, zero),
@@ -187,15 +260,31 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
         _mm256_cmp_ps::<_CMP_GE_OQ>(ad, _mm256_set1_ps(f32::MIN_POSITIVE)),
         _mm256_cmp_ps::<_CMP_LT_OQ>(ad, _mm256_set1_ps(f32::INFINITY)),
     );
-    let ok = _mm256_movemask_ps(_mm256_and_ps(ok, normal));
     let lanes = |v: __m256| {
         let mut a = [0f32; LANES];
         // SAFETY: `a` holds 8 f32s, the unaligned store writes `a[0..8]`.
         unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
         a
     };
-    let (id, dq) = (lanes(_mm256_div_ps(_mm256_set1_ps(1.0), d)), lanes(f16r(d)));
-    let (mn, mq) = (lanes(min), lanes(f16r(min)));
+    Some(Stats {
+        id: lanes(_mm256_div_ps(_mm256_set1_ps(1.0), d)),
+        dq: lanes(f16r(d)),
+        mn: lanes(min),
+        mq: lanes(f16r(min)),
+        ok: _mm256_movemask_ps(_mm256_and_ps(ok, normal)),
+    })
+}
+
+/// Fake-quantizes 8 blocks from their [`Stats`], each (still in L1) from broadcasts of its
+/// lane; a block outside the fast path goes to the portable kernel.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn quantize<const K: u8>(
+    xs: &[f32; LANES * QK],
+    ys: &mut [MaybeUninit<f32>; LANES * QK],
+    st: &Stats,
+) {
+    let zero = _mm256_setzero_ps();
     let trunc = |a: __m256| _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(a);
     let c = _mm256_set1_ps;
     for b in 0..LANES {
@@ -203,11 +292,11 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
             &xs.as_chunks::<QK>().0[b],
             &mut ys.as_chunks_mut::<QK>().0[b],
         );
-        if ok & (1 << b) == 0 {
+        if st.ok & (1 << b) == 0 {
             block32::forward_portable(kind_of(K), xb, yb);
             continue;
         }
-        let (vid, vd, vm, vmin) = (c(id[b]), c(dq[b]), c(mq[b]), c(mn[b]));
+        let (vid, vd, vm, vmin) = (c(st.id[b]), c(st.dq[b]), c(st.mq[b]), c(st.mn[b]));
         let out = yb.as_mut_ptr().cast::<f32>();
         for (i, xv) in load(xs, b).into_iter().enumerate() {
             let y = match K {
@@ -328,6 +417,24 @@ mod tests {
         x.extend(&special);
         special[2] = f32::NEG_INFINITY;
         x.extend(&special);
+        // Negative NaNs (above -inf as unsigned integers), a positive NaN beside -inf and
+        // a negative one beside +inf: the integer reductions must see every NaN.
+        special[9] = -f32::NAN;
+        x.extend(&special);
+        special[2] = f32::NAN;
+        special[9] = f32::NEG_INFINITY;
+        x.extend(&special);
+        special[2] = -f32::NAN;
+        special[9] = f32::INFINITY;
+        x.extend(&special);
+        let mut ones = vec![1.0f32; QK];
+        ones[17] = -f32::NAN;
+        x.extend(&ones);
+        ones[17] = f32::from_bits(0xffc0_0001);
+        ones[3] = -2.0;
+        x.extend(&ones);
+        // Whole groups of 8 ordinary blocks after them, so that the fast path runs again.
+        x.extend((0..8 * QK).map(|i| (i as f32 * 0.37).sin()));
         for kind in KINDS {
             let Some((a, b)) = both(kind, &x) else { return };
             for (i, (p, q)) in a.iter().zip(&b).enumerate() {
