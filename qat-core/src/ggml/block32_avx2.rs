@@ -1,4 +1,4 @@
-//! The AVX2 + F16C forward of the 32-element GGML block types, bit-exact with the portable
+//! The AVX2 + F16C + FMA forward of the 32-element GGML block types, bit-exact with the portable
 //! kernel in [`super::block32`] (which stays the reference, and which this kernel calls for
 //! every block it does not handle).
 //!
@@ -14,9 +14,15 @@
 //! `trunc` plus the one upper `min` a code can reach (Q4_0 and Q5_0, whose `x = -max`
 //! maps to 16 and 32), and no tie the portable kernel resolves by position (Q4_0/Q5_0
 //! blocks holding both `+amax` and `-amax`, Q4_1/Q5_1 blocks whose minimum or maximum is a
-//! zero, whose sign candle's fold decides). Every other block goes to the portable kernel. Each f32 operation is the portable kernel's, in the same order (no FMA
-//! contraction), so the values are the same bits; tests below compare the two on random
-//! and adversarial blocks.
+//! zero, whose sign candle's fold decides). Every other block goes to the portable kernel.
+//! Each f32 operation is the portable kernel's, in the same order, so the values are the
+//! same bits; the one exception is the last step of Q8_0, Q4_1 and Q5_1, a product of a
+//! code and the f16 scale (exact: at most 8 + 11 significant bits) plus the minimum (or
+//! +0.0; Q8_0 takes the fast path only with an f16 scale above 0, where a code of -0.0
+//! must give +0.0), fused into one FMA, whose single rounding is then the sum's. Tests below compare
+//! the two kernels on random and adversarial blocks. The statistics of the next 8 blocks
+//! are computed before the outputs of the current 8 (software pipelining: the divisions'
+//! and conversions' latency overlaps independent work).
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -27,10 +33,13 @@ use crate::x86_lanes::reduce8x2;
 /// Runs the AVX2 forward when the CPU has AVX2 and F16C (else returns `false`, writing
 /// nothing); `x.len()` a multiple of 32 and `y` as long.
 pub(crate) fn try_forward(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>]) -> bool {
-    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+    if !(is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("fma"))
+    {
         return false;
     }
-    // SAFETY: AVX2 and F16C were detected on this CPU just above.
+    // SAFETY: AVX2, F16C and FMA were detected on this CPU just above.
     unsafe {
         match kind {
             Kind32::Q8_0 => run::<Q8_0>(x, y),
@@ -62,7 +71,7 @@ fn kind_of(k: u8) -> Kind32 {
 /// Blocks whose statistics are reduced together, one block per lane.
 const LANES: usize = 8;
 
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn run<const K: u8>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     assert!(x.len() == y.len() && x.len().is_multiple_of(QK));
     let (xg, xt) = x.as_chunks::<{ LANES * QK }>();
@@ -218,17 +227,25 @@ fn stats<const K: u8>(xs: &[f32; LANES * QK]) -> Option<Stats> {
             )
         }
         _ => {
+            // The NaN check in a loop of its own (the blocks are in L1): folded into the
+            // reduction, its accumulator made the 16 partial results spill.
             let mut nan = zero;
+            for b in 0..LANES {
+                let v = load(xs, b);
+                nan = _mm256_or_ps(
+                    nan,
+                    _mm256_or_ps(
+                        _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+                        _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+                    ),
+                );
+            }
+            if _mm256_movemask_ps(nan) != 0 {
+                return None;
+            }
             let (mn, mx) = reduce8x2(
                 |b| {
                     let v = load(xs, b);
-                    nan = _mm256_or_ps(
-                        nan,
-                        _mm256_or_ps(
-                            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
-                            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
-                        ),
-                    );
                     (
                         _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])),
                         _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
@@ -237,9 +254,6 @@ fn stats<const K: u8>(xs: &[f32; LANES * QK]) -> Option<Stats> {
                 |a, b| _mm256_min_ps(a, b),
                 |a, b| _mm256_max_ps(a, b),
             );
-            if _mm256_movemask_ps(nan) != 0 {
-                return None;
-            }
             // A zero minimum or maximum takes the portable kernel (its sign is candle's
             // fold's, see `zero_sign`).
             let zeros = _mm256_or_ps(
@@ -266,9 +280,16 @@ fn stats<const K: u8>(xs: &[f32; LANES * QK]) -> Option<Stats> {
         unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
         a
     };
+    let dq = f16r(d);
+    // Q8_0's fused output needs `d > 0` after the f16 rounding (see `quantize`).
+    let ok = if K == Q8_0 {
+        _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_GT_OQ>(dq, zero))
+    } else {
+        ok
+    };
     Some(Stats {
         id: lanes(_mm256_div_ps(_mm256_set1_ps(1.0), d)),
-        dq: lanes(f16r(d)),
+        dq: lanes(dq),
         mn: lanes(min),
         mq: lanes(f16r(min)),
         ok: _mm256_movemask_ps(_mm256_and_ps(ok, normal)),
@@ -277,7 +298,7 @@ fn stats<const K: u8>(xs: &[f32; LANES * QK]) -> Option<Stats> {
 
 /// Fake-quantizes 8 blocks from their [`Stats`], each (still in L1) from broadcasts of its
 /// lane; a block outside the fast path goes to the portable kernel.
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 #[inline]
 fn quantize<const K: u8>(
     xs: &[f32; LANES * QK],
@@ -307,8 +328,12 @@ fn quantize<const K: u8>(
                     let q = _mm256_mul_ps(xv, vid);
                     let t = trunc(q);
                     let f = _mm256_sub_ps(q, t);
-                    let r = _mm256_add_ps(_mm256_add_ps(t, zero), trunc(_mm256_add_ps(f, f)));
-                    _mm256_mul_ps(r, vd)
+                    let r = _mm256_add_ps(t, trunc(_mm256_add_ps(f, f)));
+                    // `r * d + 0.0` with one rounding: the product of a code (8 bits) and
+                    // an f16 scale (11) is exact, so this is `r * d` except that a code of
+                    // -0.0 (from `round(-0.3)`, the integer 0) gives +0.0, as the
+                    // integer does (the fast path has `d > 0`).
+                    _mm256_fmadd_ps(r, vd, zero)
                 }
                 Q4_0 | Q5_0 => {
                     let (off, half, hi) = if K == Q4_0 {
@@ -327,7 +352,9 @@ fn quantize<const K: u8>(
                     } else {
                         trunc(q)
                     };
-                    _mm256_add_ps(_mm256_mul_ps(code, vd), vm)
+                    // `code * d + m` with one rounding: the product of a code (5 bits) and
+                    // an f16 scale (11) is exact, so the fused sum rounds as the sum does.
+                    _mm256_fmadd_ps(code, vd, vm)
                 }
             };
             // SAFETY: `yb` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
