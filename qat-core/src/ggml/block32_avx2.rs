@@ -19,10 +19,11 @@
 //! same bits; the one exception is the last step of Q8_0, Q4_1 and Q5_1, a product of a
 //! code and the f16 scale (exact: at most 8 + 11 significant bits) plus the minimum (or
 //! +0.0; Q8_0 takes the fast path only with an f16 scale above 0, where a code of -0.0
-//! must give +0.0), fused into one FMA, whose single rounding is then the sum's. Tests below compare
-//! the two kernels on random and adversarial blocks. The statistics of the next 8 blocks
-//! are computed before the outputs of the current 8 (software pipelining: the divisions'
-//! and conversions' latency overlaps independent work).
+//! must give +0.0), fused into one FMA, whose single rounding is then the sum's. Tests
+//! below compare the kernels on random and adversarial blocks. The statistics of the next
+//! 8 blocks are computed before the outputs of the current 8 (software pipelining: the
+//! divisions' and conversions' latency overlaps independent work). Where the CPU has
+//! AVX-512F the output loop runs the same operations 16 lanes at a time.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -33,11 +34,30 @@ use crate::x86_lanes::reduce8x2;
 /// Runs the AVX2 forward when the CPU has AVX2 and F16C (else returns `false`, writing
 /// nothing); `x.len()` a multiple of 32 and `y` as long.
 pub(crate) fn try_forward(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>]) -> bool {
+    try_forward_at(kind, x, y, true)
+}
+
+/// [`try_forward`], with the AVX-512 output loop where the CPU has AVX-512F and `wide`
+/// (tests run both).
+fn try_forward_at(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>], wide: bool) -> bool {
     if !(is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("f16c")
         && is_x86_feature_detected!("fma"))
     {
         return false;
+    }
+    if wide && is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX2, F16C, FMA and AVX-512F were detected on this CPU just above.
+        unsafe {
+            match kind {
+                Kind32::Q8_0 => run512::<Q8_0>(x, y),
+                Kind32::Q4_0 => run512::<Q4_0>(x, y),
+                Kind32::Q4_1 => run512::<Q4_1>(x, y),
+                Kind32::Q5_0 => run512::<Q5_0>(x, y),
+                Kind32::Q5_1 => run512::<Q5_1>(x, y),
+            }
+        }
+        return true;
     }
     // SAFETY: AVX2, F16C and FMA were detected on this CPU just above.
     unsafe {
@@ -89,6 +109,24 @@ fn run<const K: u8>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         }
     }
     // The last blocks (fewer than 8).
+    block32::forward_portable(kind_of(K), xt, yt);
+}
+
+/// [`run`] with the output loop in AVX-512 registers ([`quantize512`]).
+#[target_feature(enable = "avx2,f16c,fma,avx512f")]
+fn run512<const K: u8>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    assert!(x.len() == y.len() && x.len().is_multiple_of(QK));
+    let (xg, xt) = x.as_chunks::<{ LANES * QK }>();
+    let (yg, yt) = y.as_chunks_mut::<{ LANES * QK }>();
+    let mut next = xg.first().map(|x0| stats::<K>(x0));
+    for (k, (xs, ys)) in xg.iter().zip(yg).enumerate() {
+        let cur = next;
+        next = xg.get(k + 1).map(|x1| stats::<K>(x1));
+        match cur {
+            Some(Some(st)) => quantize512::<K>(xs, ys, &st),
+            _ => block32::forward_portable(kind_of(K), xs, ys),
+        }
+    }
     block32::forward_portable(kind_of(K), xt, yt);
 }
 
@@ -364,16 +402,77 @@ fn quantize<const K: u8>(
     }
 }
 
+/// [`quantize`] in AVX-512 registers (16 lanes, two per block): the same operations in
+/// the same order, lane for lane.
+#[target_feature(enable = "avx2,f16c,fma,avx512f")]
+#[inline]
+fn quantize512<const K: u8>(
+    xs: &[f32; LANES * QK],
+    ys: &mut [MaybeUninit<f32>; LANES * QK],
+    st: &Stats,
+) {
+    let zero = _mm512_setzero_ps();
+    let trunc = |a: __m512| _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(a);
+    let c = _mm512_set1_ps;
+    for b in 0..LANES {
+        let (xb, yb) = (
+            &xs.as_chunks::<QK>().0[b],
+            &mut ys.as_chunks_mut::<QK>().0[b],
+        );
+        if st.ok & (1 << b) == 0 {
+            block32::forward_portable(kind_of(K), xb, yb);
+            continue;
+        }
+        let (vid, vd, vm, vmin) = (c(st.id[b]), c(st.dq[b]), c(st.mq[b]), c(st.mn[b]));
+        let out = yb.as_mut_ptr().cast::<f32>();
+        for (i, h) in xb.as_chunks::<16>().0.iter().enumerate() {
+            // SAFETY: `h` holds 16 f32s; the unaligned load reads all 16.
+            let xv = unsafe { _mm512_loadu_ps(h.as_ptr()) };
+            let y = match K {
+                Q8_0 => {
+                    let q = _mm512_mul_ps(xv, vid);
+                    let t = trunc(q);
+                    let f = _mm512_sub_ps(q, t);
+                    let r = _mm512_add_ps(t, trunc(_mm512_add_ps(f, f)));
+                    _mm512_fmadd_ps(r, vd, zero)
+                }
+                Q4_0 | Q5_0 => {
+                    let (off, half, hi) = if K == Q4_0 {
+                        (8.0, 8.5, 15.0)
+                    } else {
+                        (16.0, 16.5, 31.0)
+                    };
+                    let q = _mm512_add_ps(_mm512_mul_ps(xv, vid), c(half));
+                    let code = _mm512_min_ps(trunc(q), c(hi));
+                    _mm512_mul_ps(_mm512_sub_ps(code, c(off)), vd)
+                }
+                _ => {
+                    let q = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(xv, vmin), vid), c(0.5));
+                    let code = if K == Q4_1 {
+                        _mm512_min_ps(trunc(q), c(15.0))
+                    } else {
+                        trunc(q)
+                    };
+                    _mm512_fmadd_ps(code, vd, vm)
+                }
+            };
+            // SAFETY: `yb` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
+            // `i < 2`, so the store writes `out[16 * i..16 * i + 16]`, in bounds.
+            unsafe { _mm512_storeu_ps(out.add(16 * i), y) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use half::f16;
 
     use super::*;
 
-    fn both(kind: Kind32, x: &[f32]) -> Option<(Vec<u32>, Vec<u32>)> {
+    fn both(kind: Kind32, x: &[f32], wide: bool) -> Option<(Vec<u32>, Vec<u32>)> {
         let mut a = vec![MaybeUninit::new(f32::NAN); x.len()];
         let mut b = vec![MaybeUninit::new(f32::NAN); x.len()];
-        if !try_forward(kind, x, &mut a) {
+        if !try_forward_at(kind, x, &mut a, wide) {
             return None;
         }
         block32::forward_portable(kind, x, &mut b);
@@ -396,7 +495,7 @@ mod tests {
 
     /// Random blocks at many magnitudes (normal, tiny, huge), ties of `x * id`, repeated
     /// extremes of either sign, zeros of both signs, NaN and infinities: the AVX2 kernel
-    /// gives the portable kernel's bits.
+    /// (with its AVX2 and its AVX-512 output loop) gives the portable kernel's bits.
     #[test]
     fn avx2_forward_matches_portable_bitwise() {
         let mut s: u64 = 0x2545_f491_4f6c_dd1d;
@@ -462,10 +561,13 @@ mod tests {
         x.extend(&ones);
         // Whole groups of 8 ordinary blocks after them, so that the fast path runs again.
         x.extend((0..8 * QK).map(|i| (i as f32 * 0.37).sin()));
-        for kind in KINDS {
-            let Some((a, b)) = both(kind, &x) else { return };
+        // Both output loops: AVX2 (`wide` false) and AVX-512 where the CPU has it.
+        for (kind, wide) in KINDS.into_iter().flat_map(|k| [(k, false), (k, true)]) {
+            let Some((a, b)) = both(kind, &x, wide) else {
+                return;
+            };
             for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                assert_eq!(p, q, "{kind:?} element {i} (x = {:e})", x[i]);
+                assert_eq!(p, q, "{kind:?} (wide {wide}) element {i} (x = {:e})", x[i]);
             }
         }
     }
