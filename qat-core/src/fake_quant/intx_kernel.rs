@@ -1,8 +1,8 @@
 //! The CPU kernels of intx fake quantization (torchao's `IntxFakeQuantizer`): per-group
 //! qparams, forward and straight-through backward over f32 slices, one group at a time so
 //! that a dynamic forward reads its input once (the group's min/max, then its codes, while
-//! it is in L1). The f32 inner loops are compiled for baseline x86-64 and AVX2, chosen at
-//! run time; f16/bf16 data runs the same arithmetic in f32 with a rounding to the dtype
+//! it is in L1). The f32 inner loops are compiled for baseline x86-64 and AVX2 (the dynamic
+//! forward also for AVX-512F), chosen at run time; f16/bf16 data runs the same arithmetic in f32 with a rounding to the dtype
 //! after each step where PyTorch rounds (see [`Narrow`]).
 //!
 //! Arithmetic, as torchao with PyTorch's CPU kernels: `t = x * (1/scale)` in f32, the code
@@ -228,7 +228,7 @@ struct Scratch {
 /// The f32 dynamic forward of one block of groups: each group's min/max, then all their
 /// qparams in one branch-free loop (the divisions of different groups vectorise), then
 /// the codes. Gives the bits of [`QRule::qparams`] and [`Step::fake_quant`].
-#[multiversion(targets("x86_64+avx2"))]
+#[multiversion(targets("x86_64+avx512f+avx2", "x86_64+avx2"))]
 fn dynamic_block_f32(
     x: &[f32],
     y: &mut [MaybeUninit<f32>],

@@ -384,12 +384,10 @@ fn quantize<const K: u8>(
                     _mm256_mul_ps(_mm256_sub_ps(code, c(off)), vd)
                 }
                 _ => {
+                    // `x <= max`, so `(x - min) * id + 0.5 <= 15.5` (31.5) up to a few ulps:
+                    // candle's `min(15)` (Q4_1) never applies in the fast path.
                     let q = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(xv, vmin), vid), c(0.5));
-                    let code = if K == Q4_1 {
-                        _mm256_min_ps(trunc(q), c(15.0))
-                    } else {
-                        trunc(q)
-                    };
+                    let code = trunc(q);
                     // `code * d + m` with one rounding: the product of a code (5 bits) and
                     // an f16 scale (11) is exact, so the fused sum rounds as the sum does.
                     _mm256_fmadd_ps(code, vd, vm)
@@ -448,11 +446,7 @@ fn quantize512<const K: u8>(
                 }
                 _ => {
                     let q = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(xv, vmin), vid), c(0.5));
-                    let code = if K == Q4_1 {
-                        _mm512_min_ps(trunc(q), c(15.0))
-                    } else {
-                        trunc(q)
-                    };
+                    let code = trunc(q);
                     _mm512_fmadd_ps(code, vd, vm)
                 }
             };
