@@ -2,8 +2,9 @@
 //! qparams, forward and straight-through backward over f32 slices, one group at a time so
 //! that a dynamic forward reads its input once (the group's min/max, then its codes, while
 //! it is in L1). The f32 inner loops are compiled for baseline x86-64 and AVX2 (the dynamic
-//! forward also for AVX-512F), chosen at run time; f16/bf16 data runs the same arithmetic in f32 with a rounding to the dtype
-//! after each step where PyTorch rounds (see [`Narrow`]).
+//! forward also for AVX-512F), chosen at run time; f16/bf16 data runs the same arithmetic
+//! in f32 with a rounding to the dtype after each step where PyTorch rounds (see
+//! [`Narrow`]).
 //!
 //! Arithmetic, as torchao with PyTorch's CPU kernels: `t = x * (1/scale)` in f32, the code
 //! `q = clamp(round_half_even(t) + zp, qmin, qmax)`, `y = (q - zp) * scale`; the gradient is
