@@ -72,6 +72,101 @@ fn try_forward_at(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>], wide: boo
     true
 }
 
+/// The straight-through backward (`dx = dy` where the code was not clamped, else 0) when
+/// the CPU has AVX2, F16C and FMA (else returns `false`, writing nothing); `x.len()` a
+/// multiple of 32, `dy` and `dx` as long. Blocks go 8 at a time with the forward's
+/// statistics; in a fast-path block (see the module docs) no code of Q8_0, Q4_1 or Q5_1
+/// is clamped (`|x * id| <= 127`, `(x - min) * id + 0.5 < 16` (32) up to a few ulps), so
+/// `dx = dy`, and Q4_0 / Q5_0 clamp exactly where `x * id + 8.5 >= 16` (`+ 16.5 >= 32`),
+/// the portable kernel's test with its lower half always true. Other blocks take the
+/// portable kernel.
+pub(crate) fn try_backward(
+    kind: Kind32,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+) -> bool {
+    if !(is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("fma"))
+    {
+        return false;
+    }
+    // SAFETY: AVX2, F16C and FMA were detected on this CPU just above.
+    unsafe {
+        match kind {
+            Kind32::Q8_0 => run_backward::<Q8_0>(x, dy, dx),
+            Kind32::Q4_0 => run_backward::<Q4_0>(x, dy, dx),
+            Kind32::Q4_1 => run_backward::<Q4_1>(x, dy, dx),
+            Kind32::Q5_0 => run_backward::<Q5_0>(x, dy, dx),
+            Kind32::Q5_1 => run_backward::<Q5_1>(x, dy, dx),
+        }
+    }
+    true
+}
+
+#[target_feature(enable = "avx2,f16c,fma")]
+fn run_backward<const K: u8>(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
+    assert!(x.len() == dy.len() && x.len() == dx.len() && x.len().is_multiple_of(QK));
+    let (xg, xt) = x.as_chunks::<{ LANES * QK }>();
+    let (dg, dt) = dy.as_chunks::<{ LANES * QK }>();
+    let (og, ot) = dx.as_chunks_mut::<{ LANES * QK }>();
+    for ((xs, ds), os) in xg.iter().zip(dg).zip(og) {
+        match stats::<K>(xs) {
+            Some(st) => grad::<K>(xs, ds, os, &st),
+            None => block32::backward_portable(kind_of(K), xs, ds, os),
+        }
+    }
+    // The last blocks (fewer than 8).
+    block32::backward_portable(kind_of(K), xt, dt, ot);
+}
+
+/// The gradient of 8 blocks from their [`Stats`] (see [`try_backward`]).
+#[target_feature(enable = "avx2,f16c,fma")]
+#[inline]
+fn grad<const K: u8>(
+    xs: &[f32; LANES * QK],
+    ds: &[f32; LANES * QK],
+    os: &mut [MaybeUninit<f32>; LANES * QK],
+    st: &Stats,
+) {
+    let c = _mm256_set1_ps;
+    for b in 0..LANES {
+        let (xb, db, ob) = (
+            &xs.as_chunks::<QK>().0[b],
+            &ds.as_chunks::<QK>().0[b],
+            &mut os.as_chunks_mut::<QK>().0[b],
+        );
+        if st.ok & (1 << b) == 0 {
+            block32::backward_portable(kind_of(K), xb, db, ob);
+            continue;
+        }
+        let vid = c(st.id[b]);
+        let out = ob.as_mut_ptr().cast::<f32>();
+        for i in 0..QK / 8 {
+            // SAFETY: `xb` and `db` hold 32 f32s and `i < 4`, so the loads read
+            // `[8 * i..8 * i + 8]` of each, in bounds.
+            let (xv, dv) = unsafe {
+                (
+                    _mm256_loadu_ps(xb.as_ptr().add(8 * i)),
+                    _mm256_loadu_ps(db.as_ptr().add(8 * i)),
+                )
+            };
+            let g = match K {
+                Q4_0 | Q5_0 => {
+                    let (half, top) = if K == Q4_0 { (8.5, 16.0) } else { (16.5, 32.0) };
+                    let v = _mm256_add_ps(_mm256_mul_ps(xv, vid), c(half));
+                    _mm256_and_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(v, c(top)), dv)
+                }
+                _ => dv,
+            };
+            // SAFETY: `ob` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
+            // `i < 4`, so the store writes `out[8 * i..8 * i + 8]`, in bounds.
+            unsafe { _mm256_storeu_ps(out.add(8 * i), g) };
+        }
+    }
+}
+
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q4_1: u8 = 2;
@@ -562,6 +657,51 @@ mod tests {
             };
             for (i, (p, q)) in a.iter().zip(&b).enumerate() {
                 assert_eq!(p, q, "{kind:?} (wide {wide}) element {i} (x = {:e})", x[i]);
+            }
+        }
+    }
+
+    /// The AVX2 backward gives the portable backward's bits on the forward test's blocks
+    /// (whole groups of 8 and a tail), with a distinct gradient per element.
+    #[test]
+    fn avx2_backward_matches_portable_bitwise() {
+        let mut x: Vec<f32> = (0..40 * QK)
+            .map(|i| ((i * 7919 % 1013) as f32 / 97.0 - 5.0) * if i % 3 == 0 { 1e-3 } else { 1.0 })
+            .collect();
+        // Blocks of the fast path's edges: `-max` (Q4_0/Q5_0 clamp it), `+max` beside it
+        // (a tie), zero extremes, NaN, infinities, tiny scales.
+        x[3 * QK + 5] = -10.0;
+        x[4 * QK + 5] = -10.0;
+        x[4 * QK + 6] = 10.0;
+        x[5 * QK..6 * QK].iter_mut().for_each(|v| *v = v.abs());
+        x[6 * QK + 1] = f32::NAN;
+        x[9 * QK + 2] = f32::INFINITY;
+        x[11 * QK..12 * QK].iter_mut().for_each(|v| *v *= 1e-40);
+        x[17 * QK + 9] = -f32::NAN;
+        // Clamped by Q4_0 and Q5_0 (the opposite extreme), in a fast-path group.
+        x[26 * QK + 5] = -10.0;
+        x[26 * QK + 6] = 9.9;
+        let dy: Vec<f32> = (0..x.len()).map(|i| i as f32 + 0.5).collect();
+        for kind in KINDS {
+            let mut a = vec![MaybeUninit::new(f32::NAN); x.len()];
+            let mut b = vec![MaybeUninit::new(f32::NAN); x.len()];
+            if !try_backward(kind, &x, &dy, &mut a) {
+                return;
+            }
+            block32::backward_portable(kind, &x, &dy, &mut b);
+            for i in 0..x.len() {
+                // SAFETY: both vectors were created initialised (NaN).
+                let (p, q) = unsafe { (a[i].assume_init(), b[i].assume_init()) };
+                assert_eq!(
+                    p.to_bits(),
+                    q.to_bits(),
+                    "{kind:?} element {i} (x = {:e})",
+                    x[i]
+                );
+            }
+            if matches!(kind, Kind32::Q4_0 | Kind32::Q5_0) {
+                // SAFETY: `a` was created initialised (NaN).
+                assert_eq!(unsafe { a[26 * QK + 6].assume_init() }, 0.0, "{kind:?}");
             }
         }
     }
