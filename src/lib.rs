@@ -29,9 +29,11 @@ pub mod prelude {
     pub use qat_core::fake_quant::IntxSpec;
     pub use qat_core::model::{ModulePath, Quantizable, Stage};
     pub use qat_core::nn::{
-        BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig, Conv1d, Conv2d, Conv3d, ConvConfig,
-        DeQuantStub, Dropout, Embedding, Flatten, FloatFunctional, Gelu, Identity, LayerNorm,
-        Linear, MaxPool2d, QuantStub, ReLU, RmsNorm, SiLU, Sigmoid, Tanh, GELU,
+        AdaptiveAvgPool2d, AvgPool2d, AvgPoolOutput, BatchNorm1d, BatchNorm2d, BatchNorm3d,
+        BatchNormConfig, Conv1d, Conv2d, Conv3d, ConvConfig, DeQuantStub, Dropout, Embedding,
+        Flatten, FloatFunctional, Gelu, Hardsigmoid, Hardswish, Identity, LayerNorm, LeakyReLU,
+        Linear, MaxPool2d, QuantStub, ReLU, ReLU6, RmsNorm, SiLU, Sigmoid, Tanh, Upsample, ELU,
+        GELU,
     };
     pub use qat_core::passes::{
         disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,

@@ -30,6 +30,8 @@ mod intx_qat;
 mod learnable;
 #[path = "golden_support/model_e2e.rs"]
 mod model_e2e;
+#[path = "golden_support/model_e2e_mobile.rs"]
+mod model_e2e_mobile;
 #[path = "golden_support/observer.rs"]
 mod observer;
 #[path = "golden_support/quantized.rs"]
@@ -57,6 +59,7 @@ const HANDLERS: &[(&str, Handler)] = &[
     ("fuse_linear_bn_eval", |c| fusion::run(c, false)),
     ("conv_bn_qat", conv_bn_qat::run),
     ("model_e2e", model_e2e::run),
+    ("model_e2e_mobile", model_e2e_mobile::run),
     ("quantized_linear", quantized::run_linear),
     ("quantized_conv2d", quantized::run_conv),
     ("intx_fake_quant", intx::run),

@@ -7,10 +7,11 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
-use candle_qat::checkpoint::{load_qat_checkpoint, save_qat_checkpoint};
+use candle_qat::checkpoint::{load_qat_checkpoint, save_int8, save_qat_checkpoint};
 use candle_qat::fake_quant::IntxFakeQuantizer;
 use candle_qat::ggml::{fake_quantize_ggml, fake_quantize_vec_dot, quantize_blocks};
 use candle_qat::model::QuantModule;
+use candle_qat::onnx::{to_onnx, ExportOptions};
 use candle_qat::passes::convert;
 use candle_qat::prelude::*;
 
@@ -342,7 +343,7 @@ fn ggml_linears_convert_to_qmatmul_with_the_same_blocks() {
     let w1 = m.fc1.weight().clone();
     convert(&mut m).unwrap();
     assert_eq!(m.fc1.stage(), Stage::Converted);
-    let q = m.fc1.ggml_weight().expect("a GGML weight");
+    let q = m.fc1.ggml_weight().expect("a GGML weight").clone();
     assert_eq!(q.dtype(), BlockType::Q4_0.dtype());
     assert_eq!(
         q.data().unwrap().to_vec(),
@@ -358,6 +359,18 @@ fn ggml_linears_convert_to_qmatmul_with_the_same_blocks() {
         "{}",
         rel_max(&deployed, &fq)
     );
+    // It deploys as GGUF: the int8 file and ONNX QDQ refuse it, naming the layer.
+    let dir = std::env::temp_dir().join(format!("candle-qat-ggml-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = save_int8(&mut m, dir.join("m.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fc1") && e.contains("GGUF"), "{e}");
+    let e = to_onnx(&m, |m, x| m.forward(x), &x, &ExportOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fc1") && e.contains("GGUF"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
     // Exactly what candle's own QMatMul over the same blocks computes.
     let own = QMatMul::from_arc(q.clone()).unwrap().forward(&x).unwrap();
     assert_eq!(

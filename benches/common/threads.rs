@@ -24,6 +24,15 @@ const CHILD: &str = "QAT_BENCH_THREADS";
 /// Panics when `CANDLE_NUM_THREADS` is set to another count: candle's elementwise ops
 /// would then run on another number of threads than the rest.
 pub fn pin(n: usize) -> rayon::ThreadPool {
+    pin_env(n);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .unwrap_or_else(|e| panic!("building the bench's rayon pool of {n} threads: {e}"))
+}
+
+/// Sets `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS` to `n` (see [`pin`]).
+fn pin_env(n: usize) {
     assert!(n >= 1, "a bench needs at least one thread");
     if let Some(c) = std::env::var_os("CANDLE_NUM_THREADS") {
         assert!(
@@ -34,8 +43,17 @@ pub fn pin(n: usize) -> rayon::ThreadPool {
     }
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+}
+
+/// As [`pin`], but the calling thread becomes one of the pool's `n` threads (rayon's
+/// `use_current_thread`): rayon calls made from it run in the pool without `install`, so a
+/// measured call at 1 thread runs entirely on the calling thread (no hand-over to a pool
+/// thread), as onnxruntime runs on its caller. Keep the pool alive while measuring.
+pub fn pin_current(n: usize) -> rayon::ThreadPool {
+    pin_env(n);
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
+        .use_current_thread()
         .build()
         .unwrap_or_else(|e| panic!("building the bench's rayon pool of {n} threads: {e}"))
 }

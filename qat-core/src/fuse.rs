@@ -136,6 +136,67 @@ pub fn fold_conv_bn_weights(
     Ok((w, b))
 }
 
+/// [`fold_conv_bn_weights`] for a transposed convolution (PyTorch's `fuse_conv_bn_weights`
+/// with `transpose=True`): `weight` is `(in_channels, out_channels / groups, k...)`, so output
+/// channel `g * (out / groups) + j` is column `j` of the rows of group `g`, and each is scaled
+/// by its channel's `bn_w * rsqrt(rv + eps)`. Correct for any `groups`, where PyTorch's
+/// reshape of the scale to `(1, -1, 1, ...)` fails once `groups > 1` (pytorch#180995).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use qat_core::fuse::fold_conv_transpose_bn_weights;
+/// // 2 input channels, 2 groups, 1 output channel per group: out channels 0 and 1.
+/// let w = Tensor::ones((2, 1, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
+/// let ones = Tensor::ones(2, candle_core::DType::F32, &Device::Cpu)?;
+/// let zeros = ones.zeros_like()?;
+/// let gamma = Tensor::new(&[2f32, 3.0], &Device::Cpu)?;
+/// let (wf, bf) = fold_conv_transpose_bn_weights(&w, None, &zeros, &ones, 0.0, &gamma, &zeros, 2)?;
+/// assert_eq!(wf.flatten_all()?.to_vec1::<f32>()?, vec![2.0, 3.0]);
+/// assert_eq!(bf.to_vec1::<f32>()?, vec![0.0, 0.0]);
+/// # Ok::<(), qat_core::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn fold_conv_transpose_bn_weights(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    bn_weight: &Tensor,
+    bn_bias: &Tensor,
+    groups: usize,
+) -> Result<(Tensor, Tensor)> {
+    let dims = weight.dims();
+    let out = running_mean.elem_count();
+    if groups == 0 || dims.len() < 2 || !dims[0].is_multiple_of(groups) || dims[1] * groups != out {
+        return Err(Error::tensor(
+            format!(
+                "a transposed-conv weight of shape {dims:?} with {groups} groups and a \
+                 BatchNorm of {out} channels"
+            ),
+            "give the weight as (in_channels, out_channels / groups, k...) and a BatchNorm \
+             over its out_channels",
+        ));
+    }
+    let rsqrt = (running_var + eps)?.sqrt()?.recip()?;
+    let scale = (bn_weight * &rsqrt)?;
+    // (groups, in / groups, out / groups, k...) times a (groups, 1, out / groups, 1...) scale.
+    let mut grouped = vec![groups, dims[0] / groups];
+    grouped.extend_from_slice(&dims[1..]);
+    let mut scale_shape = vec![groups, 1, dims[1]];
+    scale_shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+    let w = weight
+        .reshape(grouped.as_slice())?
+        .broadcast_mul(&scale.reshape(scale_shape.as_slice())?)?
+        .reshape(dims)?;
+    let b = match bias {
+        Some(b) => b.clone(),
+        None => running_mean.zeros_like()?,
+    };
+    let b = (((b - running_mean)? * &rsqrt)? * bn_weight)?.add(bn_bias)?;
+    Ok((w, b))
+}
+
 /// `weight * (bn_w * rsqrt(rv + eps))[:, None]` and `(b - rm) * (bn_w * rsqrt(rv + eps)) +
 /// bn_b`, as PyTorch's `fuse_linear_bn_weights` (a 1-feature BN broadcasts).
 pub fn fold_linear_bn_weights(
@@ -326,3 +387,101 @@ macro_rules! bn_relu {
 }
 
 bn_relu!(BatchNorm2d, BatchNorm3d);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    /// Inference BatchNorm over dim 1.
+    fn bn(y: &Tensor, rm: &Tensor, rv: &Tensor, eps: f64, g: &Tensor, b: &Tensor) -> Tensor {
+        let shape = |t: &Tensor| {
+            let mut s = vec![1usize; y.rank()];
+            s[1] = t.elem_count();
+            t.reshape(s).unwrap()
+        };
+        let n = y
+            .broadcast_sub(&shape(rm))
+            .unwrap()
+            .broadcast_div(&shape(&(rv + eps).unwrap().sqrt().unwrap()))
+            .unwrap();
+        n.broadcast_mul(&shape(g))
+            .unwrap()
+            .broadcast_add(&shape(b))
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// A grouped 2-D transposed convolution, one candle call per group (candle's own takes
+    /// no groups).
+    fn conv_t2d(x: &Tensor, w: &Tensor, groups: usize, stride: usize) -> Tensor {
+        let cin = x.dim(1).unwrap() / groups;
+        let ys: Vec<Tensor> = (0..groups)
+            .map(|g| {
+                x.narrow(1, g * cin, cin)
+                    .unwrap()
+                    .conv_transpose2d(&w.narrow(0, g * cin, cin).unwrap(), 1, 1, stride, 1)
+                    .unwrap()
+            })
+            .collect();
+        Tensor::cat(&ys, 1).unwrap()
+    }
+
+    #[test]
+    fn conv_transpose_bn_folds_for_any_groups() {
+        let dev = Device::Cpu;
+        for groups in [1usize, 2, 4] {
+            let (cin, out) = (4usize, 8usize);
+            let w = Tensor::randn(0f32, 1.0, (cin, out / groups, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let rm = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let rv = (Tensor::rand(0f32, 1.0, out, &dev).unwrap() + 0.5).unwrap();
+            let gamma = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let beta = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (2, cin, 5, 6), &dev).unwrap();
+            let y = conv_t2d(&x, &w, groups, 2)
+                .broadcast_add(&b.reshape((1, out, 1, 1)).unwrap())
+                .unwrap();
+            let want = bn(&y, &rm, &rv, 1e-5, &gamma, &beta);
+            let (wf, bf) =
+                fold_conv_transpose_bn_weights(&w, Some(&b), &rm, &rv, 1e-5, &gamma, &beta, groups)
+                    .unwrap();
+            let got = conv_t2d(&x, &wf, groups, 2)
+                .broadcast_add(&bf.reshape((1, out, 1, 1)).unwrap())
+                .unwrap();
+            assert!(max_diff(&got, &want) < 1e-4, "groups {groups}");
+
+            // 1-D, through candle's grouped conv_transpose1d.
+            let w1 = Tensor::randn(0f32, 1.0, (cin, out / groups, 3), &dev).unwrap();
+            let x1 = Tensor::randn(0f32, 1.0, (2, cin, 7), &dev).unwrap();
+            let y1 = x1.conv_transpose1d(&w1, 1, 0, 2, 1, groups).unwrap();
+            let want1 = bn(&y1, &rm, &rv, 1e-5, &gamma, &beta);
+            let (wf1, bf1) =
+                fold_conv_transpose_bn_weights(&w1, None, &rm, &rv, 1e-5, &gamma, &beta, groups)
+                    .unwrap();
+            let got1 = x1
+                .conv_transpose1d(&wf1, 1, 0, 2, 1, groups)
+                .unwrap()
+                .broadcast_add(&bf1.reshape((1, out, 1)).unwrap())
+                .unwrap();
+            assert!(max_diff(&got1, &want1) < 1e-4, "1-D, groups {groups}");
+        }
+        // PyTorch's reshape of the scale to (1, -1, 1, 1) would broadcast 8 scales against 4
+        // columns when groups = 2; ours rejects shapes that do not fit instead.
+        let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        let c = Tensor::ones(8, candle_core::DType::F32, &dev).unwrap();
+        assert!(fold_conv_transpose_bn_weights(&w, None, &c, &c, 0.0, &c, &c, 2).is_err());
+    }
+}

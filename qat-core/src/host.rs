@@ -40,7 +40,8 @@ pub(crate) fn cpu_f32_slice<'a>(
     }
 }
 
-/// Maps chunks of `inp` to partial results and combines them, in parallel when large.
+/// Maps chunks of `inp` to partial results and combines them in chunk order (deterministic),
+/// in parallel when large.
 pub(crate) fn par_reduce<T, M, R>(inp: &[f32], map: M, reduce: R) -> T
 where
     T: Send,
@@ -50,9 +51,13 @@ where
     if inp.len() < 2 * CHUNK {
         map(inp)
     } else {
-        inp.par_chunks(CHUNK)
-            .map(&map)
-            .reduce_with(&reduce)
+        // Partials collected in chunk order and combined left to right: the result does not
+        // depend on how rayon split the work (float sums would otherwise change from run to
+        // run with the machine's load).
+        let parts: Vec<T> = inp.par_chunks(CHUNK).map(&map).collect();
+        parts
+            .into_iter()
+            .reduce(&reduce)
             .unwrap_or_else(|| map(&[]))
     }
 }

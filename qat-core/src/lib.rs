@@ -9,6 +9,7 @@ pub mod fake_quant;
 pub mod fuse;
 pub mod geometry;
 pub mod ggml;
+pub mod gguf;
 mod host;
 pub(crate) mod kernels;
 pub mod model;

@@ -126,6 +126,31 @@ pub(crate) enum FloatOp {
     Gelu {
         tanh: bool,
     },
+    /// min(max(x, 0), 6).
+    Relu6,
+    /// x * min(max(x + 3, 0), 6) / 6.
+    Hardswish,
+    /// min(max(x + 3, 0), 6) / 6.
+    Hardsigmoid,
+    /// x for x > 0, else `slope * x`.
+    LeakyRelu(f64),
+    /// x for x > 0, else `alpha * (exp(x) - 1)`.
+    Elu(f64),
+    /// Average pooling over (height, width) windows, zero padding counted in the divisor
+    /// (PyTorch's default `count_include_pad=True`).
+    AvgPool2d {
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    },
+    /// Adaptive average pooling of an `input` (height, width) to an `output` one (PyTorch's
+    /// bins).
+    AdaptiveAvgPool2d {
+        input: [usize; 2],
+        output: [usize; 2],
+    },
+    /// Nearest-neighbour upsampling by integer (height, width) factors.
+    UpsampleNearest([usize; 2]),
 }
 
 /// One layer's computation.

@@ -35,7 +35,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("model", &["model", "provenance"]),
     ("layers", &["nn"]),
-    ("consumers", &["fuse", "passes", "checkpoint", "onnx"]),
+    (
+        "consumers",
+        &["fuse", "passes", "checkpoint", "onnx", "gguf"],
+    ),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -1,14 +1,15 @@
 """Checks candle-qat's ONNX QDQ exports with onnx and onnxruntime.
 
 `cargo test --test onnx_export` writes, into QAT_ONNX_DIR (or the directory given as the
-first argument): MnistNet and the residual example's net, each converted with the x86 and
-the qnnpack preset, as <model>_<preset>.onnx; inputs.npy (the 1,000 normalised test
-images), labels.npy and each model's converted-model outputs on them
+first argument): MnistNet and the residual example's net (and `cargo test --test
+mobilenet_v2` MobileNetV2-0.35), each converted with the x86 and the qnnpack preset, as
+<model>_<preset>.onnx; inputs.npy (the 1,000 normalised test images), labels.npy and each model's converted-model outputs on them
 (<model>_reference.npy, the dequantized output codes). For each model this script runs
 onnx.checker (full check, with shape inference), runs onnxruntime twice (graph optimisations
 off: the QDQ graph as written; on: onnxruntime fuses QDQ groups into integer kernels), and
-compares the output codes with candle-qat's: every code within 1 and, where the arithmetic
-is ONNX's (qnnpack), every prediction the same. It prints the exact-match fractions.
+compares the output codes with candle-qat's: within each model's bounds (MODELS: every code
+within 1 and, where the arithmetic is ONNX's (qnnpack), every prediction the same, for the
+shallow nets). It prints the exact-match fractions.
 """
 
 import os
@@ -27,7 +28,23 @@ from onnx import numpy_helper
 # within 1 and the prediction agreement is reported.
 ort.set_default_logger_severity(3)  # no warning about saving the optimised graph
 
-MODELS = ["mnist_net_x86", "mnist_net_qnnpack", "residual_x86", "residual_qnnpack"]
+# name: (largest output-code difference allowed, least fraction of equal predictions).
+# MnistNet and the residual net are shallow: every code within 1, and with qnnpack's
+# arithmetic (ONNX's) every prediction the same. MobileNetV2-0.35 (tests/mobilenet_v2.rs) runs
+# 52 convs, 10 residual adds and a global pool in a row: each layer's rare one-code tie flip
+# (float sums in onnxruntime's QDQ graph, exact integer sums in candle-qat) reaches the logits
+# amplified, and with x86's float bias (rounded to int32 in the export) at every layer the
+# output codes drift further; measured: qnnpack max 2 codes, 95% equal, 99.8% of predictions
+# equal; x86 max 7 codes, 46% equal, 98.4% of predictions equal (all differing predictions
+# are top-2 ties within 2 codes).
+MODELS = {
+    "mnist_net_x86": (1, 0.0),
+    "mnist_net_qnnpack": (1, 1.0),
+    "residual_x86": (1, 0.0),
+    "residual_qnnpack": (1, 1.0),
+    "mobilenet_v2_x86": (10, 0.97),
+    "mobilenet_v2_qnnpack": (3, 0.99),
+}
 
 
 def output_qparams(model):
@@ -75,7 +92,7 @@ def main():
     labels = np.load(os.path.join(d, "labels.npy"))
     print(f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, {len(x)} test images")
     failed = False
-    for name in MODELS:
+    for name, (max_diff, min_agree) in MODELS.items():
         path = os.path.join(d, f"{name}.onnx")
         model = onnx.load(path)
         onnx.checker.check_model(model, full_check=True)
@@ -104,8 +121,7 @@ def main():
             if optimize:
                 qops = {k: v for k, v in sorted(fused.items()) if k.startswith("QLinear") or k.startswith("QGemm")}
                 print(f"{'':17} onnxruntime's integer kernels after fusion: {qops or 'none'}")
-            exact_arith = name.endswith("_qnnpack")
-            if diff.max() > 1 or (exact_arith and agree < 1.0):
+            if diff.max() > max_diff or agree < min_agree:
                 failed = True
                 print(f"FAIL: {name} ({mode}) disagrees with candle-qat's converted model")
     if failed:

@@ -42,6 +42,17 @@ pub(super) fn save<M: Quantizable>(model: &M, path: &Path) -> Result<()> {
             "convert the model first (passes::convert)",
         ));
     }
+    if let Some(l) = layers.iter().find(|l| l.ggml) {
+        return Err(Error::pass(
+            format!(
+                "`{}` is converted to candle's GGML runtime (QMatMul), which an int8 file \
+                 cannot hold",
+                shown(&l.path)
+            ),
+            "write GGML-converted models as GGUF (qat_core::gguf); save_int8 takes models \
+             converted from eager qconfigs",
+        ));
+    }
     if layers.iter().all(|l| l.int8.is_none()) {
         return Err(Error::pass(
             "save_int8 found no converted layer",

@@ -32,6 +32,8 @@ pub(super) struct ModelLayer {
     pub float: Vec<(&'static str, Tensor)>,
     pub int8: Option<Int8State>,
     pub keys: (Option<usize>, Vec<Option<usize>>),
+    /// Converted to candle's GGML runtime (deploys as GGUF).
+    pub ggml: bool,
 }
 
 impl ModelLayer {
@@ -54,6 +56,7 @@ impl ModuleVisitor for Walk {
             float: m.float_params(),
             int8: m.int8_state(),
             keys: m.producer_keys(),
+            ggml: m.ggml_converted(),
         });
         Ok(())
     }

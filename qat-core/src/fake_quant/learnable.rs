@@ -201,7 +201,10 @@ fn lsq_backward_host(
                         out,
                     )
                 })
-                .reduce_with(|a, b| a.into_iter().zip(b).map(|(a, b)| a + b).collect())
+                // In chunk order, left to right: deterministic whatever rayon's split.
+                .collect::<Vec<_>>()
+                .into_iter()
+                .reduce(|a, b| a.into_iter().zip(b).map(|(a, b)| a + b).collect())
                 .unwrap_or_else(|| vec![LsqSums::default(); c])
         };
     };

@@ -10,6 +10,8 @@
 //! - [`norm`]: RmsNorm and LayerNorm over the last dim, one pass per row forward and
 //!   backward;
 //! - [`relu`]: ReLU whose backward is one pass over the output;
+//! - [`rope`], [`softmax`]: attention's interleaved rotary embedding and last-dim softmax,
+//!   equal bit for bit to candle's forward-only fused kernels, with a backward;
 //! - `sums`: the vectorised f64 sums the per-channel reductions share.
 //!
 //! They take contiguous CPU f32 tensors; the layers keep candle's ops for other devices and
@@ -22,6 +24,8 @@ mod im2col;
 mod matmul;
 pub(crate) mod norm;
 pub(crate) mod relu;
+pub(crate) mod rope;
+pub(crate) mod softmax;
 mod sums;
 mod transpose;
 

@@ -37,8 +37,8 @@ fn map_rows(rows: usize, d: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<
     out
 }
 
-/// Sums `f(row_index, acc)` into per-task accumulators of `k * d` values and adds them up
-/// (the weight and bias gradients).
+/// Sums `f(row_index, acc)` into per-task accumulators of `k * d` values and adds them up in
+/// task order (the weight and bias gradients; deterministic run to run).
 fn sum_rows(rows: usize, d: usize, k: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let per = rows_per_task(d);
     let tasks = rows.div_ceil(per);
@@ -51,7 +51,10 @@ fn sum_rows(rows: usize, d: usize, k: usize, f: impl Fn(usize, &mut [f32]) + Syn
             }
             acc
         })
-        .reduce_with(|mut a, b| {
+        // In task order, left to right: the gradient does not depend on rayon's split.
+        .collect::<Vec<_>>()
+        .into_iter()
+        .reduce(|mut a, b| {
             a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
             a
         })

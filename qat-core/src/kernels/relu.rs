@@ -88,10 +88,81 @@ pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `max(a + b, 0)`, forward only.
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (slice(as_, al)?, slice(bs, bl)?);
+        if a.len() != b.len() {
+            candle_core::bail!("add-relu: {} values and {} values", a.len(), b.len());
+        }
+        let fill = |off: usize, out: &mut [MaybeUninit<f32>]| {
+            let n = out.len();
+            for ((o, &a), &b) in out.iter_mut().zip(&a[off..off + n]).zip(&b[off..off + n]) {
+                o.write((a + b).max(0.0));
+            }
+        };
+        // SAFETY: each chunk is written zipped with runs of `a` and `b` of its length (the
+        // slices panic if shorter; `a` and `b` have one length, checked above): whole.
+        let out = unsafe { alloc_fill(a.len(), fill) };
+        Ok((CpuStorage::F32(out), al.shape().clone()))
+    }
+}
+
+/// `relu(a + b)` without autograd (a converted model's `add_relu` on dequantized values):
+/// for two contiguous CPU f32 tensors of one shape, one pass split on the caller's rayon pool
+/// (candle's elementwise ops run two passes on its own pool); candle's broadcasting ops
+/// otherwise. The same f32 values either way: one rounded addition, then `max(0)`.
+pub(crate) fn add_relu_no_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fits = |x: &Tensor| {
+        matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.is_contiguous()
+    };
+    if a.dims() == b.dims() && fits(a) && fits(b) {
+        Ok(a.apply_op2_no_bwd(b, &AddRelu)?)
+    } else {
+        Ok(a.broadcast_add(b)?.relu()?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    #[test]
+    fn add_relu_matches_candle() {
+        for n in [7usize, 3 * crate::host::CHUNK + 5] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 2.0).collect();
+            let a = Tensor::from_vec(a, (1, n), &Device::Cpu).unwrap();
+            let b = Tensor::from_vec(b, (1, n), &Device::Cpu).unwrap();
+            let want = a.broadcast_add(&b).unwrap().relu().unwrap();
+            let got = add_relu_no_grad(&a, &b).unwrap();
+            assert_eq!(
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap()
+            );
+            // Broadcasting goes through candle.
+            let row = b.narrow(1, 0, 1).unwrap();
+            let got = add_relu_no_grad(&a, &row).unwrap();
+            let want = a.broadcast_add(&row).unwrap().relu().unwrap();
+            assert_eq!(
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap()
+            );
+        }
+    }
 
     /// Values and gradients equal candle's away from 0, and PyTorch's at 0 (no gradient).
     #[test]

@@ -120,6 +120,11 @@ pub trait QuantModule {
     fn for_each_intx_quantizer(&mut self, _f: &mut IntxVisitor<'_>) -> Result<()> {
         Ok(())
     }
+    /// Whether `convert` gave the layer candle's GGML runtime (`QMatMul`) rather than an
+    /// int8 kernel: such a model deploys as GGUF, not through `save_int8` or ONNX.
+    fn ggml_converted(&self) -> bool {
+        false
+    }
     /// What `prepare_qat(qconfig)` would refuse in the layer's own shapes (a group size that
     /// does not divide in_features, ...), found without changing anything.
     fn check_qconfig(&self, _qconfig: &QConfig) -> Result<()> {

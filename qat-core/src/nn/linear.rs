@@ -143,6 +143,9 @@ impl QuantModule for Linear {
     fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
         self.w.prepare(qconfig)
     }
+    fn ggml_converted(&self) -> bool {
+        self.w.ggml().is_some()
+    }
     fn scheme_support(&self) -> crate::qconfig::SchemeSupport {
         crate::qconfig::SchemeSupport::InputAndWeight
     }

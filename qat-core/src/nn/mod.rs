@@ -3,22 +3,29 @@
 //! converted) in place, so the model's forward code never changes.
 
 mod activation;
+mod attention;
+mod avg_pool;
 mod batch_norm;
 pub(crate) mod common;
 mod conv;
 mod dropout;
 mod embedding;
 mod functional;
+mod gguf_tensor;
 mod input;
 mod linear;
 mod norm;
 mod params;
+mod piecewise;
 mod pool;
 mod simple;
 mod stubs;
+mod upsample;
 pub(crate) mod weighted;
 
 pub use activation::{Gelu, Identity, ReLU, SiLU, Sigmoid, Tanh, GELU};
+pub use attention::{rope_i, softmax_last_dim};
+pub use avg_pool::{AdaptiveAvgPool2d, AvgPool2d, AvgPoolOutput};
 pub(crate) use batch_norm::BatchNormInner;
 pub use batch_norm::{BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig};
 pub use conv::{Conv1d, Conv2d, Conv3d, ConvConfig};
@@ -27,8 +34,10 @@ pub use embedding::Embedding;
 pub use functional::FloatFunctional;
 pub use linear::Linear;
 pub use norm::{LayerNorm, RmsNorm};
+pub use piecewise::{Hardsigmoid, Hardswish, LeakyReLU, ReLU6, ELU};
 pub use pool::{Flatten, MaxPool2d};
 pub use stubs::{DeQuantStub, QuantStub};
+pub use upsample::Upsample;
 
 /// Each layer's name for mapping qconfigs by type ([`crate::qconfig_mapping::Named`]).
 macro_rules! named {
@@ -61,5 +70,13 @@ named!(
     SiLU,
     GELU,
     Dropout,
-    Embedding
+    Embedding,
+    ReLU6,
+    Hardswish,
+    Hardsigmoid,
+    LeakyReLU,
+    ELU,
+    AvgPool2d,
+    AdaptiveAvgPool2d,
+    Upsample
 );

@@ -36,7 +36,7 @@ impl MaxPool2d {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
         if self.common.converted_io().is_some() {
             self.common.check_input(x, "MaxPool2d")?;
-            let y = x.max_pool2d_with_stride(self.kernel_size, self.stride)?;
+            let y = crate::quantized::max_pool2d_codes(x, self.kernel_size, self.stride)?;
             self.common.trace(&[x], &y, || Op::OnCodes(self.op()));
             return Ok(y);
         }

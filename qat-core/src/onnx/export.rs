@@ -81,10 +81,14 @@ pub struct ExportReport {
     pub requantized: Vec<String>,
 }
 
-struct Layers(HashMap<usize, (LayerInfo, Stage)>);
+/// The traced layers by key, and the first layer converted to candle's GGML runtime.
+struct Layers(HashMap<usize, (LayerInfo, Stage)>, Option<String>);
 
 impl ModuleVisitor for Layers {
     fn layer(&mut self, path: &ModulePath, module: &dyn QuantModule) -> Result<()> {
+        if self.1.is_none() && module.ggml_converted() {
+            self.1 = Some(path.dotted());
+        }
         if let Some(key) = module.trace_key() {
             let info = LayerInfo {
                 path: path.dotted(),
@@ -109,7 +113,7 @@ where
     F: FnOnce(&M, &Tensor) -> std::result::Result<Tensor, E>,
     Error: From<E>,
 {
-    let mut layers = Layers(HashMap::new());
+    let mut layers = Layers(HashMap::new(), None);
     model.visit(&mut ModulePath::root(), &mut layers)?;
     if let Some((info, _)) = layers.0.values().find(|(_, s)| *s == Stage::Prepared) {
         return Err(Error::pass(
@@ -121,6 +125,14 @@ where
              clone)",
         )
         .in_module(info.path.clone()));
+    }
+    if let Some(path) = layers.1.clone() {
+        return Err(Error::pass(
+            format!("{path} is converted to candle's GGML runtime (QMatMul), which ONNX QDQ cannot express"),
+            "export GGML-converted models as GGUF (qat_core::gguf); ONNX export takes models \
+             converted from eager qconfigs",
+        )
+        .in_module(path));
     }
     if example.dtype() != DType::F32 || example.rank() == 0 {
         return Err(Error::tensor(

@@ -78,6 +78,15 @@ fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
     }
 }
 
+fn attr_string(name: &str, s: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(s.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
 fn attr_float(name: &str, f: f32) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
@@ -561,6 +570,86 @@ impl GraphBuilder {
                 self.node("Reshape", path, &[&xs[0], &s], &out, vec![]);
                 out
             }
+            FloatOp::Relu6 => {
+                let lo = self.scalar(path, "min", 0.0);
+                let hi = self.scalar(path, "max", 6.0);
+                let out = self.fresh(&format!("{path}.clip"));
+                self.node("Clip", path, &[&xs[0], &lo, &hi], &out, vec![]);
+                out
+            }
+            FloatOp::Hardsigmoid => simple(self, "HardSigmoid", hard_sigmoid_attrs()),
+            FloatOp::Hardswish => {
+                // HardSwish is opset 14; we write opset 13: x * HardSigmoid(x).
+                let h = self.fresh(&format!("{path}.hardsigmoid"));
+                self.node("HardSigmoid", path, &[&xs[0]], &h, hard_sigmoid_attrs());
+                self.bin(path, "Mul", &xs[0], &h)
+            }
+            FloatOp::LeakyRelu(slope) => {
+                simple(self, "LeakyRelu", vec![attr_float("alpha", *slope as f32)])
+            }
+            FloatOp::Elu(alpha) => simple(self, "Elu", vec![attr_float("alpha", *alpha as f32)]),
+            FloatOp::AvgPool2d {
+                kernel,
+                stride,
+                padding,
+            } => simple(
+                self,
+                "AveragePool",
+                vec![
+                    attr_ints("kernel_shape", &kernel.map(|v| v as i64)),
+                    attr_ints("strides", &stride.map(|v| v as i64)),
+                    attr_ints(
+                        "pads",
+                        &[padding[0], padding[1], padding[0], padding[1]].map(|v| v as i64),
+                    ),
+                    attr_int("count_include_pad", 1),
+                ],
+            ),
+            FloatOp::AdaptiveAvgPool2d { output: [1, 1], .. } => {
+                simple(self, "GlobalAveragePool", vec![])
+            }
+            FloatOp::AdaptiveAvgPool2d { input, output }
+                if input[0].is_multiple_of(output[0]) && input[1].is_multiple_of(output[1]) =>
+            {
+                let k = [(input[0] / output[0]) as i64, (input[1] / output[1]) as i64];
+                simple(
+                    self,
+                    "AveragePool",
+                    vec![attr_ints("kernel_shape", &k), attr_ints("strides", &k)],
+                )
+            }
+            FloatOp::AdaptiveAvgPool2d { input, output } => {
+                return Err(Error::tensor(
+                    format!(
+                        "cannot export {} ({}): adaptive pooling of {input:?} to {output:?} has \
+                         windows of different sizes, which ONNX's AveragePool cannot express",
+                        layer.path, layer.kind
+                    ),
+                    "use an output size that divides the input size (or 1x1, a global \
+                     average pool)",
+                ))
+            }
+            FloatOp::UpsampleNearest(scale) => {
+                // Resize (opset 13) with PyTorch's nearest rule: src = floor(dst / scale).
+                let scales = self.init_f32(
+                    &format!("{path}.scales"),
+                    &[4],
+                    &[1.0, 1.0, scale[0] as f32, scale[1] as f32],
+                );
+                let out = self.fresh(&format!("{path}.resize"));
+                self.node(
+                    "Resize",
+                    path,
+                    &[&xs[0], "", &scales],
+                    &out,
+                    vec![
+                        attr_string("mode", "nearest"),
+                        attr_string("coordinate_transformation_mode", "asymmetric"),
+                        attr_string("nearest_mode", "floor"),
+                    ],
+                );
+                out
+            }
             FloatOp::Silu => {
                 let sig = self.fresh(&format!("{path}.sigmoid"));
                 self.node("Sigmoid", path, &[&xs[0]], &sig, vec![]);
@@ -744,4 +833,10 @@ impl GraphBuilder {
             ..Default::default()
         })
     }
+}
+
+/// PyTorch's hardsigmoid, min(max(x + 3, 0), 6) / 6, as ONNX's HardSigmoid
+/// (max(0, min(1, alpha * x + beta))).
+fn hard_sigmoid_attrs() -> Vec<AttributeProto> {
+    vec![attr_float("alpha", 1.0 / 6.0), attr_float("beta", 0.5)]
 }

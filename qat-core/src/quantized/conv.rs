@@ -1,6 +1,7 @@
 //! Int8 2-D convolution: im2col on u8 codes, then the integer GEMM, then requantization.
 
 use candle_core::{Tensor, WithDType};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Kernel, Panel, Path};
@@ -13,8 +14,9 @@ use crate::geometry::ConvConfig;
 
 /// Multiply-adds below which the images of a batch run on the calling thread.
 const PAR_WORK: usize = 1 << 21;
-/// Bytes after the padded image that the 16-wide im2col copies may read.
-const SLACK: usize = 64;
+/// Bytes after the padded image that the 16-wide im2col copies may read (up to about
+/// `16 * stride + 16` past the last tap's window).
+const SLACK: usize = 96;
 
 /// Int8 2-D convolution (PyTorch's `torch.ao.nn.quantized.Conv2d`, and `ConvReLU2d` with
 /// [`Requant::with_relu`]): `x` holds u8 codes `(N, C, H, W)` quantized with `x_scale` /
@@ -116,7 +118,7 @@ fn conv_with<E: Epilogue>(
     epi: &E,
 ) -> Result<Tensor> {
     let g = Geometry::new(x.dims(), w.shape(), conv)?;
-    run_with(x, x_zero_point, w, &g, epi)
+    run_with(x, x_zero_point, w, &g, epi, Kernel::Auto)
 }
 
 /// [`conv_with`] for a 1-D convolution: `x` `(N, C, L)` and the weight `(O, C / groups, k)`
@@ -130,7 +132,7 @@ pub(super) fn conv1d_with<E: Epilogue>(
     epi: &E,
 ) -> Result<Tensor> {
     let g = Geometry::new_1d(x.dims(), w.shape(), conv)?;
-    run_with(x, x_zero_point, w, &g, epi)
+    run_with(x, x_zero_point, w, &g, epi, Kernel::Auto)
 }
 
 fn run_with<E: Epilogue>(
@@ -139,6 +141,7 @@ fn run_with<E: Epilogue>(
     w: &QuantizedWeight,
     g: &Geometry,
     epi: &E,
+    kernel: Kernel,
 ) -> Result<Tensor> {
     let g = *g;
     check_zero_point(x_zero_point)?;
@@ -147,7 +150,7 @@ fn run_with<E: Epilogue>(
         if g.pad_h > 0 || g.pad_w > 0 {
             top = top.max(x_zero_point as u8);
         }
-        let path = Kernel::Auto.path(top)?;
+        let path = kernel.path(top)?;
         let zero = <E::Out as WithDType>::from_f64(0.0);
         let mut y = vec![zero; g.batch * g.out_channels * g.positions()];
         let image_in = g.groups * g.cg * g.h * g.w;
@@ -344,6 +347,8 @@ struct Scratch {
     padded: Vec<u8>,
     panel: Panel,
     acc: Vec<i32>,
+    /// Depthwise sums over the padded width.
+    wide: Vec<i32>,
 }
 
 /// One image: per group, pad, unfold, multiply, requantize into `y` (`(O, OH, OW)`).
@@ -361,6 +366,25 @@ fn conv_image<E: Epilogue>(
     let p = g.positions();
     let og = g.out_channels / g.groups;
     let group_in = g.cg * g.h * g.w;
+    if g.cg == 1 && og == 1 {
+        // Depthwise: one channel in, one out per group. Direct sums over the taps, no
+        // unfolding and no one-row GEMM per channel.
+        let taps = g.kh * g.kw;
+        for gi in 0..g.groups {
+            pad_group(
+                g,
+                &x[gi * group_in..(gi + 1) * group_in],
+                x_zp,
+                &mut s.padded,
+            );
+            s.acc.clear();
+            s.acc.resize(p, 0);
+            let wc = &w.codes()[gi * taps..(gi + 1) * taps];
+            depthwise_sums(g, &s.padded, x_zp as i32, wc, &mut s.acc, &mut s.wide);
+            epi.row(gi, &s.acc, &mut y[gi * p..(gi + 1) * p]);
+        }
+        return Ok(());
+    }
     for gi in 0..g.groups {
         pad_group(
             g,
@@ -370,9 +394,20 @@ fn conv_image<E: Epilogue>(
         );
         s.panel.reset(p, g.row_len());
         im2col(g, &s.padded, &mut s.panel);
+        let rows = gi * og..(gi + 1) * og;
+        let y_rows = &mut y[rows.start * p..rows.end * p];
+        if epi.gemm_into(
+            path,
+            w.packed(),
+            rows.clone(),
+            &s.panel,
+            x_zp as i32,
+            y_rows,
+        )? {
+            continue;
+        }
         s.acc.clear();
         s.acc.resize(og * p, 0);
-        let rows = gi * og..(gi + 1) * og;
         gemm(
             path,
             w.packed(),
@@ -386,6 +421,63 @@ fn conv_image<E: Epilogue>(
         }
     }
     Ok(())
+}
+
+/// One depthwise channel: `acc[oy * ow + ox] = sum over taps (x - x_zp) * w`, `padded` one
+/// channel bordered with the zero point (`(hp, wp)`), `w` its `kh * kw` weight codes, exact
+/// in i32 (|term| <= 255 * 128, fewer than 2^16 taps). At stride 1 every tap is one long run
+/// over the padded width (`wide`, `oh * wp` sums whose last `wp - ow` columns of each row are
+/// dropped), so the inner loop vectorizes; other strides go row by row.
+fn depthwise_sums(
+    g: &Geometry,
+    padded: &[u8],
+    x_zp: i32,
+    w: &[i8],
+    acc: &mut [i32],
+    wide: &mut Vec<i32>,
+) {
+    let (ow, wp) = (g.ow, g.wp);
+    if g.stride_h == 1 && g.stride_w == 1 {
+        let run = (g.oh - 1) * wp + ow;
+        wide.clear();
+        wide.resize(run, 0);
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let wv = w[ky * g.kw + kx] as i32;
+                if wv != 0 {
+                    let base = ky * g.dilation * wp + kx * g.dilation;
+                    tap_run(&padded[base..base + run], x_zp, wv, wide);
+                }
+            }
+        }
+        for (a, src) in acc.chunks_exact_mut(ow).zip(wide.chunks(wp)) {
+            a.copy_from_slice(&src[..ow]);
+        }
+        return;
+    }
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            let wv = w[ky * g.kw + kx] as i32;
+            if wv == 0 {
+                continue;
+            }
+            let base = ky * g.dilation * wp + kx * g.dilation;
+            for (oy, a) in acc.chunks_exact_mut(ow).enumerate() {
+                let row = base + oy * g.stride_h * wp;
+                for (ox, a) in a.iter_mut().enumerate() {
+                    *a += (padded[row + ox * g.stride_w] as i32 - x_zp) * wv;
+                }
+            }
+        }
+    }
+}
+
+/// `acc[i] += (x[i] - x_zp) * w` over a run (one depthwise tap at stride 1).
+#[multiversion(targets("x86_64+avx2"))]
+fn tap_run(x: &[u8], x_zp: i32, w: i32, acc: &mut [i32]) {
+    for (a, &xv) in acc.iter_mut().zip(x) {
+        *a += (xv as i32 - x_zp) * w;
+    }
 }
 
 /// Copies one group's channels into `(cg, hp, wp)` bordered with the zero point (plus
@@ -416,14 +508,15 @@ fn im2col(g: &Geometry, padded: &[u8], panel: &mut Panel) {
         (c * g.hp + ky * g.dilation) * wp + kx * g.dilation
     };
     let stride = panel.stride();
-    // Stride 1 copies 16 positions at a time: a row may overrun into the next row's place
-    // (written just after) or the panel's padding, and read up to 15 bytes past the last
-    // padded row (the SLACK). Both bounds always hold; they are checked here once.
+    // Strides 1 and 2 along the width copy 16 positions at a time: a row may overrun into
+    // the next row's place (written just after) or the panel's padding, and read past the
+    // last padded row into the SLACK. Both bounds are checked here once.
     #[cfg(target_arch = "x86_64")]
-    let fast = sh == 1
-        && sw == 1
-        && padded.len() >= g.cg * g.hp * g.wp + 16
-        && (g.oh - 1) * ow + ow.next_multiple_of(16) <= stride;
+    let fast = {
+        let owr = ow.next_multiple_of(16);
+        let reads = tap(k_len - 1) + (g.oh - 1) * sh * wp + sw * owr + 16;
+        (sw == 1 || sw == 2) && padded.len() >= reads && (g.oh - 1) * ow + owr <= stride
+    };
     let words = panel.words_mut();
     for (kg, dst) in words.chunks_exact_mut(stride).enumerate() {
         let offs = [
@@ -434,59 +527,116 @@ fn im2col(g: &Geometry, padded: &[u8], panel: &mut Panel) {
         ];
         #[cfg(target_arch = "x86_64")]
         if fast {
-            // SAFETY: every read is below `offs + (oh - 1) * wp + ow rounded up to 16`, which
-            // is at most `cg * hp * wp + 15 < padded.len()` (the last tap's window ends inside
-            // the padded group); every write is below `(oh - 1) * ow + ow rounded up to 16
-            // <= stride = dst.len()` (checked above).
-            unsafe { rows_stride1(padded.as_ptr(), offs, g.oh, ow, wp, dst.as_mut_ptr()) };
+            let rows = Rows {
+                oh: g.oh,
+                ow,
+                row_step: sh * wp,
+            };
+            // SAFETY: every read is below `offs[j] + (oh - 1) * sh * wp + sw * (ow rounded
+            // up to 16) + 16`, at most the largest tap's offset plus that, which was checked
+            // above to be <= `padded.len()`; every write is below `(oh - 1) * ow + ow
+            // rounded up to 16 <= stride = dst.len()` (checked above).
+            unsafe {
+                if sw == 1 {
+                    rows_stride1(padded.as_ptr(), offs, rows, dst.as_mut_ptr());
+                } else {
+                    rows_stride2(padded.as_ptr(), offs, rows, dst.as_mut_ptr());
+                }
+            }
             continue;
         }
         for oy in 0..g.oh {
             let row = oy * sh * wp;
+            let srcs = offs.map(|o| &padded[o + row..]);
             for (ox, v) in dst[oy * ow..(oy + 1) * ow].iter_mut().enumerate() {
-                let at = row + ox * sw;
-                *v = u32::from_ne_bytes(offs.map(|o| padded[o + at]));
+                let at = ox * sw;
+                *v = u32::from_ne_bytes([srcs[0][at], srcs[1][at], srcs[2][at], srcs[3][at]]);
             }
         }
     }
 }
 
-/// Stride-1 rows of one k-group: `d[oy * ow + ox]` = the bytes at `src + offs[j] + oy * wp
-/// + ox`, j = 0..4, in memory order, 16 positions per step (SSE2 byte interleaves).
-///
-/// # Safety
-/// Reads of 16 bytes at `src + offs[j] + oy * wp + ox` and writes of 16 words at
-/// `d + oy * ow + ox`, for `ox` in steps of 16 below `ow`, must be in bounds.
+/// The output rows of one k-group: `oh` rows of `ow` positions, input rows `row_step`
+/// bytes apart.
 #[cfg(target_arch = "x86_64")]
-unsafe fn rows_stride1(
-    src: *const u8,
-    offs: [usize; 4],
+#[derive(Clone, Copy)]
+struct Rows {
     oh: usize,
     ow: usize,
-    wp: usize,
-    d: *mut u32,
-) {
-    // SAFETY: SSE2 is part of x86_64; the reads of 16 bytes at `src + offs[j] + oy * wp +
-    // ox` and the writes of 16 words at `d + oy * ow + ox`, for `oy < oh` and `ox` in steps
-    // of 16 below `ow`, are in bounds (this function's contract).
+    row_step: usize,
+}
+
+/// Interleaves four vectors of 16 codes (one per tap of a k-group) into the 16 words of 16
+/// positions at `out`.
+///
+/// # Safety
+/// `out` must be valid for writes of 16 words.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_kgroup(out: *mut u32, [a, b, c, e]: [std::arch::x86_64::__m128i; 4]) {
+    use std::arch::x86_64::*;
+    // SAFETY: SSE2 is part of x86_64; `out` holds 16 words (this function's contract).
+    unsafe {
+        let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
+        let (ce_lo, ce_hi) = (_mm_unpacklo_epi8(c, e), _mm_unpackhi_epi8(c, e));
+        let o = out.cast::<__m128i>();
+        _mm_storeu_si128(o, _mm_unpacklo_epi16(ab_lo, ce_lo));
+        _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(ab_lo, ce_lo));
+        _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(ab_hi, ce_hi));
+        _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(ab_hi, ce_hi));
+    }
+}
+
+/// Width-stride-1 rows of one k-group: `d[oy * ow + ox]` = the bytes at
+/// `src + offs[j] + oy * row_step + ox`, j = 0..4, in memory order, 16 positions per step
+/// (SSE2 byte interleaves).
+///
+/// # Safety
+/// Reads of 16 bytes at `src + offs[j] + oy * row_step + ox` and writes of 16 words at
+/// `d + oy * ow + ox`, for `oy < oh` and `ox` in steps of 16 below `ow`, must be in bounds.
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows_stride1(src: *const u8, offs: [usize; 4], r: Rows, d: *mut u32) {
+    // SAFETY: SSE2 is part of x86_64; the reads and writes are in bounds (this function's
+    // contract).
     unsafe {
         use std::arch::x86_64::*;
-        for oy in 0..oh {
-            let s = offs.map(|o| src.add(o + oy * wp));
-            let out = d.add(oy * ow);
+        for oy in 0..r.oh {
+            let s = offs.map(|o| src.add(o + oy * r.row_step));
+            let out = d.add(oy * r.ow);
             let mut ox = 0;
-            while ox < ow {
-                let a = _mm_loadu_si128(s[0].add(ox).cast());
-                let b = _mm_loadu_si128(s[1].add(ox).cast());
-                let c = _mm_loadu_si128(s[2].add(ox).cast());
-                let e = _mm_loadu_si128(s[3].add(ox).cast());
-                let (ab_lo, ab_hi) = (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b));
-                let (ce_lo, ce_hi) = (_mm_unpacklo_epi8(c, e), _mm_unpackhi_epi8(c, e));
-                let o = out.add(ox).cast::<__m128i>();
-                _mm_storeu_si128(o, _mm_unpacklo_epi16(ab_lo, ce_lo));
-                _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(ab_lo, ce_lo));
-                _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(ab_hi, ce_hi));
-                _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(ab_hi, ce_hi));
+            while ox < r.ow {
+                let v = s.map(|p| _mm_loadu_si128(p.add(ox).cast()));
+                store_kgroup(out.add(ox), v);
+                ox += 16;
+            }
+        }
+    }
+}
+
+/// Width-stride-2 rows of one k-group: as [`rows_stride1`] with the bytes at `src + offs[j]
+/// + oy * row_step + 2 ox`: 32 bytes loaded per tap and step, the even ones kept.
+///
+/// # Safety
+/// Reads of 32 bytes at `src + offs[j] + oy * row_step + 2 ox` and writes of 16 words at
+/// `d + oy * ow + ox`, for `oy < oh` and `ox` in steps of 16 below `ow`, must be in bounds.
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows_stride2(src: *const u8, offs: [usize; 4], r: Rows, d: *mut u32) {
+    // SAFETY: SSE2 is part of x86_64; the reads and writes are in bounds (this function's
+    // contract).
+    unsafe {
+        use std::arch::x86_64::*;
+        let even = _mm_set1_epi16(0x00ff);
+        for oy in 0..r.oh {
+            let s = offs.map(|o| src.add(o + oy * r.row_step));
+            let out = d.add(oy * r.ow);
+            let mut ox = 0;
+            while ox < r.ow {
+                let v = s.map(|p| {
+                    let lo = _mm_loadu_si128(p.add(2 * ox).cast());
+                    let hi = _mm_loadu_si128(p.add(2 * ox + 16).cast());
+                    _mm_packus_epi16(_mm_and_si128(lo, even), _mm_and_si128(hi, even))
+                });
+                store_kgroup(out.add(ox), v);
                 ox += 16;
             }
         }
@@ -659,6 +809,31 @@ mod tests {
                 xzp: 17,
                 relu: true,
             },
+            // Width stride 2 over rows of several 16-position steps.
+            Case {
+                n: 2,
+                c: 5,
+                h: 17,
+                w: 37,
+                o: 6,
+                k: (3, 3),
+                conv: cfg(1, 2, 1, 1),
+                amax: 127,
+                xzp: 9,
+                relu: true,
+            },
+            Case {
+                n: 1,
+                c: 3,
+                h: 20,
+                w: 45,
+                o: 5,
+                k: (5, 3),
+                conv: cfg(2, 2, 2, 1),
+                amax: 255,
+                xzp: 130,
+                relu: false,
+            },
             Case {
                 n: 4,
                 c: 32,
@@ -669,6 +844,42 @@ mod tests {
                 conv: cfg(1, 1, 1, 1),
                 amax: 127,
                 xzp: 40,
+                relu: false,
+            },
+            Case {
+                n: 2,
+                c: 16,
+                h: 13,
+                w: 12,
+                o: 16,
+                k: (3, 3),
+                conv: cfg(1, 2, 1, 16),
+                amax: 127,
+                xzp: 37,
+                relu: true,
+            },
+            Case {
+                n: 1,
+                c: 5,
+                h: 17,
+                w: 19,
+                o: 5,
+                k: (5, 5),
+                conv: cfg(4, 1, 2, 5),
+                amax: 255,
+                xzp: 250,
+                relu: false,
+            },
+            Case {
+                n: 3,
+                c: 7,
+                h: 1,
+                w: 40,
+                o: 7,
+                k: (1, 3),
+                conv: cfg(0, 1, 1, 7),
+                amax: 255,
+                xzp: 0,
                 relu: false,
             },
         ];
@@ -698,6 +909,68 @@ mod tests {
             let (shape, want) = reference(t, &xq, &w, &bias, &rq, xs);
             assert_eq!(y.dims(), shape.as_slice());
             assert_eq!(y.flatten_all().unwrap().to_vec1::<u8>().unwrap(), want);
+            // Every kernel the CPU has (VNNI requantizes in its tiles, the others after).
+            let g = Geometry::new(x.dims(), w.shape(), &t.conv).unwrap();
+            let plan = rq.plan(xs, &w, Some(&bias)).unwrap();
+            for k in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512Vnni] {
+                if k.is_available() {
+                    let y = run_with(&x, t.xzp, &w, &g, &plan, k).unwrap();
+                    let got = y.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+                    assert_eq!(got, want, "{k:?}");
+                }
+            }
+        }
+    }
+
+    /// A product large enough to be split over rayon tasks by weight rows (inside one image,
+    /// and across images), on every kernel, against the direct convolution.
+    #[test]
+    fn parallel_split_matches_direct_convolution() {
+        let t = Case {
+            n: 2,
+            c: 64,
+            h: 20,
+            w: 20,
+            o: 72,
+            k: (3, 3),
+            conv: cfg(1, 1, 1, 1),
+            amax: 127,
+            xzp: 33,
+            relu: true,
+        };
+        let mut s: u32 = 11;
+        let mut next = move |n: u32| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) % n
+        };
+        let xq: Vec<u8> = (0..t.n * t.c * t.h * t.w)
+            .map(|_| next(t.amax + 1) as u8)
+            .collect();
+        let codes: Vec<i8> = (0..t.o * t.c * 9).map(|_| next(256) as u8 as i8).collect();
+        let scales: Vec<f32> = (0..t.o).map(|i| 0.001 + 0.0001 * i as f32).collect();
+        let w = QuantizedWeight::from_codes(codes, &[t.o, t.c, 3, 3], &scales).unwrap();
+        let bias: Vec<f32> = (0..t.o).map(|i| (i as f32 - 30.0) * 0.01).collect();
+        let rq = Requant::new(0.2, 10, 0, 127).unwrap().with_relu(true);
+        let x = Tensor::from_vec(xq.clone(), (t.n, t.c, t.h, t.w), &Device::Cpu).unwrap();
+        let (_, want) = reference(&t, &xq, &w, &bias, &rq, 0.02);
+        let g = Geometry::new(x.dims(), w.shape(), &t.conv).unwrap();
+        assert!(
+            t.o * g.positions() * g.row_len() >= 1 << 22,
+            "large enough to split"
+        );
+        let plan = rq.plan(0.02, &w, Some(&bias)).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for k in [Kernel::Portable, Kernel::Avx2, Kernel::Avx512Vnni] {
+            if k.is_available() {
+                let y = pool
+                    .install(|| run_with(&x, t.xzp, &w, &g, &plan, k))
+                    .unwrap();
+                let got = y.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+                assert_eq!(got, want, "{k:?}");
+            }
         }
     }
 

@@ -14,8 +14,11 @@
 //!   [`linear_prerequant`] and [`conv2d_prerequant`] stop before the rounding and return
 //!   the f32 values (what a fake-quant model's output fake-quant sees).
 //!
-//! The i32 products run on an AVX2 kernel when the CPU has it (checked at run time) and on a
-//! portable one otherwise; both give the same integers ([`Kernel`], [`gemm_u8_i8`]).
+//! The i32 products run on an AVX-512 VNNI kernel or an AVX2 one when the CPU has it
+//! (checked at run time) and on a portable one otherwise; all give the same integers
+//! ([`Kernel`], [`gemm_u8_i8`]). Convolutions on the VNNI and saturating AVX2 kernels
+//! requantize inside the kernel, from registers, with the same f32 operations as
+//! [`Requant`].
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -36,14 +39,17 @@
 //! # Ok::<(), qat_core::Error>(())
 //! ```
 
+mod avg_pool;
 mod conv;
 mod conv1d;
 mod gemm;
 mod linear;
+mod pool;
 mod qtensor;
 mod requant;
 mod weight;
 
+pub use avg_pool::{avg_pool2d_codes, PoolBin, PoolRounding};
 pub(crate) use conv::conv2d_int;
 pub use conv::{conv2d_prerequant, quantized_conv2d};
 pub(crate) use conv1d::conv1d_int;
@@ -51,6 +57,7 @@ pub use conv1d::quantized_conv1d;
 pub use gemm::{gemm_u8_i8, Kernel, MAX_ROW_LEN};
 pub(crate) use linear::linear_int;
 pub use linear::{linear_prerequant, quantized_linear};
+pub(crate) use pool::max_pool2d_codes;
 pub use qtensor::{dequantize, quantize};
 pub use requant::Requant;
 pub use weight::QuantizedWeight;

@@ -12,7 +12,7 @@ use crate::qparams::check_scale;
 const CHUNK: usize = 1 << 15;
 
 /// 1.5 * 2^23: `(v + MAGIC) - MAGIC` is `v` rounded half to even for |v| < 2^22.
-const MAGIC: f32 = 12_582_912.0;
+pub(super) const MAGIC: f32 = 12_582_912.0;
 
 /// Rounds half to even (as `std::nearbyint`); exact for |v| < 2^22, so callers clamp first.
 /// Free of libm calls, so loops over it vectorise.

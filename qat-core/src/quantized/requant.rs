@@ -2,6 +2,9 @@
 
 use multiversion::multiversion;
 
+use std::ops::Range;
+
+use super::gemm::{gemm_codes, Fused, PackedWeight, Panel, Path};
 use super::qtensor::{check_u8_range, clamp_nan_lo, code_from_clamped};
 use super::weight::QuantizedWeight;
 use crate::error::{Error, Result};
@@ -135,6 +138,21 @@ pub(crate) trait Epilogue: Sync {
     /// against).
     #[allow(dead_code)]
     fn one(&self, o: usize, acc: i32) -> Self::Out;
+    /// Output channels `rows` (`out`: `rows.len()` rows of the panel's positions) straight
+    /// from a kernel that applies this epilogue in registers, where one can
+    /// ([`gemm_codes`]); `false` when nothing was done (then compute the sums and call
+    /// [`row`](Epilogue::row)).
+    fn gemm_into(
+        &self,
+        _path: Path,
+        _w: &PackedWeight,
+        _rows: Range<usize>,
+        _panel: &Panel,
+        _x_zp: i32,
+        _out: &mut [Self::Out],
+    ) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// The float value before requantization, per output channel `c`:
@@ -222,6 +240,39 @@ impl Epilogue for Plan {
             self.affine.bias[o],
             self.grid,
         );
+    }
+
+    fn gemm_into(
+        &self,
+        path: Path,
+        w: &PackedWeight,
+        rows: Range<usize>,
+        panel: &Panel,
+        x_zp: i32,
+        out: &mut [u8],
+    ) -> Result<bool> {
+        let a = &self.affine;
+        let (Some(mult), Some(bias), Some(int_bias)) = (
+            a.mult.get(rows.clone()),
+            a.bias.get(rows.clone()),
+            a.int_bias.get(rows.clone()),
+        ) else {
+            return Ok(false);
+        };
+        // The fused kernels convert the sums straight from i32: no int32 bias.
+        if int_bias.iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        let g = self.grid;
+        let f = Fused {
+            mult,
+            bias,
+            inv_scale: g.inv_scale,
+            zero_point: g.zero_point,
+            lo: g.lo,
+            hi: g.hi,
+        };
+        gemm_codes(path, w, rows, panel, x_zp, &f, out)
     }
 
     #[inline]

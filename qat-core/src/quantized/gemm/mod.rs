@@ -24,6 +24,9 @@
 //!   `vphaddd` at the end. Used for full-range activations (qnnpack's 0..=255). It issues as
 //!   many multiplies per product as the saturating path, but one add per 16 products
 //!   instead of per 32 (about 25% slower on the machines we measured).
+//! - AVX-512 VNNI (`vpdpbusd`: 4 u8 x i8 products summed straight into an i32 lane, exact
+//!   for any codes): tiles of 8 weight rows x 32 positions ([`vnni`]). Chosen first where the
+//!   CPU has it.
 //! - Portable: plain Rust over the same layout, for CPUs without AVX2 and other targets.
 //! - Dot products ([`gemv`]) for products of at most [`GEMV_MAX`] activation rows (a linear
 //!   layer at batch 1), where a 16-position tile would mostly compute padding: each weight row
@@ -36,6 +39,7 @@
 //! rows) when a product is large.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -47,6 +51,8 @@ mod pack;
 mod portable;
 #[cfg(test)]
 mod tests;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -72,6 +78,11 @@ const PAR_WORK: usize = 1 << 22;
 
 /// Which integer kernel computes the products.
 ///
+/// `Auto`, the choice of the int8 layers, takes the best kernel the CPU has (AVX-512 VNNI,
+/// then AVX2, then portable). The environment variable `QAT_INT8_KERNEL` caps it for the
+/// whole process (read once): `portable`, `avx2` or `avx512vnni` (e.g. to measure the AVX2
+/// path on a VNNI machine); any other value makes every `Auto` product an error.
+///
 /// ```
 /// use qat_core::quantized::{gemm_u8_i8, Kernel, QuantizedWeight};
 /// let w = QuantizedWeight::from_codes(vec![1, -2, 3, 4, 5, -6], &[2, 3], &[0.1])?;
@@ -93,6 +104,9 @@ pub enum Kernel {
     /// AVX2 (errors where the CPU lacks it): the saturating `vpmaddubsw` kernel when every
     /// activation code is <= 127, the widening one otherwise.
     Avx2,
+    /// AVX-512 VNNI (errors where the CPU lacks AVX-512 F, BW, VL or VNNI): `vpdpbusd`, any
+    /// activation codes.
+    Avx512Vnni,
 }
 
 impl Kernel {
@@ -101,29 +115,83 @@ impl Kernel {
         match self {
             Kernel::Auto | Kernel::Portable => true,
             Kernel::Avx2 => has_avx2(),
+            Kernel::Avx512Vnni => has_vnni(),
         }
     }
 
-    /// The kernel `Auto` stands for on this CPU (others are returned as they are).
+    /// The kernel `Auto` stands for on this CPU, under the `QAT_INT8_KERNEL` cap when it
+    /// holds a valid name (others are returned as they are).
     pub fn resolved(self) -> Kernel {
         match self {
-            Kernel::Auto if has_avx2() => Kernel::Avx2,
-            Kernel::Auto => Kernel::Portable,
+            Kernel::Auto => {
+                let cap = match auto_cap() {
+                    Ok(Some(k)) => k,
+                    _ => Kernel::Avx512Vnni,
+                };
+                [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Portable]
+                    .into_iter()
+                    .find(|&k| rank(k) <= rank(cap) && k.is_available())
+                    .unwrap_or(Kernel::Portable)
+            }
             k => k,
         }
     }
 
     /// The code path for activations whose largest code is `max_code`.
     pub(crate) fn path(self, max_code: u8) -> Result<Path> {
+        if self == Kernel::Auto {
+            auto_cap()?;
+        }
         match self.resolved() {
             Kernel::Avx2 if !has_avx2() => Err(Error::config(
                 "the AVX2 int8 kernel was asked for on a CPU without AVX2",
                 "use Kernel::Auto or Kernel::Portable",
             )),
+            Kernel::Avx512Vnni if !has_vnni() => Err(Error::config(
+                "the AVX-512 VNNI int8 kernel was asked for on a CPU without AVX-512 VNNI",
+                "use Kernel::Auto, Kernel::Avx2 or Kernel::Portable",
+            )),
+            Kernel::Avx512Vnni => Ok(Path::Vnni),
             Kernel::Avx2 if max_code <= 127 => Ok(Path::Avx2Madd),
             Kernel::Avx2 => Ok(Path::Avx2Wide),
             _ => Ok(Path::Portable),
         }
+    }
+}
+
+/// Kernels by speed, for the `QAT_INT8_KERNEL` cap.
+fn rank(k: Kernel) -> u8 {
+    match k {
+        Kernel::Portable => 0,
+        Kernel::Avx2 => 1,
+        Kernel::Avx512Vnni | Kernel::Auto => 2,
+    }
+}
+
+/// The `QAT_INT8_KERNEL` cap on `Auto`, read once: `None` when unset, an error when it names
+/// no kernel.
+fn auto_cap() -> Result<Option<Kernel>> {
+    static CAP: OnceLock<std::result::Result<Option<Kernel>, String>> = OnceLock::new();
+    let cap = CAP.get_or_init(|| match std::env::var("QAT_INT8_KERNEL") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) => parse_cap(&v).map(Some).ok_or(v),
+        Err(std::env::VarError::NotUnicode(v)) => Err(v.to_string_lossy().into_owned()),
+    });
+    cap.clone().map_err(|v| {
+        Error::config(
+            format!("QAT_INT8_KERNEL={v:?} names no int8 kernel"),
+            "set it to portable, avx2 or avx512vnni, or unset it",
+        )
+    })
+}
+
+/// The kernel a `QAT_INT8_KERNEL` value names.
+fn parse_cap(v: &str) -> Option<Kernel> {
+    match v {
+        "portable" => Some(Kernel::Portable),
+        "avx2" => Some(Kernel::Avx2),
+        "avx512vnni" => Some(Kernel::Avx512Vnni),
+        _ => None,
     }
 }
 
@@ -135,12 +203,28 @@ pub(crate) enum Path {
     Avx2Madd,
     /// Widened to i16 and `vpmaddwd`: any activation codes.
     Avx2Wide,
+    /// AVX-512 VNNI `vpdpbusd`: any activation codes.
+    Vnni,
 }
 
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -236,6 +320,105 @@ pub(crate) fn gemm(
     }
 }
 
+/// A requantization a kernel can apply to its sums before they leave registers (the
+/// fbgemm/x86 arithmetic: no int32 bias): per row `o` of the product, `code =
+/// low_byte(bits((clamp((acc as f32 * mult[o] + bias[o]) * inv_scale, lo, hi) + MAGIC) +
+/// zero_point))`, as `requant::requant_row` computes it.
+pub(crate) struct Fused<'a> {
+    pub(crate) mult: &'a [f32],
+    pub(crate) bias: &'a [f32],
+    pub(crate) inv_scale: f32,
+    pub(crate) zero_point: f32,
+    pub(crate) lo: f32,
+    pub(crate) hi: f32,
+}
+
+/// [`gemm`] with the requantization fused into the kernel: `out[i][p]` is the code of
+/// `sum_k (x[p][k] - x_zp) * w[rows.start + i][k]` under `f` (row `i` of `f`). Runs only
+/// where a kernel can (AVX-512 VNNI or saturating AVX2, a row length of one k-block) and returns whether it
+/// ran; the caller computes the sums and requantizes them otherwise. An error (never an
+/// out-of-bounds access) when the operands do not fit together.
+pub(crate) fn gemm_codes(
+    path: Path,
+    w: &PackedWeight,
+    rows: Range<usize>,
+    panel: &Panel,
+    x_zp: i32,
+    f: &Fused,
+    out: &mut [u8],
+) -> Result<bool> {
+    let fits = match path {
+        Path::Vnni => has_vnni(),
+        Path::Avx2Madd => has_avx2(),
+        _ => false,
+    };
+    if !fits || w.kp / KG > K_BLOCK {
+        return Ok(false);
+    }
+    let p = panel.positions;
+    let nrows = rows.len();
+    if nrows == 0 || p == 0 {
+        return Ok(true);
+    }
+    if rows.end > w.rows || out.len() < nrows * p || f.mult.len() < nrows || f.bias.len() < nrows {
+        return Err(mismatch(format!(
+            "rows {rows:?} of a {}-row weight into {} codes for {p} positions, {} factors",
+            w.rows,
+            out.len(),
+            f.mult.len().min(f.bias.len())
+        )));
+    }
+    let corr: Vec<i32> = rows
+        .clone()
+        .map(|o| x_zp.wrapping_mul(w.row_sums[o]))
+        .collect();
+    let run = |r: Range<usize>, corr: &[i32], out: &mut [u8], i0: usize| -> Result<()> {
+        let n = r.len();
+        if r.end > w.rows || corr.len() < n || out.len() < n * p || panel.kgroups * KG != w.kp {
+            return Err(mismatch(format!("a fused block of rows {r:?}")));
+        }
+        let fr = Fused {
+            mult: &f.mult[i0..i0 + n],
+            bias: &f.bias[i0..i0 + n],
+            ..*f
+        };
+        // SAFETY: the path's features are present (AVX-512F/BW/VL and VNNI, or AVX2 for
+        // the saturating kernel, whose activations the path was chosen for) and the row
+        // length is one k-block (both checked at the top of `gemm_codes`); just above, in O(1): the rows lie
+        // inside the weight, the panel holds the weight's k-groups, `corr` holds a value
+        // per row and `out` a code per row and position, `fr` a factor per row.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            if path == Path::Vnni {
+                vnni::block(w, r, corr, panel, vnni::Dest::Codes(out, &fr))
+            } else {
+                x86::block_codes(w, r, corr, panel, out, &fr)
+            }
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (fr, corr, out);
+        Ok(())
+    };
+    let threads = rayon::current_num_threads();
+    let work = nrows * p * w.kp;
+    if threads > 1 && work >= PAR_WORK && nrows > O_TILE {
+        let blocks = (4 * threads).min(nrows.div_ceil(O_TILE));
+        let ob = nrows.div_ceil(blocks).next_multiple_of(O_TILE);
+        out[..nrows * p]
+            .par_chunks_mut(ob * p)
+            .zip(corr.par_chunks(ob))
+            .enumerate()
+            .try_for_each(|(i, (out, corr))| {
+                let r0 = rows.start + i * ob;
+                let r1 = (r0 + ob).min(rows.end);
+                run(r0..r1, corr, out, i * ob)
+            })?;
+    } else {
+        run(rows.clone(), &corr, out, 0)?;
+    }
+    Ok(true)
+}
+
 /// Positions up to which a product runs as dot products ([`gemv`]): the kernels' tiles of 16
 /// positions would mostly compute padding (a linear layer at batch 1 fills one of 16).
 pub(crate) const GEMV_MAX: usize = 4;
@@ -287,7 +470,13 @@ pub(crate) fn gemv(
 /// `sum_k x[k] * w[k]`, exact (wrapping) in i32.
 fn dot(path: Path, w: &[i8], x: &[u8]) -> i32 {
     #[cfg(target_arch = "x86_64")]
-    if path != Path::Portable && has_avx2() {
+    if path == Path::Vnni && has_vnni() {
+        // SAFETY: AVX-512F/BW and VNNI are present (checked just above, at run time);
+        // `vnni::dot` reads only inside both slices.
+        return unsafe { vnni::dot(w, x) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(path, Path::Avx2Madd | Path::Avx2Wide) && has_avx2() {
         // SAFETY: AVX2 is present (checked just above, at run time); `x86::dot` reads only
         // the first `min(w.len(), x.len())` elements of each slice.
         return unsafe { x86::dot(w, x, path == Path::Avx2Wide) };
@@ -309,7 +498,15 @@ fn run_block(
 ) -> Result<()> {
     check_block(w, &rows, corr, panel, out)?;
     #[cfg(target_arch = "x86_64")]
-    if path != Path::Portable && has_avx2() {
+    if path == Path::Vnni && has_vnni() {
+        // SAFETY: AVX-512F/BW/VL and VNNI are present (checked just above, at run time), and
+        // `check_block` has just checked in O(1) what `vnni::block` reads and writes rests
+        // on, as for the AVX2 block below.
+        unsafe { vnni::block(w, rows, corr, panel, vnni::Dest::Sums(out)) };
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(path, Path::Avx2Madd | Path::Avx2Wide) && has_avx2() {
         let wide = path == Path::Avx2Wide;
         // SAFETY: AVX2 is present (checked just above, at run time), and `check_block` has
         // just checked in O(1) what `x86::block` reads and writes rests on: `rows` lie

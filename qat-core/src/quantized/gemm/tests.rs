@@ -35,6 +35,9 @@ fn paths() -> Vec<Path> {
     if has_avx2() {
         p.extend([Path::Avx2Madd, Path::Avx2Wide]);
     }
+    if has_vnni() {
+        p.push(Path::Vnni);
+    }
     p
 }
 
@@ -61,6 +64,14 @@ fn all_paths_equal_naive_on_random_shapes() {
         (2, 1031, 5),
         (4, 97, 33),
         (GEMV_MAX + 1, 70, 6),
+        // VNNI tiles: 8-row tiles and their remainders, 32- and 16-position tiles, masked
+        // tails; dot products with 128-code steps and a masked tail.
+        (49, 288, 64),
+        (196, 144, 32),
+        (31, 40, 15),
+        (33, 600, 9),
+        (1, 200, 3),
+        (3, 128, 7),
     ];
     for &(m, k, o) in &shapes {
         for &(amax, zp_kind) in &[
@@ -200,6 +211,25 @@ fn bad_arguments() {
     );
     assert_eq!(Kernel::Portable.resolved(), Kernel::Portable);
     assert!(Kernel::Auto.is_available());
+    assert_eq!(Kernel::Avx512Vnni.is_available(), has_vnni());
+    if has_vnni() {
+        // Any activation codes: one path.
+        assert_eq!(Kernel::Avx512Vnni.path(255).unwrap(), Path::Vnni);
+        assert_eq!(Kernel::Avx512Vnni.path(0).unwrap(), Path::Vnni);
+    } else {
+        assert!(Kernel::Avx512Vnni.path(0).is_err());
+    }
+    // Auto takes the best kernel the CPU has (under QAT_INT8_KERNEL, unset in tests).
+    if std::env::var_os("QAT_INT8_KERNEL").is_none() {
+        let best = if has_vnni() {
+            Kernel::Avx512Vnni
+        } else if has_avx2() {
+            Kernel::Avx2
+        } else {
+            Kernel::Portable
+        };
+        assert_eq!(Kernel::Auto.resolved(), best);
+    }
 }
 
 /// Operands that do not fit together are errors on every path (the AVX2 block included),
@@ -249,4 +279,16 @@ fn mismatched_operands_are_errors() {
             "{path:?}"
         );
     }
+}
+
+#[test]
+fn kernel_cap_names() {
+    assert_eq!(parse_cap("portable"), Some(Kernel::Portable));
+    assert_eq!(parse_cap("avx2"), Some(Kernel::Avx2));
+    assert_eq!(parse_cap("avx512vnni"), Some(Kernel::Avx512Vnni));
+    assert_eq!(parse_cap("AVX2"), None);
+    assert_eq!(parse_cap(""), None);
+    // The cap orders kernels by speed: Auto resolves to the best one at or below it.
+    assert!(rank(Kernel::Portable) < rank(Kernel::Avx2));
+    assert!(rank(Kernel::Avx2) < rank(Kernel::Avx512Vnni));
 }

@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{PackedWeight, Panel, KG, K_BLOCK, O_TILE, P_TILE};
+use super::{Fused, PackedWeight, Panel, KG, K_BLOCK, O_TILE, P_TILE};
 
 /// One tile's operands (raw pointers into the panel, weights and output).
 #[derive(Clone, Copy)]
@@ -205,9 +205,29 @@ impl Tile<()> {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn tile_madd<const MR: usize>(t: Tile<i8>) {
+    // SAFETY: AVX2 is available and `t`'s pointers cover the reads of `madd_sums` (this
+    // function's contract); `finish` gets the same `t` with `r < MR`.
+    unsafe {
+        let acc = madd_sums::<MR>(&t);
+        for (r, acc) in acc.iter().enumerate() {
+            finish(&t, r, acc);
+        }
+    }
+}
+
+/// The sums of an `MR` x 16 tile over its k-block with `vpmaddubsw` (activations must be
+/// <= 127): per row, positions 0-7 and 8-15.
+///
+/// # Safety
+/// AVX2 must be available; `t.w` valid for reads of `MR` rows (`t.kp` apart) of
+/// `4 * t.kgroups` codes, `t.act` of `t.kgroups` k-groups (`t.act_stride` bytes apart)
+/// of 64 bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn madd_sums<const MR: usize>(t: &Tile<i8>) -> [[__m256i; 2]; MR] {
     // SAFETY: AVX2 is available and `t`'s pointers cover the loop's reads (this
     // function's contract): `t.kgroups` steps of 4 codes along `MR` weight rows and of 64
-    // activation bytes; `finish` gets the same `t` with `r < MR`.
+    // activation bytes.
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); 2]; MR];
@@ -226,8 +246,132 @@ unsafe fn tile_madd<const MR: usize>(t: Tile<i8>) {
             a = a.add(t.act_stride);
             w = w.add(KG);
         }
+        acc
+    }
+}
+
+/// Every 4-row x 16-position tile of a block of rows with `vpmaddubsw` (activations <= 127)
+/// over the whole row length (one k-block), each row's sums requantized in registers into
+/// `out` (`rows.len()` rows of `positions` codes) as `requant::requant_row` does, in the
+/// same f32 operations and order.
+///
+/// # Safety
+/// AVX2 must be available; `rows` must lie inside `w`, `panel` must hold `w.kp / 4 <=
+/// K_BLOCK` k-groups, `corr`, `f.mult` and `f.bias` must hold `rows.len()` values and `out`
+/// `rows.len() * panel.positions` codes.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn block_codes(
+    w: &PackedWeight,
+    rows: Range<usize>,
+    corr: &[i32],
+    panel: &Panel,
+    out: &mut [u8],
+    f: &Fused,
+) {
+    // SAFETY: AVX2 is available and the operands fit (this function's contract). A tile
+    // reads 64 bytes per k-group at position `p0 < positions` with `p0 + 16 <= stride`
+    // (`Panel::reset`), its weight rows `rows.start + r .. + mr <= rows.end <= w.rows`
+    // (all `kp / 4` k-groups), its `corr`, `mult` and `bias` at `r .. r + mr <=
+    // rows.len()`, and writes codes of rows `r .. r + mr` at columns `p0 .. p0 + cols <=
+    // positions`.
+    unsafe {
+        let p = panel.positions;
+        let nrows = rows.len();
+        let act = panel.bytes().as_ptr();
+        let mut p0 = 0;
+        while p0 < p {
+            let cols = (p - p0).min(P_TILE);
+            let mut r = 0;
+            while r < nrows {
+                let mr = (nrows - r).min(O_TILE);
+                let t = Tile {
+                    w: w.codes.as_ptr().add((rows.start + r) * w.kp),
+                    kp: w.kp,
+                    act: act.add(p0 * KG),
+                    act_stride: panel.stride * KG,
+                    kgroups: w.kp / KG,
+                    corr: corr.as_ptr().add(r),
+                    first: true,
+                    out: std::ptr::null_mut(),
+                    ldo: p,
+                    cols,
+                };
+                let c = CodesOut {
+                    out: out.as_mut_ptr().add(r * p + p0),
+                    mult: f.mult.as_ptr().add(r),
+                    bias: f.bias.as_ptr().add(r),
+                    f,
+                };
+                match mr {
+                    4 => tile_madd_codes::<4>(t, c),
+                    3 => tile_madd_codes::<3>(t, c),
+                    2 => tile_madd_codes::<2>(t, c),
+                    _ => tile_madd_codes::<1>(t, c),
+                }
+                r += mr;
+            }
+            p0 += P_TILE;
+        }
+    }
+}
+
+/// A tile's requantization: its first output code and its rows' factors.
+#[derive(Clone, Copy)]
+struct CodesOut<'f> {
+    out: *mut u8,
+    mult: *const f32,
+    bias: *const f32,
+    f: &'f Fused<'f>,
+}
+
+/// [`madd_sums`] over the whole row length, then per row: `(acc - corr) as f32 * mult +
+/// bias`, times `inv_scale`, clamped (NaN to `lo`), plus the rounding constant and the zero
+/// point; the low byte of the bits is the code. The first `t.cols` codes of each row are
+/// written at `c.out + r * t.ldo`.
+///
+/// # Safety
+/// As [`madd_sums`]; `t.corr`, `c.mult` and `c.bias` valid for reads of `MR` values and
+/// `c.out.add(r * t.ldo)`, `r < MR`, for writes of `t.cols <= 16` codes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_madd_codes<const MR: usize>(t: Tile<i8>, c: CodesOut) {
+    // SAFETY: AVX2 is available and the pointers cover every access (this function's
+    // contract); a full row stores 16 codes in place, a partial one copies `t.cols` codes
+    // from a 16-byte buffer.
+    unsafe {
+        let acc = madd_sums::<MR>(&t);
+        let f = c.f;
+        let inv = _mm256_set1_ps(f.inv_scale);
+        let (lo, hi) = (_mm256_set1_ps(f.lo), _mm256_set1_ps(f.hi));
+        let magic = _mm256_set1_ps(super::super::qtensor::MAGIC);
+        let zp = _mm256_set1_ps(f.zero_point);
+        let byte = _mm256_set1_epi32(0xff);
         for (r, acc) in acc.iter().enumerate() {
-            finish(&t, r, acc);
+            let corr = _mm256_set1_epi32(*t.corr.add(r));
+            let mult = _mm256_set1_ps(*c.mult.add(r));
+            let bias = _mm256_set1_ps(*c.bias.add(r));
+            let mut q = [_mm256_setzero_si256(); 2];
+            for (q, &s) in q.iter_mut().zip(acc) {
+                let y = _mm256_cvtepi32_ps(_mm256_sub_epi32(s, corr));
+                let y = _mm256_add_ps(_mm256_mul_ps(y, mult), bias);
+                // max(y, lo) is lo for a NaN y, as f32::max.
+                let y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(y, inv), lo), hi);
+                let y = _mm256_add_ps(_mm256_add_ps(y, magic), zp);
+                *q = _mm256_and_si256(_mm256_castps_si256(y), byte);
+            }
+            // 16 words of one byte each into 16 bytes in order: packs work per 128-bit
+            // lane, the permutes put the halves back in order.
+            let w16 = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(q[0], q[1]));
+            let b8 = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi16(w16, w16));
+            let codes = _mm256_castsi256_si128(b8);
+            let out = c.out.add(r * t.ldo);
+            if t.cols == 16 {
+                _mm_storeu_si128(out.cast(), codes);
+            } else {
+                let mut tmp = [0u8; 16];
+                _mm_storeu_si128(tmp.as_mut_ptr().cast(), codes);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out, t.cols);
+            }
         }
     }
 }

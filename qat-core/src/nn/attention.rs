@@ -1,0 +1,45 @@
+//! The ops of attention that candle has only as forward kernels, with a backward: Llama's
+//! interleaved rotary embedding and the last-dim softmax. Attention itself stays user code
+//! with candle ops (see examples/common/tiny_llama.rs); these make it trainable at the speed
+//! of candle's fused kernels.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// Rotary embedding of interleaved pairs `(2i, 2i + 1)` (Meta's Llama convention, GGUF's
+/// `llama` architecture): `x` `(batch, heads, seq, head_dim)`, `cos` and `sin` `(>= seq,
+/// head_dim / 2)` (their first `seq` rows are used). The values of
+/// `candle_nn::rotary_emb::rope_i`, bit for bit on CPU f32, but differentiable in `x`:
+/// `rope_i` is a forward-only kernel whose output is cut from the graph, so q's and k's
+/// projections would get no gradient. A fused kernel on CPU f32; candle's `rope_i_slow`
+/// elsewhere.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let x = Var::from_tensor(&Tensor::randn(0f32, 1., (1, 2, 4, 8), &Device::Cpu)?)?;
+/// let angles = Tensor::randn(0f32, 1., (4, 4), &Device::Cpu)?;
+/// let y = qat_core::nn::rope_i(&x, &angles.cos()?, &angles.sin()?)?;
+/// let grads = y.sum_all()?.backward()?;
+/// assert!(grads.get(&x).is_some());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::rope::rope_i(x, cos, sin)?)
+}
+
+/// Softmax over the last dim: the values of `candle_nn::ops::softmax_last_dim` (bit for bit
+/// on x86-64 CPUs in f32, where this sums each row in candle's order; `-inf` entries, masked
+/// positions, give 0), but differentiable (that kernel has no backward). A fused kernel on
+/// CPU f32; candle's composite `softmax` elsewhere.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[0f32, f32::NEG_INFINITY], [1.0, 1.0]], &Device::Cpu)?;
+/// let y = qat_core::nn::softmax_last_dim(&x)?;
+/// assert_eq!(y.to_vec2::<f32>()?, [[1.0, 0.0], [0.5, 0.5]]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::softmax::softmax_last_dim(x)?)
+}
