@@ -3,12 +3,15 @@
 //! [`super::intx_kernel`]'s portable `dynamic_block_f32`, which stays the reference.
 //!
 //! Groups go 8 at a time: each group's 32 values are 4 AVX registers; their minima,
-//! maxima and NaN flags are reduced to one lane per group (an 8x8 transpose), the 8 scales
-//! and zero points computed lane-wise with the portable kernel's selects, in its order
-//! (no FMA contraction), then each group (still in L1) is quantized from broadcasts. Steps
-//! holding a NaN take the portable kernel (which gives NaN qparams and outputs to a NaN
-//! group); the sign of a zero minimum or maximum is not kept, which no qparams rule
-//! distinguishes.
+//! maxima and NaN flags (symmetric rules: their largest |x|, NaN included, in one integer
+//! reduction) are reduced to one lane per group (an 8x8 transpose), the 8 scales and zero
+//! points computed lane-wise with the portable kernel's selects, in its order (no FMA
+//! contraction), then each group (still in L1) is quantized from broadcasts. The qparams of
+//! the next step are computed before the outputs of the current one (software pipelining:
+//! the divisions' latency hides behind independent work). Where the CPU has AVX-512F the
+//! output loop runs the same operations 16 lanes at a time. Steps holding a NaN take the
+//! portable kernel (which gives NaN qparams and outputs to a NaN group); the sign of a
+//! zero minimum or maximum is not kept, which no qparams rule distinguishes.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -33,8 +36,26 @@ pub(crate) fn dynamic_g32(
     r: QRule,
     portable: Portable<'_>,
 ) -> usize {
+    dynamic_g32_at(x, y, sc, zp, r, portable, true)
+}
+
+/// [`dynamic_g32`], with the AVX-512 output loop where the CPU has AVX-512F and `wide`
+/// (tests run both).
+fn dynamic_g32_at(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    sc: &mut [f32],
+    zp: &mut [f32],
+    r: QRule,
+    portable: Portable<'_>,
+    wide: bool,
+) -> usize {
     if r.narrow != Narrow::F32 || !is_x86_feature_detected!("avx2") {
         return 0;
+    }
+    if wide && is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX2 and AVX-512F were detected on this CPU just above.
+        return unsafe { run512(x, y, sc, zp, r, portable) };
     }
     // SAFETY: AVX2 was detected on this CPU just above.
     unsafe { run(x, y, sc, zp, r, portable) }
@@ -60,9 +81,44 @@ fn run(
     let ys = y.as_chunks_mut::<{ LANES * GROUP }>().0;
     let scs = sc.as_chunks_mut::<LANES>().0;
     let zps = zp.as_chunks_mut::<LANES>().0;
-    for (((xg, yg), s), z) in xs.iter().zip(ys).zip(scs).zip(zps) {
-        if !step(xg, yg, s, z, r) {
-            portable(xg, yg, s, z);
+    // Software-pipelined: the qparams of step k + 1 (a reduction, then two dependent
+    // divisions) are computed before the outputs of step k, so that their latency
+    // overlaps independent work instead of stalling every step.
+    let mut next = xs.first().map(|x0| qparams(x0, r));
+    for (k, (((xg, yg), s), z)) in xs.iter().zip(ys).zip(scs).zip(zps).enumerate() {
+        let cur = next;
+        next = xs.get(k + 1).map(|x1| qparams(x1, r));
+        match cur {
+            Some(Some(p)) => outputs(xg, yg, s, z, p, r),
+            _ => portable(xg, yg, s, z),
+        }
+    }
+    n * LANES
+}
+
+/// [`run`] with the output loop in AVX-512 registers ([`outputs512`]).
+#[target_feature(enable = "avx2,avx512f")]
+fn run512(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    sc: &mut [f32],
+    zp: &mut [f32],
+    r: QRule,
+    portable: Portable<'_>,
+) -> usize {
+    let n = x.len() / (LANES * GROUP);
+    assert!(y.len() == x.len() && sc.len() >= n * LANES && zp.len() >= n * LANES);
+    let xs = x.as_chunks::<{ LANES * GROUP }>().0;
+    let ys = y.as_chunks_mut::<{ LANES * GROUP }>().0;
+    let scs = sc.as_chunks_mut::<LANES>().0;
+    let zps = zp.as_chunks_mut::<LANES>().0;
+    let mut next = xs.first().map(|x0| qparams(x0, r));
+    for (k, (((xg, yg), s), z)) in xs.iter().zip(ys).zip(scs).zip(zps).enumerate() {
+        let cur = next;
+        next = xs.get(k + 1).map(|x1| qparams(x1, r));
+        match cur {
+            Some(Some(p)) => outputs512(xg, yg, s, z, p, r),
+            _ => portable(xg, yg, s, z),
         }
     }
     n * LANES
@@ -93,20 +149,40 @@ fn sel(c: __m256, a: __m256, b: __m256) -> __m256 {
     _mm256_blendv_ps(b, a, c)
 }
 
-/// 8 groups: statistics, qparams (written to `sc`, `zp`), outputs; `false` (nothing
-/// written) when one of them holds a NaN.
+/// The scales and zero points of the 8 groups of a step, one group per lane.
+#[derive(Clone, Copy)]
+struct Params {
+    scale: __m256,
+    zero_point: __m256,
+}
+
+/// Per lane (group): the bits of the group's largest `|x|`, compared as signed integers:
+/// for non-negative floats the integer order is the float order, and a NaN's `|x|` bits
+/// exceed infinity's, so the maximum also tells whether the group holds a NaN.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn step(
-    xs: &[f32; LANES * GROUP],
-    ys: &mut [MaybeUninit<f32>; LANES * GROUP],
-    sc: &mut [f32; LANES],
-    zp: &mut [f32; LANES],
-    r: QRule,
-) -> bool {
-    let zero = _mm256_setzero_ps();
-    let c = _mm256_set1_ps;
-    let mut nan = zero;
+fn abs_max_bits(xs: &[f32; LANES * GROUP]) -> __m256i {
+    let bits = _mm256_castps_si256;
+    let imax = |a: __m256, b: __m256| _mm256_castsi256_ps(_mm256_max_epi32(bits(a), bits(b)));
+    let abs = _mm256_set1_epi32(i32::MAX);
+    let (m, _) = reduce8x2(
+        |g| {
+            let v = load(xs, g);
+            let a = |i: usize| _mm256_castsi256_ps(_mm256_and_si256(bits(v[i]), abs));
+            let m = imax(imax(a(0), a(1)), imax(a(2), a(3)));
+            (m, m)
+        },
+        imax,
+        imax,
+    );
+    bits(m)
+}
+
+/// Per lane (group): the minimum and maximum of each group; `None` when one holds a NaN.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn min_max(xs: &[f32; LANES * GROUP]) -> Option<(__m256, __m256)> {
+    let mut nan = _mm256_setzero_ps();
     let (mn, mx) = reduce8x2(
         |g| {
             let v = load(xs, g);
@@ -125,24 +201,33 @@ fn step(
         |a, b| _mm256_min_ps(a, b),
         |a, b| _mm256_max_ps(a, b),
     );
-    if _mm256_movemask_ps(nan) != 0 {
-        return false;
-    }
+    (_mm256_movemask_ps(nan) == 0).then_some((mn, mx))
+}
+
+/// The qparams of the 8 groups of a step, lane-wise with the portable kernel's selects in
+/// its order (no FMA contraction); `None` when a group holds a NaN (the portable kernel
+/// then takes the step: it gives NaN qparams and outputs to that group).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn qparams(xs: &[f32; LANES * GROUP], r: QRule) -> Option<Params> {
+    let zero = _mm256_setzero_ps();
+    let c = _mm256_set1_ps;
     let (qmin, qmax, eps) = (c(r.qmin), c(r.qmax), c(r.eps));
     // `if s < eps { eps } else { s }` (NaN stays NaN).
     let floor = |s: __m256| sel(_mm256_cmp_ps::<_CMP_LT_OQ>(s, eps), eps, s);
-    let (s, z) = match r.rule {
+    let (scale, zero_point) = match r.rule {
         Rule::Symmetric { div } => {
-            let a = sel(
-                _mm256_cmp_ps::<_CMP_LT_OQ>(mn, zero),
-                _mm256_xor_ps(mn, c(-0.0)),
-                zero,
-            );
-            let b = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(mx, zero), mx, zero);
-            let m = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b), a, b);
-            (floor(_mm256_div_ps(m, c(div))), zero)
+            // `max(-min(min, 0), max(max, 0))` is the largest |x| (+0.0 for a group of
+            // zeros, as the portable selects give): one integer reduction, NaN included.
+            let m = abs_max_bits(xs);
+            let inf = _mm256_set1_epi32(f32::INFINITY.to_bits() as i32);
+            if _mm256_movemask_epi8(_mm256_cmpgt_epi32(m, inf)) != 0 {
+                return None;
+            }
+            (floor(_mm256_div_ps(_mm256_castsi256_ps(m), c(div))), zero)
         }
         Rule::Asymmetric => {
+            let (mn, mx) = min_max(xs)?;
             let l = sel(_mm256_cmp_ps::<_CMP_LT_OQ>(mn, zero), mn, zero);
             let h = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(mx, zero), mx, zero);
             let s = floor(_mm256_div_ps(_mm256_sub_ps(h, l), c(r.qmax - r.qmin)));
@@ -151,6 +236,7 @@ fn step(
             (s, sel(_mm256_cmp_ps::<_CMP_GT_OQ>(z, qmax), qmax, z))
         }
         Rule::Tinygemm { levels, mid } => {
+            let (mn, mx) = min_max(xs)?;
             let s = floor(_mm256_div_ps(_mm256_sub_ps(mx, mn), c(levels)));
             let z = _mm256_add_ps(mn, _mm256_mul_ps(s, c(mid)));
             (
@@ -159,6 +245,22 @@ fn step(
             )
         }
     };
+    Some(Params { scale, zero_point })
+}
+
+/// Stores the scales and zero points of a step to `sc` and `zp`, and returns per group its
+/// reciprocal scale, clamp bounds `qmin - zp` and `qmax - zp` (zero point clamped to
+/// ±[`MAX_ZERO_POINT`]) and scale, to broadcast.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lanes_of(
+    sc: &mut [f32; LANES],
+    zp: &mut [f32; LANES],
+    p: Params,
+    r: QRule,
+) -> ([f32; LANES], [f32; LANES], [f32; LANES], [f32; LANES]) {
+    let c = _mm256_set1_ps;
+    let (s, z) = (p.scale, p.zero_point);
     // SAFETY: `sc` and `zp` hold 8 f32s each; the unaligned stores write all 8.
     unsafe {
         _mm256_storeu_ps(sc.as_mut_ptr(), s);
@@ -172,10 +274,28 @@ fn step(
         unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
         a
     };
-    let inv = lanes(_mm256_div_ps(c(1.0), s));
-    let qlo = lanes(_mm256_sub_ps(qmin, zc));
-    let qhi = lanes(_mm256_sub_ps(qmax, zc));
-    let scale = lanes(s);
+    (
+        lanes(_mm256_div_ps(c(1.0), s)),
+        lanes(_mm256_sub_ps(c(r.qmin), zc)),
+        lanes(_mm256_sub_ps(c(r.qmax), zc)),
+        lanes(s),
+    )
+}
+
+/// The 8 groups of a step from their qparams: scales and zero points to `sc` and `zp`,
+/// outputs to `ys`, each group (still in L1) quantized from broadcasts.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn outputs(
+    xs: &[f32; LANES * GROUP],
+    ys: &mut [MaybeUninit<f32>; LANES * GROUP],
+    sc: &mut [f32; LANES],
+    zp: &mut [f32; LANES],
+    p: Params,
+    r: QRule,
+) {
+    let c = _mm256_set1_ps;
+    let (inv, qlo, qhi, scale) = lanes_of(sc, zp, p, r);
     for g in 0..LANES {
         let (vi, vl, vh, vs) = (c(inv[g]), c(qlo[g]), c(qhi[g]), c(scale[g]));
         let out = ys[g * GROUP..].as_mut_ptr().cast::<f32>();
@@ -191,7 +311,41 @@ fn step(
             unsafe { _mm256_storeu_ps(out.add(8 * i), yv) };
         }
     }
-    true
+}
+
+/// [`outputs`] in AVX-512 registers (16 lanes, two per group): the same operations in the
+/// same order, lane for lane.
+#[target_feature(enable = "avx2,avx512f")]
+#[inline]
+fn outputs512(
+    xs: &[f32; LANES * GROUP],
+    ys: &mut [MaybeUninit<f32>; LANES * GROUP],
+    sc: &mut [f32; LANES],
+    zp: &mut [f32; LANES],
+    p: Params,
+    r: QRule,
+) {
+    let (inv, qlo, qhi, scale) = lanes_of(sc, zp, p, r);
+    let c = _mm512_set1_ps;
+    let magic = c(MAGIC);
+    for g in 0..LANES {
+        let (vi, vl, vh, vs) = (c(inv[g]), c(qlo[g]), c(qhi[g]), c(scale[g]));
+        let (xg, yg) = (
+            &xs.as_chunks::<GROUP>().0[g],
+            &mut ys.as_chunks_mut::<GROUP>().0[g],
+        );
+        let out = yg.as_mut_ptr().cast::<f32>();
+        for (i, h) in xg.as_chunks::<16>().0.iter().enumerate() {
+            // SAFETY: `h` holds 16 f32s; the unaligned load reads all 16.
+            let v = unsafe { _mm512_loadu_ps(h.as_ptr()) };
+            let t = _mm512_mul_ps(v, vi);
+            let t = _mm512_min_ps(vh, _mm512_max_ps(vl, t));
+            let yv = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(t, magic), magic), vs);
+            // SAFETY: `yg` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
+            // `i < 2`, so the store writes `out[16 * i..16 * i + 16]`, in bounds.
+            unsafe { _mm512_storeu_ps(out.add(16 * i), yv) };
+        }
+    }
 }
 
 /// The straight-through backward of the first `8 * k` groups of 32 (`k` as large as `x`
@@ -319,4 +473,80 @@ fn strict_bounds(lo: __m256, hi: __m256) -> (__m256, __m256) {
 fn round_small(v: __m256) -> __m256 {
     let magic = _mm256_set1_ps(MAGIC);
     _mm256_sub_ps(_mm256_add_ps(v, magic), magic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 and AVX-512 output loops give the same bits (the portable kernel is
+    /// compared with the default one in `intx_kernel`'s tests): every rule, random groups
+    /// at several magnitudes, zero groups, offsets that make zero points large.
+    #[test]
+    fn avx512_outputs_match_avx2_bitwise() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avx512f")) {
+            return;
+        }
+        let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut x = Vec::new();
+        for scale in [1.0f32, 1e-3, 3.0e4, 1e-40, 1e30] {
+            for k in 0..64 {
+                for _ in 0..GROUP {
+                    s = s
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+                    x.push((u * 2.0 - 1.0 + (k % 5) as f32 * 0.75) * scale);
+                }
+            }
+        }
+        x.extend([0.0f32; 8 * GROUP]);
+        let rules = [
+            (Rule::Symmetric { div: 7.5 }, -8.0, 7.0),
+            (Rule::Asymmetric, -128.0, 127.0),
+            (
+                Rule::Tinygemm {
+                    levels: 15.0,
+                    mid: 8.0,
+                },
+                0.0,
+                15.0,
+            ),
+        ];
+        for (rule, qmin, qmax) in rules {
+            for eps in [f32::EPSILON, 0.0] {
+                let r = QRule {
+                    rule,
+                    qmin,
+                    qmax,
+                    eps,
+                    narrow: Narrow::F32,
+                };
+                let g = x.len() / GROUP;
+                let run = |wide: bool| {
+                    let mut y = vec![MaybeUninit::new(f32::NAN); x.len()];
+                    let (mut sc, mut zp) = (vec![0f32; g], vec![0f32; g]);
+                    let mut never =
+                        |_: &[f32], _: &mut [MaybeUninit<f32>], _: &mut [f32], _: &mut [f32]| {
+                            panic!("no NaN in these inputs")
+                        };
+                    let done = dynamic_g32_at(&x, &mut y, &mut sc, &mut zp, r, &mut never, wide);
+                    assert_eq!(done, g);
+                    // SAFETY: `y` was created initialised (NaN).
+                    let y: Vec<u32> = y
+                        .iter()
+                        .map(|v| unsafe { v.assume_init() }.to_bits())
+                        .collect();
+                    (y, sc, zp)
+                };
+                let (a, b) = (run(false), run(true));
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a.1), bits(&b.1), "{rule:?} eps {eps}: scales");
+                assert_eq!(bits(&a.2), bits(&b.2), "{rule:?} eps {eps}: zero points");
+                for (i, v) in x.iter().enumerate() {
+                    assert_eq!(a.0[i], b.0[i], "{rule:?} eps {eps}: element {i} = {v:e}");
+                }
+            }
+        }
+    }
 }

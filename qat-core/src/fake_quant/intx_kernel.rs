@@ -1,9 +1,10 @@
 //! The CPU kernels of intx fake quantization (torchao's `IntxFakeQuantizer`): per-group
 //! qparams, forward and straight-through backward over f32 slices, one group at a time so
 //! that a dynamic forward reads its input once (the group's min/max, then its codes, while
-//! it is in L1). The f32 inner loops are compiled for baseline x86-64 and AVX2, chosen at
-//! run time; f16/bf16 data runs the same arithmetic in f32 with a rounding to the dtype
-//! after each step where PyTorch rounds (see [`Narrow`]).
+//! it is in L1). The f32 inner loops are compiled for baseline x86-64 and AVX2 (the dynamic
+//! forward also for AVX-512F), chosen at run time; f16/bf16 data runs the same arithmetic
+//! in f32 with a rounding to the dtype after each step where PyTorch rounds (see
+//! [`Narrow`]).
 //!
 //! Arithmetic, as torchao with PyTorch's CPU kernels: `t = x * (1/scale)` in f32, the code
 //! `q = clamp(round_half_even(t) + zp, qmin, qmax)`, `y = (q - zp) * scale`; the gradient is
@@ -156,25 +157,39 @@ fn strict_bounds(lo: f32, hi: f32) -> (f32, f32) {
 
 /// Min, max and NaN flag of one group with a tree reduction of the lanes (select-based, so
 /// that it maps to vector min/max; the values are those of a sequential scan up to the
-/// sign of a zero, which no qparams rule distinguishes).
+/// sign of a zero, which no qparams rule distinguishes). Element `j` of the whole chunks
+/// goes to lane `j % LANES`, the tail to lanes `0..`; the NaN flags are all-ones masks, two
+/// chunks checked by one unordered comparison.
 #[inline(always)]
 fn min_max_lanes<const LANES: usize>(x: &[f32]) -> (f32, f32, bool) {
     let mut lo = [f32::INFINITY; LANES];
     let mut hi = [f32::NEG_INFINITY; LANES];
-    let mut nan = [0u32; LANES];
-    let mut chunks = x.chunks_exact(LANES);
+    let mut nan = [0i32; LANES];
+    let mut pairs = x.chunks_exact(2 * LANES);
+    for c in &mut pairs {
+        let (a, b) = c.split_at(LANES);
+        for i in 0..LANES {
+            let (u, v) = (a[i], b[i]);
+            lo[i] = if u < lo[i] { u } else { lo[i] };
+            hi[i] = if u > hi[i] { u } else { hi[i] };
+            lo[i] = if v < lo[i] { v } else { lo[i] };
+            hi[i] = if v > hi[i] { v } else { hi[i] };
+            nan[i] |= -((u.is_nan() | v.is_nan()) as i32);
+        }
+    }
+    let mut chunks = pairs.remainder().chunks_exact(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
             let v = c[i];
             lo[i] = if v < lo[i] { v } else { lo[i] };
             hi[i] = if v > hi[i] { v } else { hi[i] };
-            nan[i] |= v.is_nan() as u32;
+            nan[i] |= -(v.is_nan() as i32);
         }
     }
     for (i, &v) in chunks.remainder().iter().enumerate() {
         lo[i] = if v < lo[i] { v } else { lo[i] };
         hi[i] = if v > hi[i] { v } else { hi[i] };
-        nan[i] |= v.is_nan() as u32;
+        nan[i] |= -(v.is_nan() as i32);
     }
     let mut w = LANES / 2;
     while w > 0 {
@@ -214,7 +229,7 @@ struct Scratch {
 /// The f32 dynamic forward of one block of groups: each group's min/max, then all their
 /// qparams in one branch-free loop (the divisions of different groups vectorise), then
 /// the codes. Gives the bits of [`QRule::qparams`] and [`Step::fake_quant`].
-#[multiversion(targets("x86_64+avx2"))]
+#[multiversion(targets("x86_64+avx512f+avx2", "x86_64+avx2"))]
 fn dynamic_block_f32(
     x: &[f32],
     y: &mut [MaybeUninit<f32>],

@@ -165,6 +165,15 @@ fn read_slot(slot: &Slot) -> Option<Arc<GroupParams>> {
     slot.lock().unwrap_or_else(PoisonError::into_inner).clone()
 }
 
+/// The qparams of a slot the caller owns: taken out when nothing else holds the slot (the
+/// op was dropped: no gradient graph keeps it for its backward), else shared.
+fn take_slot(slot: Slot) -> Option<Arc<GroupParams>> {
+    match Arc::try_unwrap(slot) {
+        Ok(m) => m.into_inner().unwrap_or_else(PoisonError::into_inner),
+        Err(slot) => read_slot(&slot),
+    }
+}
+
 /// The fused CPU forward: dynamic (qparams computed here and left in `slot`) or static
 /// (qparams given).
 struct IntxForward {
@@ -301,14 +310,26 @@ pub fn intx_fake_quantize(x: &Tensor, spec: &IntxSpec) -> Result<(Tensor, IntxQP
         slot: slot.clone(),
     };
     let y = x.contiguous()?.apply_op1(op)?;
-    let p = read_slot(&slot).ok_or_else(|| {
+    let p = take_slot(slot).ok_or_else(|| {
         Error::state(
             "the intx forward left no qparams",
             "report this as a candle-qat bug",
         )
     })?;
     check_zero_points(&p)?;
-    Ok((y, IntxQParams::from_groups(&p, &shape, x.device())?))
+    let dev = x.device();
+    // Without a gradient graph the op is gone and the qparams are ours alone: they become
+    // the tensors without a copy.
+    Ok(match Arc::try_unwrap(p) {
+        Ok(GroupParams { scale, zero_point }) => (
+            y,
+            IntxQParams {
+                scale: Tensor::from_vec(scale, shape.as_slice(), dev)?,
+                zero_point: Tensor::from_vec(zero_point, shape.as_slice(), dev)?,
+            },
+        ),
+        Err(p) => (y, IntxQParams::from_groups(&p, &shape, dev)?),
+    })
 }
 
 fn check_qparams_shape(qp: &IntxQParams, shape: &[usize], dims: &[usize]) -> Result<()> {

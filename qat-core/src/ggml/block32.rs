@@ -547,9 +547,21 @@ pub(crate) fn forward_portable(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32
     }
 }
 
-/// The straight-through backward: `dx = dy` where the code was not clamped, else 0.
-#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+/// The straight-through backward: `dx = dy` where the code was not clamped, else 0;
+/// `x.len()` a multiple of 32, `dy` and `dx` as long. The explicit AVX2 kernel where the
+/// CPU has it, else the portable one.
 pub(crate) fn backward(kind: Kind32, x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::block32_avx2::try_backward(kind, x, dy, dx) {
+        return;
+    }
+    backward_portable(kind, x, dy, dx)
+}
+
+/// The portable backward, the reference of the explicit SIMD kernel (same contract as
+/// [`backward`]).
+#[multiversion(targets("x86_64+avx2+fma", "x86_64+sse4.1"))]
+pub(crate) fn backward_portable(kind: Kind32, x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
     match kind {
         Kind32::Q8_0 => bwd::<Q8_0>(x, dy, dx),
         Kind32::Q4_0 => bwd::<Q4_0>(x, dy, dx),

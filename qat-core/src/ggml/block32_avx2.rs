@@ -1,4 +1,4 @@
-//! The AVX2 + F16C forward of the 32-element GGML block types, bit-exact with the portable
+//! The AVX2 + F16C + FMA forward of the 32-element GGML block types, bit-exact with the portable
 //! kernel in [`super::block32`] (which stays the reference, and which this kernel calls for
 //! every block it does not handle).
 //!
@@ -14,9 +14,16 @@
 //! `trunc` plus the one upper `min` a code can reach (Q4_0 and Q5_0, whose `x = -max`
 //! maps to 16 and 32), and no tie the portable kernel resolves by position (Q4_0/Q5_0
 //! blocks holding both `+amax` and `-amax`, Q4_1/Q5_1 blocks whose minimum or maximum is a
-//! zero, whose sign candle's fold decides). Every other block goes to the portable kernel. Each f32 operation is the portable kernel's, in the same order (no FMA
-//! contraction), so the values are the same bits; tests below compare the two on random
-//! and adversarial blocks.
+//! zero, whose sign candle's fold decides). Every other block goes to the portable kernel.
+//! Each f32 operation is the portable kernel's, in the same order, so the values are the
+//! same bits; the one exception is the last step of Q8_0, Q4_1 and Q5_1, a product of a
+//! code and the f16 scale (exact: at most 8 + 11 significant bits) plus the minimum (or
+//! +0.0; Q8_0 takes the fast path only with an f16 scale above 0, where a code of -0.0
+//! must give +0.0), fused into one FMA, whose single rounding is then the sum's. Tests
+//! below compare the kernels on random and adversarial blocks. The statistics of the next
+//! 8 blocks are computed before the outputs of the current 8 (software pipelining: the
+//! divisions' and conversions' latency overlaps independent work). Where the CPU has
+//! AVX-512F the output loop runs the same operations 16 lanes at a time.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -27,10 +34,32 @@ use crate::x86_lanes::reduce8x2;
 /// Runs the AVX2 forward when the CPU has AVX2 and F16C (else returns `false`, writing
 /// nothing); `x.len()` a multiple of 32 and `y` as long.
 pub(crate) fn try_forward(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>]) -> bool {
-    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+    try_forward_at(kind, x, y, true)
+}
+
+/// [`try_forward`], with the AVX-512 output loop where the CPU has AVX-512F and `wide`
+/// (tests run both).
+fn try_forward_at(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>], wide: bool) -> bool {
+    if !(is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("fma"))
+    {
         return false;
     }
-    // SAFETY: AVX2 and F16C were detected on this CPU just above.
+    if wide && is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX2, F16C, FMA and AVX-512F were detected on this CPU just above.
+        unsafe {
+            match kind {
+                Kind32::Q8_0 => run512::<Q8_0>(x, y),
+                Kind32::Q4_0 => run512::<Q4_0>(x, y),
+                Kind32::Q4_1 => run512::<Q4_1>(x, y),
+                Kind32::Q5_0 => run512::<Q5_0>(x, y),
+                Kind32::Q5_1 => run512::<Q5_1>(x, y),
+            }
+        }
+        return true;
+    }
+    // SAFETY: AVX2, F16C and FMA were detected on this CPU just above.
     unsafe {
         match kind {
             Kind32::Q8_0 => run::<Q8_0>(x, y),
@@ -41,6 +70,101 @@ pub(crate) fn try_forward(kind: Kind32, x: &[f32], y: &mut [MaybeUninit<f32>]) -
         }
     }
     true
+}
+
+/// The straight-through backward (`dx = dy` where the code was not clamped, else 0) when
+/// the CPU has AVX2, F16C and FMA (else returns `false`, writing nothing); `x.len()` a
+/// multiple of 32, `dy` and `dx` as long. Blocks go 8 at a time with the forward's
+/// statistics; in a fast-path block (see the module docs) no code of Q8_0, Q4_1 or Q5_1
+/// is clamped (`|x * id| <= 127`, `(x - min) * id + 0.5 < 16` (32) up to a few ulps), so
+/// `dx = dy`, and Q4_0 / Q5_0 clamp exactly where `x * id + 8.5 >= 16` (`+ 16.5 >= 32`),
+/// the portable kernel's test with its lower half always true. Other blocks take the
+/// portable kernel.
+pub(crate) fn try_backward(
+    kind: Kind32,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+) -> bool {
+    if !(is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("fma"))
+    {
+        return false;
+    }
+    // SAFETY: AVX2, F16C and FMA were detected on this CPU just above.
+    unsafe {
+        match kind {
+            Kind32::Q8_0 => run_backward::<Q8_0>(x, dy, dx),
+            Kind32::Q4_0 => run_backward::<Q4_0>(x, dy, dx),
+            Kind32::Q4_1 => run_backward::<Q4_1>(x, dy, dx),
+            Kind32::Q5_0 => run_backward::<Q5_0>(x, dy, dx),
+            Kind32::Q5_1 => run_backward::<Q5_1>(x, dy, dx),
+        }
+    }
+    true
+}
+
+#[target_feature(enable = "avx2,f16c,fma")]
+fn run_backward<const K: u8>(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
+    assert!(x.len() == dy.len() && x.len() == dx.len() && x.len().is_multiple_of(QK));
+    let (xg, xt) = x.as_chunks::<{ LANES * QK }>();
+    let (dg, dt) = dy.as_chunks::<{ LANES * QK }>();
+    let (og, ot) = dx.as_chunks_mut::<{ LANES * QK }>();
+    for ((xs, ds), os) in xg.iter().zip(dg).zip(og) {
+        match stats::<K>(xs) {
+            Some(st) => grad::<K>(xs, ds, os, &st),
+            None => block32::backward_portable(kind_of(K), xs, ds, os),
+        }
+    }
+    // The last blocks (fewer than 8).
+    block32::backward_portable(kind_of(K), xt, dt, ot);
+}
+
+/// The gradient of 8 blocks from their [`Stats`] (see [`try_backward`]).
+#[target_feature(enable = "avx2,f16c,fma")]
+#[inline]
+fn grad<const K: u8>(
+    xs: &[f32; LANES * QK],
+    ds: &[f32; LANES * QK],
+    os: &mut [MaybeUninit<f32>; LANES * QK],
+    st: &Stats,
+) {
+    let c = _mm256_set1_ps;
+    for b in 0..LANES {
+        let (xb, db, ob) = (
+            &xs.as_chunks::<QK>().0[b],
+            &ds.as_chunks::<QK>().0[b],
+            &mut os.as_chunks_mut::<QK>().0[b],
+        );
+        if st.ok & (1 << b) == 0 {
+            block32::backward_portable(kind_of(K), xb, db, ob);
+            continue;
+        }
+        let vid = c(st.id[b]);
+        let out = ob.as_mut_ptr().cast::<f32>();
+        for i in 0..QK / 8 {
+            // SAFETY: `xb` and `db` hold 32 f32s and `i < 4`, so the loads read
+            // `[8 * i..8 * i + 8]` of each, in bounds.
+            let (xv, dv) = unsafe {
+                (
+                    _mm256_loadu_ps(xb.as_ptr().add(8 * i)),
+                    _mm256_loadu_ps(db.as_ptr().add(8 * i)),
+                )
+            };
+            let g = match K {
+                Q4_0 | Q5_0 => {
+                    let (half, top) = if K == Q4_0 { (8.5, 16.0) } else { (16.5, 32.0) };
+                    let v = _mm256_add_ps(_mm256_mul_ps(xv, vid), c(half));
+                    _mm256_and_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(v, c(top)), dv)
+                }
+                _ => dv,
+            };
+            // SAFETY: `ob` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
+            // `i < 4`, so the store writes `out[8 * i..8 * i + 8]`, in bounds.
+            unsafe { _mm256_storeu_ps(out.add(8 * i), g) };
+        }
+    }
 }
 
 const Q8_0: u8 = 0;
@@ -62,15 +186,42 @@ fn kind_of(k: u8) -> Kind32 {
 /// Blocks whose statistics are reduced together, one block per lane.
 const LANES: usize = 8;
 
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn run<const K: u8>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     assert!(x.len() == y.len() && x.len().is_multiple_of(QK));
     let (xg, xt) = x.as_chunks::<{ LANES * QK }>();
     let (yg, yt) = y.as_chunks_mut::<{ LANES * QK }>();
-    for (xs, ys) in xg.iter().zip(yg) {
-        group::<K>(xs, ys);
+    // Software-pipelined: the statistics and scales of group k + 1 (a reduction, then
+    // dependent divisions and f16 roundings) are computed before the outputs of group k,
+    // so that their latency overlaps independent work instead of stalling every group.
+    let mut next = xg.first().map(|x0| stats::<K>(x0));
+    for (k, (xs, ys)) in xg.iter().zip(yg).enumerate() {
+        let cur = next;
+        next = xg.get(k + 1).map(|x1| stats::<K>(x1));
+        match cur {
+            Some(Some(st)) => quantize::<K>(xs, ys, &st),
+            _ => block32::forward_portable(kind_of(K), xs, ys),
+        }
     }
     // The last blocks (fewer than 8).
+    block32::forward_portable(kind_of(K), xt, yt);
+}
+
+/// [`run`] with the output loop in AVX-512 registers ([`quantize512`]).
+#[target_feature(enable = "avx2,f16c,fma,avx512f")]
+fn run512<const K: u8>(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    assert!(x.len() == y.len() && x.len().is_multiple_of(QK));
+    let (xg, xt) = x.as_chunks::<{ LANES * QK }>();
+    let (yg, yt) = y.as_chunks_mut::<{ LANES * QK }>();
+    let mut next = xg.first().map(|x0| stats::<K>(x0));
+    for (k, (xs, ys)) in xg.iter().zip(yg).enumerate() {
+        let cur = next;
+        next = xg.get(k + 1).map(|x1| stats::<K>(x1));
+        match cur {
+            Some(Some(st)) => quantize512::<K>(xs, ys, &st),
+            _ => block32::forward_portable(kind_of(K), xs, ys),
+        }
+    }
     block32::forward_portable(kind_of(K), xt, yt);
 }
 
@@ -99,63 +250,106 @@ fn load(xs: &[f32; LANES * QK], b: usize) -> [__m256; 4] {
     }
 }
 
-/// Fake-quantizes 8 blocks: their statistics reduced one block per lane, the scales
-/// divided, range-checked and rounded to f16 8 at a time, then each block quantized from
-/// broadcasts; a block outside the fast path (see the module docs), or a group holding a
-/// NaN, goes to the portable kernel.
+/// The constants of 8 blocks, one block per lane, and which of them the fast path takes.
+struct Stats {
+    /// `1 / d` (f32).
+    id: [f32; LANES],
+    /// `d` rounded to f16 (as f32).
+    dq: [f32; LANES],
+    /// The block minimum (Q4_1, Q5_1; else 0) and its f16 rounding.
+    mn: [f32; LANES],
+    mq: [f32; LANES],
+    /// Bit `b` set: block `b` takes the fast path (see the module docs).
+    ok: i32,
+}
+
+/// `x` as its f32 bits.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn bits(v: __m256) -> __m256i {
+    _mm256_castps_si256(v)
+}
+
+/// The statistics and scales of 8 blocks (see [`Stats`]); `None` when one of them holds a
+/// NaN (the portable kernel then takes the group).
+///
+/// Q8_0 reduces the bits of `|x|` with a signed integer maximum: for non-negative floats
+/// the integer order is the float order, and a NaN's bits exceed infinity's. Q4_0 and Q5_0
+/// reduce the bits of `x` with a signed maximum (the largest non-negative value, or a
+/// positive NaN, when there is one) and an unsigned maximum (the negative value of largest
+/// magnitude, or a negative NaN, when there is one): the two extremes `signed_abs_max`
+/// compares, NaN check included. Q4_1 and Q5_1 take the float minimum and maximum and an
+/// unordered comparison.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES * QK]) {
+fn stats<const K: u8>(xs: &[f32; LANES * QK]) -> Option<Stats> {
     let zero = _mm256_setzero_ps();
     let sign = _mm256_set1_ps(-0.0);
-    let mut nan = zero;
-    // Per lane (block): the largest |x| (Q8_0, twice) or the minimum and maximum.
-    let (lo, hi) = reduce8x2(
-        |b| {
-            let v = load(xs, b);
-            nan = _mm256_or_ps(
-                nan,
-                _mm256_or_ps(
-                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
-                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
-                ),
-            );
-            if K == Q8_0 {
-                let a = |i: usize| _mm256_andnot_ps(sign, v[i]);
-                let m = _mm256_max_ps(_mm256_max_ps(a(0), a(1)), _mm256_max_ps(a(2), a(3)));
-                (m, m)
-            } else {
-                (
-                    _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])),
-                    _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
-                )
-            }
-        },
-        |a, b| {
-            if K == Q8_0 {
-                _mm256_max_ps(a, b)
-            } else {
-                _mm256_min_ps(a, b)
-            }
-        },
-        |a, b| _mm256_max_ps(a, b),
-    );
-    if _mm256_movemask_ps(nan) != 0 {
-        block32::forward_portable(kind_of(K), xs, ys);
-        return;
-    }
     let all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    let cast = _mm256_castsi256_ps;
+    let smax = |a: __m256, b: __m256| cast(_mm256_max_epi32(bits(a), bits(b)));
+    let umax = |a: __m256, b: __m256| cast(_mm256_max_epu32(bits(a), bits(b)));
+    let inf = _mm256_set1_epi32(f32::INFINITY.to_bits() as i32);
     // Per lane (block): the scale `d`, the minimum, and whether the fast path takes it.
     let (d, min, ok) = match K {
-        Q8_0 => (_mm256_div_ps(hi, _mm256_set1_ps(127.0)), zero, all),
+        Q8_0 => {
+            let (m, _) = reduce8x2(
+                |b| {
+                    let v = load(xs, b);
+                    let a = |i: usize| _mm256_andnot_ps(sign, v[i]);
+                    let m = smax(smax(a(0), a(1)), smax(a(2), a(3)));
+                    (m, m)
+                },
+                smax,
+                smax,
+            );
+            if _mm256_movemask_epi8(_mm256_cmpgt_epi32(bits(m), inf)) != 0 {
+                return None;
+            }
+            (_mm256_div_ps(m, _mm256_set1_ps(127.0)), zero, all)
+        }
         Q4_0 | Q5_0 => {
-            // `signed_abs_max`: the largest value and the largest negated value, from 0;
-            // a block holding both `+amax` and `-amax` takes the portable kernel (which
-            // looks for the first of them).
-            let h = _mm256_max_ps(hi, zero);
-            let n = _mm256_max_ps(_mm256_xor_ps(lo, sign), zero);
+            // `hs`: the largest value as a signed integer (a non-negative float when the
+            // block has one); `hu`: the largest as an unsigned integer (a negative float
+            // when the block has one).
+            let (hs, hu) = reduce8x2(
+                |b| {
+                    let v = load(xs, b);
+                    (
+                        smax(smax(v[0], v[1]), smax(v[2], v[3])),
+                        umax(umax(v[0], v[1]), umax(v[2], v[3])),
+                    )
+                },
+                smax,
+                umax,
+            );
+            // A positive NaN is the only value above +inf as a signed integer, a negative
+            // NaN the only one above -inf as an unsigned integer (`hu >= -inf`, unsigned,
+            // and `hu != -inf`).
+            let neg_inf = _mm256_set1_epi32(f32::NEG_INFINITY.to_bits() as i32);
+            let neg_nan = _mm256_andnot_si256(
+                _mm256_cmpeq_epi32(bits(hu), neg_inf),
+                _mm256_cmpeq_epi32(_mm256_max_epu32(bits(hu), neg_inf), bits(hu)),
+            );
+            let nan = _mm256_or_si256(_mm256_cmpgt_epi32(bits(hs), inf), neg_nan);
+            if _mm256_movemask_epi8(nan) != 0 {
+                return None;
+            }
+            // `signed_abs_max`'s largest value and largest negated value, from 0: `hs`
+            // when non-negative (a negative `hs` means no non-negative value), `-hu` when
+            // negative (a non-negative `hu` means no negative value).
+            let h = _mm256_and_ps(
+                hs,
+                cast(_mm256_cmpgt_epi32(bits(hs), _mm256_set1_epi32(-1))),
+            );
+            let n = _mm256_and_ps(
+                _mm256_xor_ps(hu, sign),
+                cast(_mm256_cmpgt_epi32(_mm256_setzero_si256(), bits(hu))),
+            );
             let amax = _mm256_blendv_ps(h, n, _mm256_cmp_ps::<_CMP_LT_OQ>(h, n));
             let is_h = _mm256_cmp_ps::<_CMP_EQ_OQ>(h, amax);
+            // A block holding both `+amax` and `-amax` takes the portable kernel (which
+            // looks for the first of them).
             let tie = _mm256_and_ps(is_h, _mm256_cmp_ps::<_CMP_EQ_OQ>(n, amax));
             let max = _mm256_blendv_ps(_mm256_xor_ps(n, sign), h, is_h);
             let div = if K == Q4_0 { -8.0 } else { -16.0 };
@@ -166,9 +360,35 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
             )
         }
         _ => {
+            // The NaN check in a loop of its own (the blocks are in L1): folded into the
+            // reduction, its accumulator made the 16 partial results spill.
+            let mut nan = zero;
+            for b in 0..LANES {
+                let v = load(xs, b);
+                nan = _mm256_or_ps(
+                    nan,
+                    _mm256_or_ps(
+                        _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+                        _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+                    ),
+                );
+            }
+            if _mm256_movemask_ps(nan) != 0 {
+                return None;
+            }
+            let (mn, mx) = reduce8x2(
+                |b| {
+                    let v = load(xs, b);
+                    (
+                        _mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])),
+                        _mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])),
+                    )
+                },
+                |a, b| _mm256_min_ps(a, b),
+                |a, b| _mm256_max_ps(a, b),
+            );
             // A zero minimum or maximum takes the portable kernel (its sign is candle's
             // fold's, see `zero_sign`).
-            let (mx, mn) = (hi, lo);
             let zeros = _mm256_or_ps(
                 _mm256_cmp_ps::<_CMP_EQ_OQ>(mx, zero),
                 _mm256_cmp_ps::<_CMP_EQ_OQ>(mn, zero),
@@ -187,15 +407,38 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
         _mm256_cmp_ps::<_CMP_GE_OQ>(ad, _mm256_set1_ps(f32::MIN_POSITIVE)),
         _mm256_cmp_ps::<_CMP_LT_OQ>(ad, _mm256_set1_ps(f32::INFINITY)),
     );
-    let ok = _mm256_movemask_ps(_mm256_and_ps(ok, normal));
     let lanes = |v: __m256| {
         let mut a = [0f32; LANES];
         // SAFETY: `a` holds 8 f32s, the unaligned store writes `a[0..8]`.
         unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
         a
     };
-    let (id, dq) = (lanes(_mm256_div_ps(_mm256_set1_ps(1.0), d)), lanes(f16r(d)));
-    let (mn, mq) = (lanes(min), lanes(f16r(min)));
+    let dq = f16r(d);
+    // Q8_0's fused output needs `d > 0` after the f16 rounding (see `quantize`).
+    let ok = if K == Q8_0 {
+        _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_GT_OQ>(dq, zero))
+    } else {
+        ok
+    };
+    Some(Stats {
+        id: lanes(_mm256_div_ps(_mm256_set1_ps(1.0), d)),
+        dq: lanes(dq),
+        mn: lanes(min),
+        mq: lanes(f16r(min)),
+        ok: _mm256_movemask_ps(_mm256_and_ps(ok, normal)),
+    })
+}
+
+/// Fake-quantizes 8 blocks from their [`Stats`], each (still in L1) from broadcasts of its
+/// lane; a block outside the fast path goes to the portable kernel.
+#[target_feature(enable = "avx2,f16c,fma")]
+#[inline]
+fn quantize<const K: u8>(
+    xs: &[f32; LANES * QK],
+    ys: &mut [MaybeUninit<f32>; LANES * QK],
+    st: &Stats,
+) {
+    let zero = _mm256_setzero_ps();
     let trunc = |a: __m256| _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(a);
     let c = _mm256_set1_ps;
     for b in 0..LANES {
@@ -203,11 +446,11 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
             &xs.as_chunks::<QK>().0[b],
             &mut ys.as_chunks_mut::<QK>().0[b],
         );
-        if ok & (1 << b) == 0 {
+        if st.ok & (1 << b) == 0 {
             block32::forward_portable(kind_of(K), xb, yb);
             continue;
         }
-        let (vid, vd, vm, vmin) = (c(id[b]), c(dq[b]), c(mq[b]), c(mn[b]));
+        let (vid, vd, vm, vmin) = (c(st.id[b]), c(st.dq[b]), c(st.mq[b]), c(st.mn[b]));
         let out = yb.as_mut_ptr().cast::<f32>();
         for (i, xv) in load(xs, b).into_iter().enumerate() {
             let y = match K {
@@ -218,8 +461,12 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
                     let q = _mm256_mul_ps(xv, vid);
                     let t = trunc(q);
                     let f = _mm256_sub_ps(q, t);
-                    let r = _mm256_add_ps(_mm256_add_ps(t, zero), trunc(_mm256_add_ps(f, f)));
-                    _mm256_mul_ps(r, vd)
+                    let r = _mm256_add_ps(t, trunc(_mm256_add_ps(f, f)));
+                    // `r * d + 0.0` with one rounding: the product of a code (8 bits) and
+                    // an f16 scale (11) is exact, so this is `r * d` except that a code of
+                    // -0.0 (from `round(-0.3)`, the integer 0) gives +0.0, as the
+                    // integer does (the fast path has `d > 0`).
+                    _mm256_fmadd_ps(r, vd, zero)
                 }
                 Q4_0 | Q5_0 => {
                     let (off, half, hi) = if K == Q4_0 {
@@ -232,18 +479,75 @@ fn group<const K: u8>(xs: &[f32; LANES * QK], ys: &mut [MaybeUninit<f32>; LANES 
                     _mm256_mul_ps(_mm256_sub_ps(code, c(off)), vd)
                 }
                 _ => {
+                    // `x <= max`, so `(x - min) * id + 0.5 <= 15.5` (31.5) up to a few ulps:
+                    // candle's `min(15)` (Q4_1) never applies in the fast path.
                     let q = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(xv, vmin), vid), c(0.5));
-                    let code = if K == Q4_1 {
-                        _mm256_min_ps(trunc(q), c(15.0))
-                    } else {
-                        trunc(q)
-                    };
-                    _mm256_add_ps(_mm256_mul_ps(code, vd), vm)
+                    let code = trunc(q);
+                    // `code * d + m` with one rounding: the product of a code (5 bits) and
+                    // an f16 scale (11) is exact, so the fused sum rounds as the sum does.
+                    _mm256_fmadd_ps(code, vd, vm)
                 }
             };
             // SAFETY: `yb` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
             // `i < 4`, so the store writes `out[8 * i..8 * i + 8]`, in bounds.
             unsafe { _mm256_storeu_ps(out.add(8 * i), y) };
+        }
+    }
+}
+
+/// [`quantize`] in AVX-512 registers (16 lanes, two per block): the same operations in
+/// the same order, lane for lane.
+#[target_feature(enable = "avx2,f16c,fma,avx512f")]
+#[inline]
+fn quantize512<const K: u8>(
+    xs: &[f32; LANES * QK],
+    ys: &mut [MaybeUninit<f32>; LANES * QK],
+    st: &Stats,
+) {
+    let zero = _mm512_setzero_ps();
+    let trunc = |a: __m512| _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(a);
+    let c = _mm512_set1_ps;
+    for b in 0..LANES {
+        let (xb, yb) = (
+            &xs.as_chunks::<QK>().0[b],
+            &mut ys.as_chunks_mut::<QK>().0[b],
+        );
+        if st.ok & (1 << b) == 0 {
+            block32::forward_portable(kind_of(K), xb, yb);
+            continue;
+        }
+        let (vid, vd, vm, vmin) = (c(st.id[b]), c(st.dq[b]), c(st.mq[b]), c(st.mn[b]));
+        let out = yb.as_mut_ptr().cast::<f32>();
+        for (i, h) in xb.as_chunks::<16>().0.iter().enumerate() {
+            // SAFETY: `h` holds 16 f32s; the unaligned load reads all 16.
+            let xv = unsafe { _mm512_loadu_ps(h.as_ptr()) };
+            let y = match K {
+                Q8_0 => {
+                    let q = _mm512_mul_ps(xv, vid);
+                    let t = trunc(q);
+                    let f = _mm512_sub_ps(q, t);
+                    let r = _mm512_add_ps(t, trunc(_mm512_add_ps(f, f)));
+                    _mm512_fmadd_ps(r, vd, zero)
+                }
+                Q4_0 | Q5_0 => {
+                    let (off, half, hi) = if K == Q4_0 {
+                        (8.0, 8.5, 15.0)
+                    } else {
+                        (16.0, 16.5, 31.0)
+                    };
+                    let q = _mm512_add_ps(_mm512_mul_ps(xv, vid), c(half));
+                    let code = _mm512_min_ps(trunc(q), c(hi));
+                    _mm512_mul_ps(_mm512_sub_ps(code, c(off)), vd)
+                }
+                _ => {
+                    let q = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(xv, vmin), vid), c(0.5));
+                    let code = trunc(q);
+                    _mm512_fmadd_ps(code, vd, vm)
+                }
+            };
+            // SAFETY: `yb` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
+            // `i < 2`, so the store writes `out[16 * i..16 * i + 16]`, in bounds.
+            unsafe { _mm512_storeu_ps(out.add(16 * i), y) };
         }
     }
 }
@@ -254,10 +558,10 @@ mod tests {
 
     use super::*;
 
-    fn both(kind: Kind32, x: &[f32]) -> Option<(Vec<u32>, Vec<u32>)> {
+    fn both(kind: Kind32, x: &[f32], wide: bool) -> Option<(Vec<u32>, Vec<u32>)> {
         let mut a = vec![MaybeUninit::new(f32::NAN); x.len()];
         let mut b = vec![MaybeUninit::new(f32::NAN); x.len()];
-        if !try_forward(kind, x, &mut a) {
+        if !try_forward_at(kind, x, &mut a, wide) {
             return None;
         }
         block32::forward_portable(kind, x, &mut b);
@@ -280,7 +584,7 @@ mod tests {
 
     /// Random blocks at many magnitudes (normal, tiny, huge), ties of `x * id`, repeated
     /// extremes of either sign, zeros of both signs, NaN and infinities: the AVX2 kernel
-    /// gives the portable kernel's bits.
+    /// (with its AVX2 and its AVX-512 output loop) gives the portable kernel's bits.
     #[test]
     fn avx2_forward_matches_portable_bitwise() {
         let mut s: u64 = 0x2545_f491_4f6c_dd1d;
@@ -328,10 +632,76 @@ mod tests {
         x.extend(&special);
         special[2] = f32::NEG_INFINITY;
         x.extend(&special);
-        for kind in KINDS {
-            let Some((a, b)) = both(kind, &x) else { return };
+        // Negative NaNs (above -inf as unsigned integers), a positive NaN beside -inf and
+        // a negative one beside +inf: the integer reductions must see every NaN.
+        special[9] = -f32::NAN;
+        x.extend(&special);
+        special[2] = f32::NAN;
+        special[9] = f32::NEG_INFINITY;
+        x.extend(&special);
+        special[2] = -f32::NAN;
+        special[9] = f32::INFINITY;
+        x.extend(&special);
+        let mut ones = vec![1.0f32; QK];
+        ones[17] = -f32::NAN;
+        x.extend(&ones);
+        ones[17] = f32::from_bits(0xffc0_0001);
+        ones[3] = -2.0;
+        x.extend(&ones);
+        // Whole groups of 8 ordinary blocks after them, so that the fast path runs again.
+        x.extend((0..8 * QK).map(|i| (i as f32 * 0.37).sin()));
+        // Both output loops: AVX2 (`wide` false) and AVX-512 where the CPU has it.
+        for (kind, wide) in KINDS.into_iter().flat_map(|k| [(k, false), (k, true)]) {
+            let Some((a, b)) = both(kind, &x, wide) else {
+                return;
+            };
             for (i, (p, q)) in a.iter().zip(&b).enumerate() {
-                assert_eq!(p, q, "{kind:?} element {i} (x = {:e})", x[i]);
+                assert_eq!(p, q, "{kind:?} (wide {wide}) element {i} (x = {:e})", x[i]);
+            }
+        }
+    }
+
+    /// The AVX2 backward gives the portable backward's bits on the forward test's blocks
+    /// (whole groups of 8 and a tail), with a distinct gradient per element.
+    #[test]
+    fn avx2_backward_matches_portable_bitwise() {
+        let mut x: Vec<f32> = (0..40 * QK)
+            .map(|i| ((i * 7919 % 1013) as f32 / 97.0 - 5.0) * if i % 3 == 0 { 1e-3 } else { 1.0 })
+            .collect();
+        // Blocks of the fast path's edges: `-max` (Q4_0/Q5_0 clamp it), `+max` beside it
+        // (a tie), zero extremes, NaN, infinities, tiny scales.
+        x[3 * QK + 5] = -10.0;
+        x[4 * QK + 5] = -10.0;
+        x[4 * QK + 6] = 10.0;
+        x[5 * QK..6 * QK].iter_mut().for_each(|v| *v = v.abs());
+        x[6 * QK + 1] = f32::NAN;
+        x[9 * QK + 2] = f32::INFINITY;
+        x[11 * QK..12 * QK].iter_mut().for_each(|v| *v *= 1e-40);
+        x[17 * QK + 9] = -f32::NAN;
+        // Clamped by Q4_0 and Q5_0 (the opposite extreme), in a fast-path group.
+        x[26 * QK + 5] = -10.0;
+        x[26 * QK + 6] = 9.9;
+        let dy: Vec<f32> = (0..x.len()).map(|i| i as f32 + 0.5).collect();
+        for kind in KINDS {
+            let mut a = vec![MaybeUninit::new(f32::NAN); x.len()];
+            let mut b = vec![MaybeUninit::new(f32::NAN); x.len()];
+            if !try_backward(kind, &x, &dy, &mut a) {
+                return;
+            }
+            block32::backward_portable(kind, &x, &dy, &mut b);
+            for i in 0..x.len() {
+                // SAFETY: both vectors were created initialised (NaN).
+                let (p, q) = unsafe { (a[i].assume_init(), b[i].assume_init()) };
+                assert_eq!(
+                    p.to_bits(),
+                    q.to_bits(),
+                    "{kind:?} element {i} (x = {:e})",
+                    x[i]
+                );
+            }
+            if matches!(kind, Kind32::Q4_0 | Kind32::Q5_0) {
+                // SAFETY: `a` was created initialised (NaN).
+                assert_eq!(unsafe { a[26 * QK + 6].assume_init() }, 0.0, "{kind:?}");
             }
         }
     }
