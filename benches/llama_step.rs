@@ -12,7 +12,13 @@
 //!   Q8_0 blocks, as candle's quantized runtime computes).
 //!
 //! Threads: `RAYON_NUM_THREADS` (one count per run, every pool pinned: common/threads.rs).
+//! The allocator is mimalloc keeping freed memory (common/alloc.rs), as the examples run: a
+//! step frees and reallocates the same activation-sized buffers, which glibc's malloc hands
+//! back to the OS and page-faults in again (PyTorch keeps them in its caching allocator).
 //! Every step fails the bench on an error, in criterion's warm-up.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Duration;
 
@@ -27,6 +33,9 @@ use tiny_llama::{Block, TinyLlamaConfig};
 
 #[path = "common/threads.rs"]
 mod threads;
+
+#[path = "../examples/common/alloc.rs"]
+mod alloc;
 
 const BATCH: usize = 32;
 
@@ -80,6 +89,7 @@ impl Step {
 }
 
 fn bench(c: &mut Criterion) {
+    alloc::keep_freed_memory();
     let threads = threads::from_env();
     let pool = threads::pin(threads);
     let mut g = c.benchmark_group(format!("llama_step/threads={threads}"));
