@@ -114,7 +114,9 @@ fn a_llama_trains_with_8da4w_and_its_scales_move() -> Res<()> {
         .map(|i| i.path.as_str())
         .collect();
     assert_eq!(prepared.len(), 2 * 7 + 1, "{prepared:?}");
-    assert!(prepared.iter().all(|p| !p.contains("norm") && !p.contains("tok_")));
+    assert!(prepared
+        .iter()
+        .all(|p| !p.contains("norm") && !p.contains("tok_")));
 
     let (x, _) = batch(m.config(), 2, &mut Rng::new(9))?;
     m.forward(&x)?;
@@ -149,8 +151,14 @@ fn range_learning_trains_the_scales_beside_the_weights() -> Res<()> {
     )?;
     initialize_fake_quantizers(&mut m)?;
     let learned = learnable_parameters(&mut m)?;
-    assert_eq!(learned.len(), 15, "one scale per Linear (symmetric: no zero point)");
-    assert!(learned[0].0.ends_with("attention.wq.weight_fake_quantizer.scale"));
+    assert_eq!(
+        learned.len(),
+        15,
+        "one scale per Linear (symmetric: no zero point)"
+    );
+    assert!(learned[0]
+        .0
+        .ends_with("attention.wq.weight_fake_quantizer.scale"));
     let before: Vec<Vec<f32>> = learned
         .iter()
         .map(|(_, v)| v.as_tensor().flatten_all().and_then(|t| t.to_vec1()))
