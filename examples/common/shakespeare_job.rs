@@ -90,6 +90,8 @@ pub struct JobConfig {
     pub seed: u64,
     pub float_steps: usize,
     pub qat_steps: usize,
+    /// Training windows per step (the reference's 32; tests take fewer).
+    pub batch_size: usize,
     /// Checkpoints and model.gguf go here (else the GGUF files go to a temporary directory
     /// that is removed).
     pub out: Option<PathBuf>,
@@ -117,6 +119,7 @@ impl JobConfig {
             seed,
             float_steps: 1500,
             qat_steps: 300,
+            batch_size: BATCH_SIZE,
             out: None,
             resume: false,
             progress_windows: EVAL_WINDOWS,
@@ -150,6 +153,7 @@ pub struct JobReport {
     pub scheme: SchemeArg,
     pub seed: u64,
     pub threads: usize,
+    pub batch_size: usize,
     pub final_windows: usize,
     pub progress_windows: usize,
     pub float: Losses,
@@ -282,7 +286,10 @@ impl JobReport {
                 q / f
             );
         }
-        println!("training steps (median, batch {BATCH_SIZE}x{CONTEXT}, incl. batch sampling):");
+        println!(
+            "training steps (median, batch {}x{CONTEXT}, incl. batch sampling):",
+            self.batch_size
+        );
         let step_row = |name: &str, p: &PhaseSteps| {
             println!(
                 "  {name:<18} {:>5} steps  median {:>9}  wall {:>9}",
@@ -398,7 +405,7 @@ fn train_phase(
     progress: &WindowSet,
     dev: &Device,
 ) -> AnyResult<PhaseSteps> {
-    let mut sampler = BatchSampler::new(cfg.seed, phase.stream, BATCH_SIZE)?;
+    let mut sampler = BatchSampler::new(cfg.seed, phase.stream, cfg.batch_size)?;
     let mut opt = lm_training::adamw(vm.all_vars(), phase.schedule.at(0))?;
     let pb = bar(phase.steps, phase.label, cfg.verbose);
     let mut times = Vec::with_capacity(phase.steps);
@@ -427,12 +434,18 @@ fn train_phase(
             let te = Instant::now();
             let val = eval_model(model, progress, dev)?;
             evals += te.elapsed();
-            pb.println(format!(
+            let line = format!(
                 "  [{}] step {done:>5}  lr {:.2e}  train(ema) {e:.4}  val {val:.4}  {:>7.1}s",
                 phase.label,
                 phase.schedule.at(s),
                 start.elapsed().as_secs_f64()
-            ));
+            );
+            // A hidden bar (output not a terminal) prints nothing.
+            if pb.is_hidden() {
+                println!("{line}");
+            } else {
+                pb.println(line);
+            }
         }
     }
     pb.finish_and_clear();
@@ -809,6 +822,7 @@ pub fn run(cfg: &JobConfig, dev: &Device) -> AnyResult<JobReport> {
         scheme: cfg.scheme,
         seed: cfg.seed,
         threads: rayon::current_num_threads(),
+        batch_size: cfg.batch_size,
         final_windows: full.len(),
         progress_windows: progress.len(),
         float,
