@@ -18,6 +18,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "common/alloc.rs"]
 mod alloc;
+#[path = "common/fused_adamw.rs"]
+mod fused_adamw;
 #[path = "common/idx.rs"]
 mod idx;
 #[path = "common/lm_training.rs"]
@@ -68,6 +70,18 @@ struct Args {
     /// Load float.safetensors from --out instead of training in float.
     #[arg(long, requires = "out")]
     resume: bool,
+    /// Validation windows of the final figures (default: the whole split, 1,742).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    final_windows: Option<u32>,
+    /// Progress evaluation every this many steps (0: none).
+    #[arg(long, default_value_t = 250)]
+    eval_every: usize,
+    /// Characters of each greedy sample.
+    #[arg(long, default_value_t = 200)]
+    sample_chars: usize,
+    /// Train with candle_nn::AdamW instead of the fused AdamW (same values, slower).
+    #[arg(long)]
+    candle_adamw: bool,
 }
 
 fn main() {
@@ -92,6 +106,10 @@ fn run(args: Args) -> AnyResult<()> {
         qat_steps: args.qat_steps as usize,
         out: args.out,
         resume: args.resume,
+        final_windows: args.final_windows.map(|n| n as usize),
+        eval_every: args.eval_every,
+        sample_chars: args.sample_chars,
+        candle_adamw: args.candle_adamw,
         ..JobConfig::default_for(args.scheme, args.seed)
     };
     let report = shakespeare_job::run(&cfg, &Device::Cpu)?;

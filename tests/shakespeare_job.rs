@@ -4,6 +4,8 @@
 //! the table and the summary line; then `--resume` from the float checkpoint with a scheme
 //! that stays in fake-quant form.
 
+#[path = "../examples/common/fused_adamw.rs"]
+mod fused_adamw;
 #[path = "../examples/common/idx.rs"]
 mod idx;
 #[path = "../examples/common/lm_training.rs"]
@@ -136,4 +138,64 @@ fn recovery_is_na_when_the_ptq_gap_is_under_0_001() {
     );
     assert_eq!(recovery(1.6145, 1.6143, 1.6140), None);
     assert_eq!(recovery(1.6130, 1.6143, 1.6140), None);
+}
+
+/// The fused AdamW gives candle's AdamW values bit for bit: parameters of several sizes
+/// (one split over rayon's pool), a schedule of rates, weight decay, gradients of mixed
+/// signs and magnitudes, and a parameter without a gradient that both leave alone.
+#[test]
+fn fused_adamw_equals_candle_adamw_bit_for_bit() -> trainer::AnyResult<()> {
+    use candle_core::{Tensor, Var};
+    use candle_nn::Optimizer;
+    let dev = Device::Cpu;
+    let mut rng = trainer::Rng::new(5);
+    let shapes: [&[usize]; 4] = [&[128], &[65, 128], &[352, 128], &[7]];
+    let init: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|s| {
+            (0..s.iter().product::<usize>())
+                .map(|_| (0.05 * rng.normal()) as f32)
+                .collect()
+        })
+        .collect();
+    let make = || -> candle_core::Result<Vec<Var>> {
+        shapes
+            .iter()
+            .zip(&init)
+            .map(|(s, v)| Var::from_tensor(&Tensor::from_slice(v, *s, &dev)?))
+            .collect()
+    };
+    let (a, b) = (make()?, make()?);
+    let params = lm_training::adamw_params(3e-3);
+    let mut ours = fused_adamw::FusedAdamW::new(a.clone(), params.clone())?;
+    let mut theirs = candle_nn::AdamW::new(b.clone(), params)?;
+    // Loss: sum of c * p^3 + p over the first three parameters (the last gets no gradient).
+    let loss = |vars: &[Var], c: f64| -> candle_core::Result<Tensor> {
+        let mut l = Tensor::zeros((), candle_core::DType::F32, &dev)?;
+        for v in &vars[..3] {
+            l = (l + ((v.as_tensor().powf(3.0)? * c)? + v.as_tensor())?.sum_all()?)?;
+        }
+        Ok(l)
+    };
+    for step in 0..6 {
+        let lr = 3e-3 * (1.0 + step as f64) / 6.0;
+        let c = if step % 2 == 0 { 40.0 } else { -25.0 };
+        ours.set_learning_rate(lr);
+        theirs.set_learning_rate(lr);
+        ours.backward_step(&loss(&a, c)?)?;
+        theirs.backward_step(&loss(&b, c)?)?;
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            let x = x.flatten_all()?.to_vec1::<f32>()?;
+            let y = y.flatten_all()?.to_vec1::<f32>()?;
+            let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "step {step}, parameter {i}: the values differ");
+        }
+    }
+    // The parameters moved (all but the one without a gradient).
+    let moved = |i: usize| -> candle_core::Result<bool> {
+        let v = a[i].flatten_all()?.to_vec1::<f32>()?;
+        Ok(v.iter().zip(&init[i]).any(|(p, q)| p != q))
+    };
+    assert!(moved(0)? && moved(1)? && moved(2)? && !moved(3)?);
+    Ok(())
 }

@@ -14,7 +14,7 @@
 //!    GGUF type and stay in fake-quant form;
 //! 6. greedy samples (a sliding window of the last `CONTEXT` characters).
 //!
-//! Needs `idx.rs`, `trainer.rs`, `shakespeare.rs`, `lm_training.rs` and `tiny_llama.rs` as
+//! Needs `idx.rs`, `fused_adamw.rs`, `trainer.rs`, `shakespeare.rs`, `lm_training.rs` and `tiny_llama.rs` as
 //! sibling modules.
 #![allow(dead_code)]
 
@@ -23,12 +23,13 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use candle_qat::checkpoint;
 use candle_qat::prelude::*;
 use candle_transformers::models::quantized_llama::ModelWeights;
 use indicatif::ProgressBar;
 
+use super::fused_adamw::FusedAdamW;
 use super::lm_training::{self, LrSchedule, EVAL_BATCH};
 use super::shakespeare::{
     BatchSampler, Corpus, WindowSet, BATCH_SIZE, CONTEXT, EVAL_SEED, EVAL_WINDOWS,
@@ -109,6 +110,8 @@ pub struct JobConfig {
     pub speed_windows: usize,
     /// Show indicatif bars and progress lines.
     pub verbose: bool,
+    /// Train with candle's `AdamW` instead of [`FusedAdamW`] (the same values, slower).
+    pub candle_adamw: bool,
 }
 
 impl JobConfig {
@@ -128,6 +131,7 @@ impl JobConfig {
             sample_chars: 200,
             speed_windows: 8,
             verbose: true,
+            candle_adamw: false,
         }
     }
 }
@@ -386,6 +390,21 @@ fn eval_both<M: Module>(
     })
 }
 
+/// Either optimizer, behind one object.
+trait Step {
+    fn lr(&mut self, lr: f64);
+    fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<()>;
+}
+
+impl<O: Optimizer> Step for O {
+    fn lr(&mut self, lr: f64) {
+        self.set_learning_rate(lr)
+    }
+    fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        Optimizer::backward_step(self, loss)
+    }
+}
+
 /// What one training phase needs.
 struct Phase<'a> {
     label: &'a str,
@@ -406,7 +425,14 @@ fn train_phase(
     dev: &Device,
 ) -> AnyResult<PhaseSteps> {
     let mut sampler = BatchSampler::new(cfg.seed, phase.stream, cfg.batch_size)?;
-    let mut opt = lm_training::adamw(vm.all_vars(), phase.schedule.at(0))?;
+    let mut opt: Box<dyn Step> = if cfg.candle_adamw {
+        Box::new(lm_training::adamw(vm.all_vars(), phase.schedule.at(0))?)
+    } else {
+        Box::new(FusedAdamW::new(
+            vm.all_vars(),
+            lm_training::adamw_params(phase.schedule.at(0)),
+        )?)
+    };
     let pb = bar(phase.steps, phase.label, cfg.verbose);
     let mut times = Vec::with_capacity(phase.steps);
     let mut ema: Option<f64> = None;
@@ -419,7 +445,8 @@ fn train_phase(
         let (b, t_len, v) = logits.dims3()?;
         let loss =
             candle_nn::loss::cross_entropy(&logits.reshape((b * t_len, v))?, &y.flatten_all()?)?;
-        lm_training::adamw_step(&mut opt, &phase.schedule, s, &loss)?;
+        opt.lr(phase.schedule.at(s));
+        opt.backward_step(&loss)?;
         times.push(t.elapsed());
         let l = f64::from(loss.to_scalar::<f32>()?);
         if !l.is_finite() {
