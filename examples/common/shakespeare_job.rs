@@ -182,6 +182,8 @@ pub struct JobReport {
     /// Generated character at which the deployed model's greedy sample parts from the QAT
     /// fake-quant model's (None: identical over the whole sample).
     pub deployed_parts_at: Option<Option<usize>>,
+    /// Top-1 minus top-2 logit of (QAT fake-quant, deployed GGUF) where they part.
+    pub parting_margins: Option<(f32, f32)>,
     pub sample_chars: usize,
     pub files: Vec<PathBuf>,
 }
@@ -324,11 +326,24 @@ impl JobReport {
                  {} generated characters",
                 self.sample_chars
             ),
-            Some(Some(i)) => println!(
-                "\ngreedy decoding: the deployed GGUF parts from the QAT fake-quant model at \
-                 generated character {i} of {}",
-                self.sample_chars
-            ),
+            Some(Some(i)) => {
+                println!(
+                    "\ngreedy decoding: the deployed GGUF parts from the QAT fake-quant model \
+                     at generated character {i} of {}",
+                    self.sample_chars
+                );
+                if let Some((q, d)) = self.parting_margins {
+                    let note = if q.max(d) < 1e-2 {
+                        " (a near tie, flipped by rounding)"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "  there, top-1 minus top-2 logit: QAT fake-quant {q:.2e}, deployed \
+                         {d:.2e}{note}"
+                    );
+                }
+            }
             None => {}
         }
         println!("{}", self.summary_line());
@@ -577,6 +592,13 @@ fn greedy_gguf(
     })
 }
 
+/// Top-1 minus top-2 of a `(vocab,)` logit vector.
+fn top2_margin(l: &Tensor) -> AnyResult<f32> {
+    let mut v = l.to_vec1::<f32>()?;
+    v.sort_by(|a, b| b.total_cmp(a));
+    Ok(v.first().copied().unwrap_or(0.0) - v.get(1).copied().unwrap_or(0.0))
+}
+
 /// Bytes of the tensors of a GGUF writer.
 fn gguf_tensor_bytes(model: &TinyLlama) -> AnyResult<usize> {
     Ok(model
@@ -812,7 +834,7 @@ pub fn run(cfg: &JobConfig, dev: &Device) -> AnyResult<JobReport> {
     // ---- 6. greedy samples ------------------------------------------------------------------
     let prompt = corpus.vocab.encode("ROMEO:")?;
     let n = cfg.sample_chars;
-    let (samples, parts) = phases.time("greedy samples", || {
+    let (samples, parts, margins) = phases.time("greedy samples", || {
         let mut samples = Vec::new();
         let f = greedy_model(&float_model, &prompt, n, dev)?;
         samples.push(("float".to_string(), corpus.vocab.decode(&f)?));
@@ -820,6 +842,7 @@ pub fn run(cfg: &JobConfig, dev: &Device) -> AnyResult<JobReport> {
         samples.push((format!("PTQ {s} of the control"), corpus.vocab.decode(&p)?));
         let q = greedy_model(&qat_model, &prompt, n, dev)?;
         let mut parts = None;
+        let mut margins = None;
         match &deployed_weights {
             Some(w) => {
                 let d = greedy_gguf(w, &prompt, n, dev)?;
@@ -827,19 +850,29 @@ pub fn run(cfg: &JobConfig, dev: &Device) -> AnyResult<JobReport> {
                     format!("deployed {s} GGUF in quantized_llama"),
                     corpus.vocab.decode(&d)?,
                 ));
-                parts = Some(
-                    q.iter()
-                        .zip(&d)
-                        .skip(prompt.len())
-                        .position(|(a, b)| a != b),
-                );
+                let at = q
+                    .iter()
+                    .zip(&d)
+                    .skip(prompt.len())
+                    .position(|(a, b)| a != b);
+                // Where they part: each model's top-1 minus top-2 logit on the shared prefix
+                // (a near tie is a rounding flip, not a different model).
+                if let Some(i) = at {
+                    let prefix = &q[..prompt.len() + i];
+                    let win = &prefix[prefix.len().saturating_sub(CONTEXT)..];
+                    let x = Tensor::new(win, dev)?.unsqueeze(0)?;
+                    let lq = qat_model.forward(&x)?.i((0, win.len() - 1))?;
+                    let ld = w.clone().forward(&x, 0)?.squeeze(0)?;
+                    margins = Some((top2_margin(&lq)?, top2_margin(&ld)?));
+                }
+                parts = Some(at);
             }
             None => samples.push((
                 format!("QAT {s} (fake-quant; no GGUF for this scheme)"),
                 corpus.vocab.decode(&q)?,
             )),
         }
-        Ok((samples, parts))
+        Ok((samples, parts, margins))
     })?;
 
     if !keep_files {
@@ -867,6 +900,7 @@ pub fn run(cfg: &JobConfig, dev: &Device) -> AnyResult<JobReport> {
         total: total.elapsed(),
         samples,
         deployed_parts_at: parts,
+        parting_margins: margins,
         sample_chars: n,
         files,
     })
