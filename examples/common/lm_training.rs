@@ -75,16 +75,18 @@ impl LrSchedule {
 /// [`WEIGHT_DECAY`] on all of `vars`, learning rate `lr` (set each step from an
 /// [`LrSchedule`] with `set_learning_rate`).
 pub fn adamw(vars: Vec<Var>, lr: f64) -> candle_core::Result<AdamW> {
-    AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: WEIGHT_DECAY,
-        },
-    )
+    AdamW::new(vars, adamw_params(lr))
+}
+
+/// The reference's AdamW settings at learning rate `lr`.
+pub fn adamw_params(lr: f64) -> ParamsAdamW {
+    ParamsAdamW {
+        lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: WEIGHT_DECAY,
+    }
 }
 
 /// The mean cross-entropy of each window of `set` (over its `CONTEXT` positions), `batch`
