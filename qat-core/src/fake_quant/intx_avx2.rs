@@ -439,8 +439,8 @@ fn outputs512<const M: bool>(
             let v = unsafe { _mm512_loadu_ps(h.as_ptr()) };
             let t = _mm512_mul_ps(v, vi);
             if M {
-                let inside = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, il)
-                    & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(t, ih);
+                let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, il);
+                let inside = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(ge, t, ih);
                 // Lane j is element 16 * i + j of group g: bytes 4 * g + 2 * i and the next.
                 m[4 * g + 2 * i..4 * g + 2 * i + 2].copy_from_slice(&inside.to_le_bytes());
             }
@@ -570,12 +570,27 @@ fn backward_masked512(
     sc: &[f32],
     len: usize,
 ) {
+    // The reciprocals 16 groups at a time (IEEE division: the scalar `1.0 / s`'s bits), so
+    // that short groups do not wait on one division each.
+    let mut inv = vec![0f32; sc.len()];
+    let (sh, st) = sc.as_chunks::<16>();
+    let (ih, it) = inv.as_chunks_mut::<16>();
+    for (s, i) in sh.iter().zip(ih.iter_mut()) {
+        // SAFETY: `s` and `i` hold 16 f32s each; the unaligned load and store cover them.
+        unsafe {
+            let r = _mm512_div_ps(_mm512_set1_ps(1.0), _mm512_loadu_ps(s.as_ptr()));
+            _mm512_storeu_ps(i.as_mut_ptr(), r);
+        }
+    }
+    for (s, i) in st.iter().zip(it) {
+        *i = 1.0 / s;
+    }
     let groups = dy
         .chunks(len)
         .zip(mask.chunks(len / 8))
         .zip(dx.chunks_mut(len));
-    for (((dg, mg), og), &s) in groups.zip(sc) {
-        let (vs, vi) = (_mm512_set1_ps(s), _mm512_set1_ps(1.0 / s));
+    for (((dg, mg), og), (&s, &r)) in groups.zip(sc.iter().zip(&inv)) {
+        let (vs, vi) = (_mm512_set1_ps(s), _mm512_set1_ps(r));
         let (ds, os) = (dg.as_chunks::<16>().0, og.as_chunks_mut::<16>().0);
         for ((d, o), m) in ds.iter().zip(os).zip(mg.as_chunks::<2>().0) {
             // SAFETY: `d` holds 16 f32s; the unaligned load reads all 16.
@@ -681,8 +696,8 @@ fn outputs_masked512(
             // SAFETY: `h` holds 16 f32s; the unaligned load reads all 16.
             let v = unsafe { _mm512_loadu_ps(h.as_ptr()) };
             let t = _mm512_mul_ps(v, vi);
-            let inside =
-                _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, il) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(t, ih);
+            let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, il);
+            let inside = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(ge, t, ih);
             *m = inside.to_le_bytes();
             let t = _mm512_min_ps(vh, _mm512_max_ps(vl, t));
             let yv = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(t, magic), magic), vs);
