@@ -830,4 +830,87 @@ mod tests {
             }
         }
     }
+
+    /// With a mask, the AVX2 and AVX-512 step kernels give the same outputs, qparams and
+    /// mask bits, and the outputs of the unmasked kernels; the AVX2 and AVX-512 masked
+    /// backwards give the same bits.
+    #[test]
+    fn masked_avx2_and_avx512_kernels_agree_bitwise() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avx512f")) {
+            return;
+        }
+        let mut s: u64 = 0x2545_f491_4f6c_dd1d;
+        let x: Vec<f32> = (0..64 * LANES * GROUP)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+                (u * 2.0 - 1.0 + (i / GROUP % 5) as f32 * 0.5) * [1.0, 1e-3, 3e4][i / 256 % 3]
+            })
+            .collect();
+        let rules = [
+            (Rule::Symmetric { div: 7.5 }, -8.0, 7.0),
+            (Rule::Asymmetric, -128.0, 127.0),
+            (
+                Rule::Tinygemm {
+                    levels: 15.0,
+                    mid: 8.0,
+                },
+                0.0,
+                15.0,
+            ),
+        ];
+        let g = x.len() / GROUP;
+        let bits = |v: &[MaybeUninit<f32>]| {
+            // SAFETY: every vector passed here was created initialised (NaN).
+            v.iter()
+                .map(|f| unsafe { f.assume_init() }.to_bits())
+                .collect::<Vec<_>>()
+        };
+        for (rule, qmin, qmax) in rules {
+            let r = QRule {
+                rule,
+                qmin,
+                qmax,
+                eps: f32::EPSILON,
+                narrow: Narrow::F32,
+            };
+            let run = |wide: bool, masked: bool| {
+                let mut y = vec![MaybeUninit::new(f32::NAN); x.len()];
+                let (mut sc, mut zp) = (vec![0f32; g], vec![0f32; g]);
+                let mut m = vec![0u8; x.len() / 8];
+                let mut never =
+                    |_: &[f32],
+                     _: &mut [MaybeUninit<f32>],
+                     _: &mut [f32],
+                     _: &mut [f32],
+                     _: Option<&mut [u8]>| { panic!("no NaN in these inputs") };
+                let mk = masked.then_some(m.as_mut_slice());
+                let done = dispatch(&x, &mut y, &mut sc, &mut zp, r, &mut never, mk, wide);
+                assert_eq!(done, g);
+                (bits(&y), sc, zp, m)
+            };
+            let (a, b, plain) = (run(false, true), run(true, true), run(true, false));
+            assert_eq!(a.0, b.0, "{rule:?}: outputs");
+            assert_eq!(a.0, plain.0, "{rule:?}: outputs with and without a mask");
+            assert_eq!(a.1, b.1, "{rule:?}: scales");
+            assert_eq!(a.2, b.2, "{rule:?}: zero points");
+            assert_eq!(a.3, b.3, "{rule:?}: masks");
+            assert!(
+                a.3.iter().any(|&m| m != 0xff),
+                "{rule:?}: some codes clamped"
+            );
+            let dy: Vec<f32> = (0..x.len()).map(|i| (i % 11) as f32 * 0.4 - 2.0).collect();
+            let mut d512 = vec![MaybeUninit::new(f32::NAN); x.len()];
+            let mut d256 = vec![MaybeUninit::new(f32::NAN); x.len()];
+            // SAFETY: AVX2 and AVX-512F were detected above; the sizes fit (one scale per
+            // group of 32, one mask byte per 8 elements).
+            unsafe {
+                backward_masked512(&dy, &a.3, &mut d512, &a.1, GROUP);
+                backward_masked256(&dy, &a.3, &mut d256, &a.1, GROUP);
+            }
+            assert_eq!(bits(&d512), bits(&d256), "{rule:?}: masked backward");
+        }
+    }
 }
