@@ -10,7 +10,9 @@
 //! `time(copy) / time(kernel)`, and the median of the per-repetition ratios. The copy runs
 //! right after the previous kernel, so in the backward and forward + backward rows (which
 //! touch 12-16 MiB) it is slower than a copy in a loop; read those against the forward rows'
-//! copy. Run with `cargo bench --bench fake_quant_paired [-- FILTER...]` (names containing
+//! copy. The `_mask` rows are the autograd path: the forward also writes the 1-bit
+//! straight-through mask, the backward reads the gradient and the mask instead of the input.
+//! Run with `cargo bench --bench fake_quant_paired [-- FILTER...]` (names containing
 //! any FILTER).
 
 #[path = "common/threads.rs"]
@@ -20,7 +22,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use candle_qat::fake_quant::{intx_fake_quantize, intx_fake_quantize_backward, IntxSpec};
+use candle_qat::fake_quant::{
+    intx_fake_quantize, intx_fake_quantize_backward, intx_fake_quantize_backward_masked,
+    intx_fake_quantize_masked, IntxSpec,
+};
 use candle_qat::ggml::{fake_quantize_ggml, fake_quantize_ggml_backward, BlockType};
 
 const N: usize = 1 << 20;
@@ -80,6 +85,29 @@ fn main() {
             format!("intx_bwd_kernel/{name}"),
             Box::new(move || {
                 black_box(intx_fake_quantize_backward(x, dy, &qp, spec).expect("bwd"));
+            }),
+        ));
+        let (_, _, mask) = intx_fake_quantize_masked(x, spec).expect("forward");
+        let mask = mask.expect("f32 groups of 32 / rows of 1024 get a mask");
+        cases.push((
+            format!("intx_fwd_mask/{name}"),
+            Box::new(move || {
+                black_box(intx_fake_quantize_masked(x, spec).expect("fwd"));
+            }),
+        ));
+        cases.push((
+            format!("intx_bwd_mask_kernel/{name}"),
+            Box::new(move || {
+                black_box(intx_fake_quantize_backward_masked(dy, &mask).expect("bwd"));
+            }),
+        ));
+        cases.push((
+            format!("intx_fwd_bwd_mask/{name}"),
+            Box::new(move || {
+                let (y, qp, m) = intx_fake_quantize_masked(x, spec).expect("fwd");
+                let m = m.expect("mask");
+                let dx = intx_fake_quantize_backward_masked(dy, &m).expect("bwd");
+                black_box((y, qp, dx));
             }),
         ));
         cases.push((

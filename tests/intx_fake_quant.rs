@@ -6,9 +6,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_qat::fake_quant::{
-    intx_fake_quantize, intx_fake_quantize_backward, intx_fake_quantize_composite,
-    intx_fake_quantize_with, intx_qparams, IntxFakeQuantizer, IntxGranularity, IntxQParams,
-    IntxSpec,
+    intx_fake_quantize, intx_fake_quantize_backward, intx_fake_quantize_backward_masked,
+    intx_fake_quantize_composite, intx_fake_quantize_masked, intx_fake_quantize_with, intx_qparams,
+    IntxFakeQuantizer, IntxGranularity, IntxQParams, IntxSpec,
 };
 use candle_qat::Error;
 use proptest::prelude::*;
@@ -355,6 +355,48 @@ fn static_qparams_and_backward_kernel_match_the_dynamic_op() {
     let (_, gx, _, _) = run(&x, &dy, &spec, false);
     let gk = intx_fake_quantize_backward(&x, &dy, &qp, &spec).unwrap();
     assert_eq!(flat(&gk), gx);
+}
+
+/// Under autograd the forward writes the straight-through mask and the backward reads it:
+/// the gradient has the bits of the backward that recomputes the mask from the input, and
+/// of the masked backward on its own; outputs and qparams are those of the unmasked
+/// forward. Groups of 32 (AVX2/AVX-512 step kernels and the portable tail), 8, 24 and rows
+/// of 64 and 1024 take a mask; groups of 12 do not (the recomputing backward runs).
+#[test]
+fn autograd_backward_from_the_mask_matches_the_recomputing_backward_bitwise() {
+    let specs = [
+        (IntxSpec::int4_per_group(32).unwrap(), (37, 96), true),
+        (IntxSpec::int4_per_group(8).unwrap(), (16, 64), true),
+        (IntxSpec::int4_per_group(24).unwrap(), (10, 48), true),
+        (IntxSpec::int8_per_token_asym(), (5, 64), true),
+        (IntxSpec::int8_per_token_asym(), (70, 1024), true),
+        (IntxSpec::int4_per_group(12).unwrap(), (6, 36), false),
+    ];
+    for (spec, dims, masked) in specs {
+        let x = (Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap() * 3.0).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap();
+        let (y0, qp0) = intx_fake_quantize(&x, &spec).unwrap();
+        let (y, gx, scale, zp) = run(&x, &dy, &spec, false);
+        assert_eq!(bits(&y), bits(&flat(&y0)), "{spec:?}");
+        assert_eq!(bits(&scale), bits(&flat(qp0.scale())), "{spec:?}");
+        assert_eq!(bits(&zp), bits(&flat(qp0.zero_point())), "{spec:?}");
+        let want = flat(&intx_fake_quantize_backward(&x, &dy, &qp0, &spec).unwrap());
+        assert_eq!(bits(&gx), bits(&want), "{spec:?}");
+        let (ym, qpm, mask) = intx_fake_quantize_masked(&x, &spec).unwrap();
+        assert_eq!(bits(&flat(&ym)), bits(&flat(&y0)), "{spec:?}");
+        assert_eq!(
+            bits(&flat(qpm.scale())),
+            bits(&flat(qp0.scale())),
+            "{spec:?}"
+        );
+        assert_eq!(mask.is_some(), masked, "{spec:?}");
+        if let Some(m) = mask {
+            let gm = flat(&intx_fake_quantize_backward_masked(&dy, &m).unwrap());
+            assert_eq!(bits(&gm), bits(&want), "{spec:?}");
+            let e = intx_fake_quantize_backward_masked(&dy.flatten_all().unwrap(), &m);
+            tensor_err(e.unwrap_err(), "grad_y has shape");
+        }
+    }
 }
 
 fn tensor_err(e: Error, needle: &str) {

@@ -27,20 +27,26 @@ const LANES: usize = 8;
 
 /// The dynamic forward of the first `8 * k` groups of 32 (`k` as large as `x` allows):
 /// outputs, scales and zero points; returns how many groups it did (0 without AVX2, or for
-/// data that is not f32). Steps of 8 groups holding a NaN go to `portable`. `x.len() == y.len()`, `sc` and `zp` one per group of `x`.
-pub(crate) fn dynamic_g32(
+/// data that is not f32). Steps of 8 groups holding a NaN go to `portable`. `x.len() ==
+/// y.len()`, `sc` and `zp` one per group of `x`. Also writes the straight-through mask of
+/// the groups it does when `mask` is given (`x.len() / 8` bytes; bit `j` of byte `i` set when element `8 * i + j`'s
+/// unclamped code is strictly inside the range, the portable `dynamic_block_f32_masked`'s
+/// bits). `portable` gets the mask bytes of its groups.
+pub(crate) fn dynamic_g32_masked(
     x: &[f32],
     y: &mut [MaybeUninit<f32>],
     sc: &mut [f32],
     zp: &mut [f32],
     r: QRule,
-    portable: Portable<'_>,
+    portable: PortableMasked<'_>,
+    mask: Option<&mut [u8]>,
 ) -> usize {
-    dynamic_g32_at(x, y, sc, zp, r, portable, true)
+    dispatch(x, y, sc, zp, r, portable, mask, true)
 }
 
-/// [`dynamic_g32`], with the AVX-512 output loop where the CPU has AVX-512F and `wide`
-/// (tests run both).
+/// [`dynamic_g32_masked`] without a mask, with the AVX-512 output loop where the CPU has
+/// AVX-512F and `wide` (tests run both).
+#[cfg(test)]
 fn dynamic_g32_at(
     x: &[f32],
     y: &mut [MaybeUninit<f32>],
@@ -50,33 +56,72 @@ fn dynamic_g32_at(
     portable: Portable<'_>,
     wide: bool,
 ) -> usize {
-    if r.narrow != Narrow::F32 || !is_x86_feature_detected!("avx2") {
-        return 0;
-    }
-    if wide && is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX2 and AVX-512F were detected on this CPU just above.
-        return unsafe { run512(x, y, sc, zp, r, portable) };
-    }
-    // SAFETY: AVX2 was detected on this CPU just above.
-    unsafe { run(x, y, sc, zp, r, portable) }
+    let mut adapt = |x: &[f32],
+                     y: &mut [MaybeUninit<f32>],
+                     s: &mut [f32],
+                     z: &mut [f32],
+                     _: Option<&mut [u8]>| { portable(x, y, s, z) };
+    dispatch(x, y, sc, zp, r, &mut adapt, None, wide)
 }
 
-/// The portable dynamic forward of some groups (inputs, outputs, scales, zero points),
-/// which [`dynamic_g32`] runs on each step of 8 groups holding a NaN.
-pub(crate) type Portable<'a> =
-    &'a mut dyn FnMut(&[f32], &mut [MaybeUninit<f32>], &mut [f32], &mut [f32]);
-
-#[target_feature(enable = "avx2")]
-fn run(
+/// [`dynamic_g32_masked`], with the AVX-512 output loop where the CPU has AVX-512F and
+/// `wide`.
+#[allow(clippy::too_many_arguments)]
+fn dispatch(
     x: &[f32],
     y: &mut [MaybeUninit<f32>],
     sc: &mut [f32],
     zp: &mut [f32],
     r: QRule,
-    portable: Portable<'_>,
+    portable: PortableMasked<'_>,
+    mask: Option<&mut [u8]>,
+    wide: bool,
+) -> usize {
+    if r.narrow != Narrow::F32 || !is_x86_feature_detected!("avx2") {
+        return 0;
+    }
+    match (wide && is_x86_feature_detected!("avx512f"), mask) {
+        // SAFETY: AVX2 and AVX-512F were detected on this CPU just above.
+        (true, Some(m)) => unsafe { run512::<true>(x, y, sc, zp, r, portable, m) },
+        // SAFETY: as above.
+        (true, None) => unsafe { run512::<false>(x, y, sc, zp, r, portable, &mut []) },
+        // SAFETY: AVX2 was detected on this CPU just above.
+        (false, Some(m)) => unsafe { run::<true>(x, y, sc, zp, r, portable, m) },
+        // SAFETY: as above.
+        (false, None) => unsafe { run::<false>(x, y, sc, zp, r, portable, &mut []) },
+    }
+}
+
+#[cfg(test)]
+/// The portable dynamic forward of some groups (inputs, outputs, scales, zero points),
+/// which [`dynamic_g32_masked`] runs on each step of 8 groups holding a NaN.
+pub(crate) type Portable<'a> =
+    &'a mut dyn FnMut(&[f32], &mut [MaybeUninit<f32>], &mut [f32], &mut [f32]);
+
+/// [`Portable`] with the mask bytes of its groups, when there is a mask.
+pub(crate) type PortableMasked<'a> =
+    &'a mut dyn FnMut(&[f32], &mut [MaybeUninit<f32>], &mut [f32], &mut [f32], Option<&mut [u8]>);
+
+/// Mask bytes per step (one bit per element).
+const STEP_BYTES: usize = LANES * GROUP / 8;
+
+/// With `M`, `mask` holds `x.len() / 8` bytes (asserted) and gets the steps' masks;
+/// without, it is not used.
+#[target_feature(enable = "avx2")]
+fn run<const M: bool>(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    sc: &mut [f32],
+    zp: &mut [f32],
+    r: QRule,
+    portable: PortableMasked<'_>,
+    mask: &mut [u8],
 ) -> usize {
     let n = x.len() / (LANES * GROUP);
     assert!(y.len() == x.len() && sc.len() >= n * LANES && zp.len() >= n * LANES);
+    assert!(!M || mask.len() * 8 == x.len());
+    let mut ms = mask.as_chunks_mut::<STEP_BYTES>().0.iter_mut();
+    let mut none = [0u8; STEP_BYTES];
     let xs = x.as_chunks::<{ LANES * GROUP }>().0;
     let ys = y.as_chunks_mut::<{ LANES * GROUP }>().0;
     let scs = sc.as_chunks_mut::<LANES>().0;
@@ -88,26 +133,35 @@ fn run(
     for (k, (((xg, yg), s), z)) in xs.iter().zip(ys).zip(scs).zip(zps).enumerate() {
         let cur = next;
         next = xs.get(k + 1).map(|x1| qparams(x1, r));
-        match cur {
-            Some(Some(p)) => outputs(xg, yg, s, z, p, r),
-            _ => portable(xg, yg, s, z),
+        // With `M` every step has its bytes (`mask` is as long as the steps, asserted).
+        let m = if M { ms.next() } else { None };
+        match (cur, m) {
+            (Some(Some(p)), Some(m)) => outputs::<true>(xg, yg, s, z, p, r, m),
+            (Some(Some(p)), None) => outputs::<false>(xg, yg, s, z, p, r, &mut none),
+            (_, m) => portable(xg, yg, s, z, m.map(|m| m.as_mut_slice())),
         }
     }
     n * LANES
 }
 
 /// [`run`] with the output loop in AVX-512 registers ([`outputs512`]).
+/// With `M`, `mask` holds `x.len() / 8` bytes (asserted) and gets the steps' masks;
+/// without, it is not used.
 #[target_feature(enable = "avx2,avx512f")]
-fn run512(
+fn run512<const M: bool>(
     x: &[f32],
     y: &mut [MaybeUninit<f32>],
     sc: &mut [f32],
     zp: &mut [f32],
     r: QRule,
-    portable: Portable<'_>,
+    portable: PortableMasked<'_>,
+    mask: &mut [u8],
 ) -> usize {
     let n = x.len() / (LANES * GROUP);
     assert!(y.len() == x.len() && sc.len() >= n * LANES && zp.len() >= n * LANES);
+    assert!(!M || mask.len() * 8 == x.len());
+    let mut ms = mask.as_chunks_mut::<STEP_BYTES>().0.iter_mut();
+    let mut none = [0u8; STEP_BYTES];
     let xs = x.as_chunks::<{ LANES * GROUP }>().0;
     let ys = y.as_chunks_mut::<{ LANES * GROUP }>().0;
     let scs = sc.as_chunks_mut::<LANES>().0;
@@ -116,9 +170,12 @@ fn run512(
     for (k, (((xg, yg), s), z)) in xs.iter().zip(ys).zip(scs).zip(zps).enumerate() {
         let cur = next;
         next = xs.get(k + 1).map(|x1| qparams(x1, r));
-        match cur {
-            Some(Some(p)) => outputs512(xg, yg, s, z, p, r),
-            _ => portable(xg, yg, s, z),
+        // With `M` every step has its bytes (`mask` is as long as the steps, asserted).
+        let m = if M { ms.next() } else { None };
+        match (cur, m) {
+            (Some(Some(p)), Some(m)) => outputs512::<true>(xg, yg, s, z, p, r, m),
+            (Some(Some(p)), None) => outputs512::<false>(xg, yg, s, z, p, r, &mut none),
+            (_, m) => portable(xg, yg, s, z, m.map(|m| m.as_mut_slice())),
         }
     }
     n * LANES
@@ -282,27 +339,62 @@ fn lanes_of(
     )
 }
 
-/// The 8 groups of a step from their qparams: scales and zero points to `sc` and `zp`,
-/// outputs to `ys`, each group (still in L1) quantized from broadcasts.
+/// Per group of a step, the `t` whose code is strictly inside the range, as `in_lo <= t
+/// <= in_hi` ([`strict_bounds`] of `qmin - zp` and `qmax - zp`, the zero point clamped to
+/// ±[`MAX_ZERO_POINT`], as the portable kernels and [`backward_g32`] compute them).
 #[target_feature(enable = "avx2")]
 #[inline]
-fn outputs(
+fn inside_bounds(p: Params, r: QRule) -> ([f32; LANES], [f32; LANES]) {
+    let c = _mm256_set1_ps;
+    let z = p.zero_point;
+    let zc = _mm256_min_ps(c(MAX_ZERO_POINT), _mm256_max_ps(c(-MAX_ZERO_POINT), z));
+    let (lo, hi) = strict_bounds(_mm256_sub_ps(c(r.qmin), zc), _mm256_sub_ps(c(r.qmax), zc));
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    // SAFETY: `a` and `b` hold 8 f32s each; the unaligned stores write all 8.
+    unsafe {
+        _mm256_storeu_ps(a.as_mut_ptr(), lo);
+        _mm256_storeu_ps(b.as_mut_ptr(), hi);
+    }
+    (a, b)
+}
+
+/// The 8 groups of a step from their qparams: scales and zero points to `sc` and `zp`,
+/// outputs to `ys`, each group (still in L1) quantized from broadcasts; with `M`, the
+/// straight-through mask bits of the step's elements to `m`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn outputs<const M: bool>(
     xs: &[f32; LANES * GROUP],
     ys: &mut [MaybeUninit<f32>; LANES * GROUP],
     sc: &mut [f32; LANES],
     zp: &mut [f32; LANES],
     p: Params,
     r: QRule,
+    m: &mut [u8; STEP_BYTES],
 ) {
     let c = _mm256_set1_ps;
     let (inv, qlo, qhi, scale) = lanes_of(sc, zp, p, r);
+    let (in_lo, in_hi) = if M {
+        inside_bounds(p, r)
+    } else {
+        ([0.0; LANES], [0.0; LANES])
+    };
     for g in 0..LANES {
         let (vi, vl, vh, vs) = (c(inv[g]), c(qlo[g]), c(qhi[g]), c(scale[g]));
+        let (il, ih) = (c(in_lo[g]), c(in_hi[g]));
         let out = ys[g * GROUP..].as_mut_ptr().cast::<f32>();
         for (i, v) in load(xs, g).into_iter().enumerate() {
             // `if t < lo { lo } else { t }` is `max(lo, t)` and `if t > hi { hi } else { t }`
             // is `min(hi, t)`, NaN kept (the second operand).
             let t = _mm256_mul_ps(v, vi);
+            if M {
+                let inside = _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_GE_OQ>(t, il),
+                    _mm256_cmp_ps::<_CMP_LE_OQ>(t, ih),
+                );
+                // Lane j is element 8 * i + j of group g: bit j of byte 4 * g + i.
+                m[4 * g + i] = _mm256_movemask_ps(inside) as u8;
+            }
             let t = _mm256_min_ps(vh, _mm256_max_ps(vl, t));
             let yv = _mm256_mul_ps(round_small(t), vs);
             // SAFETY: `g < 8` and `ys` holds 8 groups of 32 f32 slots (`MaybeUninit<f32>`
@@ -317,19 +409,26 @@ fn outputs(
 /// same order, lane for lane.
 #[target_feature(enable = "avx2,avx512f")]
 #[inline]
-fn outputs512(
+fn outputs512<const M: bool>(
     xs: &[f32; LANES * GROUP],
     ys: &mut [MaybeUninit<f32>; LANES * GROUP],
     sc: &mut [f32; LANES],
     zp: &mut [f32; LANES],
     p: Params,
     r: QRule,
+    m: &mut [u8; STEP_BYTES],
 ) {
     let (inv, qlo, qhi, scale) = lanes_of(sc, zp, p, r);
+    let (in_lo, in_hi) = if M {
+        inside_bounds(p, r)
+    } else {
+        ([0.0; LANES], [0.0; LANES])
+    };
     let c = _mm512_set1_ps;
     let magic = c(MAGIC);
     for g in 0..LANES {
         let (vi, vl, vh, vs) = (c(inv[g]), c(qlo[g]), c(qhi[g]), c(scale[g]));
+        let (il, ih) = (c(in_lo[g]), c(in_hi[g]));
         let (xg, yg) = (
             &xs.as_chunks::<GROUP>().0[g],
             &mut ys.as_chunks_mut::<GROUP>().0[g],
@@ -339,6 +438,12 @@ fn outputs512(
             // SAFETY: `h` holds 16 f32s; the unaligned load reads all 16.
             let v = unsafe { _mm512_loadu_ps(h.as_ptr()) };
             let t = _mm512_mul_ps(v, vi);
+            if M {
+                let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, il);
+                let inside = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(ge, t, ih);
+                // Lane j is element 16 * i + j of group g: bytes 4 * g + 2 * i and the next.
+                m[4 * g + 2 * i..4 * g + 2 * i + 2].copy_from_slice(&inside.to_le_bytes());
+            }
             let t = _mm512_min_ps(vh, _mm512_max_ps(vl, t));
             let yv = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(t, magic), magic), vs);
             // SAFETY: `yg` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
@@ -425,6 +530,182 @@ fn run_backward(
         }
     }
     n * LANES
+}
+
+/// The straight-through backward from a forward's mask over whole groups of `len` (a
+/// multiple of 8): `dx = bit ? (dy * scale) * (1/scale) : 0`, the portable
+/// `backward_masked_block`'s bits. Returns whether it ran (false without AVX2, or for
+/// sizes that do not fit: then nothing is written). AVX-512 mask registers where the CPU
+/// has AVX-512F and `len` is a multiple of 16, else AVX2.
+pub(crate) fn backward_masked(
+    dy: &[f32],
+    mask: &[u8],
+    dx: &mut [MaybeUninit<f32>],
+    sc: &[f32],
+    len: usize,
+) -> bool {
+    let fits = len > 0
+        && len.is_multiple_of(8)
+        && dx.len() == dy.len()
+        && mask.len() * 8 == dy.len()
+        && sc.len() * len == dy.len();
+    if !fits || !is_x86_feature_detected!("avx2") {
+        return false;
+    }
+    if len.is_multiple_of(16) && is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX2 and AVX-512F were detected on this CPU just above.
+        unsafe { backward_masked512(dy, mask, dx, sc, len) };
+    } else {
+        // SAFETY: AVX2 was detected on this CPU just above.
+        unsafe { backward_masked256(dy, mask, dx, sc, len) };
+    }
+    true
+}
+
+#[target_feature(enable = "avx2,avx512f")]
+fn backward_masked512(
+    dy: &[f32],
+    mask: &[u8],
+    dx: &mut [MaybeUninit<f32>],
+    sc: &[f32],
+    len: usize,
+) {
+    // The reciprocals 16 groups at a time (IEEE division: the scalar `1.0 / s`'s bits), so
+    // that short groups do not wait on one division each.
+    let mut inv = vec![0f32; sc.len()];
+    let (sh, st) = sc.as_chunks::<16>();
+    let (ih, it) = inv.as_chunks_mut::<16>();
+    for (s, i) in sh.iter().zip(ih.iter_mut()) {
+        // SAFETY: `s` and `i` hold 16 f32s each; the unaligned load and store cover them.
+        unsafe {
+            let r = _mm512_div_ps(_mm512_set1_ps(1.0), _mm512_loadu_ps(s.as_ptr()));
+            _mm512_storeu_ps(i.as_mut_ptr(), r);
+        }
+    }
+    for (s, i) in st.iter().zip(it) {
+        *i = 1.0 / s;
+    }
+    let groups = dy
+        .chunks(len)
+        .zip(mask.chunks(len / 8))
+        .zip(dx.chunks_mut(len));
+    for (((dg, mg), og), (&s, &r)) in groups.zip(sc.iter().zip(&inv)) {
+        let (vs, vi) = (_mm512_set1_ps(s), _mm512_set1_ps(r));
+        let (ds, os) = (dg.as_chunks::<16>().0, og.as_chunks_mut::<16>().0);
+        for ((d, o), m) in ds.iter().zip(os).zip(mg.as_chunks::<2>().0) {
+            // SAFETY: `d` holds 16 f32s; the unaligned load reads all 16.
+            let d = unsafe { _mm512_loadu_ps(d.as_ptr()) };
+            // Bit j of the two bytes is lane j (element 16 * i + j of the group).
+            let k = u16::from_le_bytes(*m);
+            let g = _mm512_maskz_mul_ps(k, _mm512_mul_ps(d, vs), vi);
+            // SAFETY: `o` holds 16 f32 slots (`MaybeUninit<f32>` has f32's layout); the
+            // unaligned store writes all 16.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr().cast::<f32>(), g) };
+        }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+fn backward_masked256(
+    dy: &[f32],
+    mask: &[u8],
+    dx: &mut [MaybeUninit<f32>],
+    sc: &[f32],
+    len: usize,
+) {
+    let bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let groups = dy
+        .chunks(len)
+        .zip(mask.chunks(len / 8))
+        .zip(dx.chunks_mut(len));
+    for (((dg, mg), og), &s) in groups.zip(sc) {
+        let (vs, vi) = (_mm256_set1_ps(s), _mm256_set1_ps(1.0 / s));
+        let (ds, os) = (dg.as_chunks::<8>().0, og.as_chunks_mut::<8>().0);
+        for ((d, o), &b) in ds.iter().zip(os).zip(mg) {
+            // SAFETY: `d` holds 8 f32s; the unaligned load reads all 8.
+            let d = unsafe { _mm256_loadu_ps(d.as_ptr()) };
+            // Lane j all ones where bit j of the byte is set.
+            let on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(b as i32), bit), bit);
+            let g = _mm256_mul_ps(_mm256_mul_ps(d, vs), vi);
+            let g = _mm256_and_ps(_mm256_castsi256_ps(on), g);
+            // SAFETY: `o` holds 8 f32 slots (`MaybeUninit<f32>` has f32's layout); the
+            // unaligned store writes all 8.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().cast::<f32>(), g) };
+        }
+    }
+}
+
+/// Per-group bounds of the portable `dynamic_block_f32_masked`'s output loop, one entry per
+/// group: reciprocal scale, clamp bounds, scale, strict-inside bounds of the mask.
+pub(crate) struct GroupBounds<'a> {
+    pub inv: &'a [f32],
+    pub lo: &'a [f32],
+    pub hi: &'a [f32],
+    pub scale: &'a [f32],
+    pub in_lo: &'a [f32],
+    pub in_hi: &'a [f32],
+}
+
+/// The output loop of the portable `dynamic_block_f32_masked` with a mask, in AVX-512
+/// registers (the same operations in the same order, lane for lane, the mask bits from
+/// mask-register comparisons): returns whether it ran (false without AVX-512F, for `len`
+/// not a multiple of 16, or sizes that do not fit: then nothing is written).
+pub(crate) fn outputs_masked(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    mask: &mut [u8],
+    len: usize,
+    b: &GroupBounds<'_>,
+) -> bool {
+    let g = x.len() / len.max(1);
+    let fits = len > 0
+        && len.is_multiple_of(16)
+        && y.len() == x.len()
+        && mask.len() * 8 == x.len()
+        && g * len == x.len()
+        && [b.inv, b.lo, b.hi, b.scale, b.in_lo, b.in_hi]
+            .iter()
+            .all(|v| v.len() >= g);
+    if !fits || !is_x86_feature_detected!("avx512f") || !is_x86_feature_detected!("avx2") {
+        return false;
+    }
+    // SAFETY: AVX2 and AVX-512F were detected on this CPU just above.
+    unsafe { outputs_masked512(x, y, mask, len, b) };
+    true
+}
+
+#[target_feature(enable = "avx2,avx512f")]
+fn outputs_masked512(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    mask: &mut [u8],
+    len: usize,
+    b: &GroupBounds<'_>,
+) {
+    let c = _mm512_set1_ps;
+    let magic = c(MAGIC);
+    let groups = x
+        .chunks(len)
+        .zip(y.chunks_mut(len))
+        .zip(mask.chunks_mut(len / 8));
+    for (k, ((xg, yg), mg)) in groups.enumerate() {
+        let (vi, vl, vh, vs) = (c(b.inv[k]), c(b.lo[k]), c(b.hi[k]), c(b.scale[k]));
+        let (il, ih) = (c(b.in_lo[k]), c(b.in_hi[k]));
+        let (xs, ys) = (xg.as_chunks::<16>().0, yg.as_chunks_mut::<16>().0);
+        for ((h, o), m) in xs.iter().zip(ys).zip(mg.as_chunks_mut::<2>().0) {
+            // SAFETY: `h` holds 16 f32s; the unaligned load reads all 16.
+            let v = unsafe { _mm512_loadu_ps(h.as_ptr()) };
+            let t = _mm512_mul_ps(v, vi);
+            let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, il);
+            let inside = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(ge, t, ih);
+            *m = inside.to_le_bytes();
+            let t = _mm512_min_ps(vh, _mm512_max_ps(vl, t));
+            let yv = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(t, magic), magic), vs);
+            // SAFETY: `o` holds 16 f32 slots (`MaybeUninit<f32>` has f32's layout); the
+            // unaligned store writes all 16.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr().cast::<f32>(), yv) };
+        }
+    }
 }
 
 /// The portable `strict_bounds`, lane-wise: the `t` whose code `round_half_even(t)` lies
@@ -547,6 +828,89 @@ mod tests {
                     assert_eq!(a.0[i], b.0[i], "{rule:?} eps {eps}: element {i} = {v:e}");
                 }
             }
+        }
+    }
+
+    /// With a mask, the AVX2 and AVX-512 step kernels give the same outputs, qparams and
+    /// mask bits, and the outputs of the unmasked kernels; the AVX2 and AVX-512 masked
+    /// backwards give the same bits.
+    #[test]
+    fn masked_avx2_and_avx512_kernels_agree_bitwise() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avx512f")) {
+            return;
+        }
+        let mut s: u64 = 0x2545_f491_4f6c_dd1d;
+        let x: Vec<f32> = (0..64 * LANES * GROUP)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+                (u * 2.0 - 1.0 + (i / GROUP % 5) as f32 * 0.5) * [1.0, 1e-3, 3e4][i / 256 % 3]
+            })
+            .collect();
+        let rules = [
+            (Rule::Symmetric { div: 7.5 }, -8.0, 7.0),
+            (Rule::Asymmetric, -128.0, 127.0),
+            (
+                Rule::Tinygemm {
+                    levels: 15.0,
+                    mid: 8.0,
+                },
+                0.0,
+                15.0,
+            ),
+        ];
+        let g = x.len() / GROUP;
+        let bits = |v: &[MaybeUninit<f32>]| {
+            // SAFETY: every vector passed here was created initialised (NaN).
+            v.iter()
+                .map(|f| unsafe { f.assume_init() }.to_bits())
+                .collect::<Vec<_>>()
+        };
+        for (rule, qmin, qmax) in rules {
+            let r = QRule {
+                rule,
+                qmin,
+                qmax,
+                eps: f32::EPSILON,
+                narrow: Narrow::F32,
+            };
+            let run = |wide: bool, masked: bool| {
+                let mut y = vec![MaybeUninit::new(f32::NAN); x.len()];
+                let (mut sc, mut zp) = (vec![0f32; g], vec![0f32; g]);
+                let mut m = vec![0u8; x.len() / 8];
+                let mut never =
+                    |_: &[f32],
+                     _: &mut [MaybeUninit<f32>],
+                     _: &mut [f32],
+                     _: &mut [f32],
+                     _: Option<&mut [u8]>| { panic!("no NaN in these inputs") };
+                let mk = masked.then_some(m.as_mut_slice());
+                let done = dispatch(&x, &mut y, &mut sc, &mut zp, r, &mut never, mk, wide);
+                assert_eq!(done, g);
+                (bits(&y), sc, zp, m)
+            };
+            let (a, b, plain) = (run(false, true), run(true, true), run(true, false));
+            assert_eq!(a.0, b.0, "{rule:?}: outputs");
+            assert_eq!(a.0, plain.0, "{rule:?}: outputs with and without a mask");
+            assert_eq!(a.1, b.1, "{rule:?}: scales");
+            assert_eq!(a.2, b.2, "{rule:?}: zero points");
+            assert_eq!(a.3, b.3, "{rule:?}: masks");
+            assert!(
+                a.3.iter().any(|&m| m != 0xff),
+                "{rule:?}: some codes clamped"
+            );
+            let dy: Vec<f32> = (0..x.len()).map(|i| (i % 11) as f32 * 0.4 - 2.0).collect();
+            let mut d512 = vec![MaybeUninit::new(f32::NAN); x.len()];
+            let mut d256 = vec![MaybeUninit::new(f32::NAN); x.len()];
+            // SAFETY: AVX2 and AVX-512F were detected above; the sizes fit (one scale per
+            // group of 32, one mask byte per 8 elements).
+            unsafe {
+                backward_masked512(&dy, &a.3, &mut d512, &a.1, GROUP);
+                backward_masked256(&dy, &a.3, &mut d256, &a.1, GROUP);
+            }
+            assert_eq!(bits(&d512), bits(&d256), "{rule:?}: masked backward");
         }
     }
 }

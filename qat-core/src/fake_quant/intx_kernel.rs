@@ -224,12 +224,12 @@ struct Scratch {
     inv: Vec<f32>,
     lo: Vec<f32>,
     hi: Vec<f32>,
+    in_lo: Vec<f32>,
+    in_hi: Vec<f32>,
 }
 
-/// The f32 dynamic forward of one block of groups: each group's min/max, then all their
-/// qparams in one branch-free loop (the divisions of different groups vectorise), then
-/// the codes. Gives the bits of [`QRule::qparams`] and [`Step::fake_quant`].
-#[multiversion(targets("x86_64+avx512f+avx2", "x86_64+avx2"))]
+/// [`dynamic_block_f32_masked`] without a mask (the tests' reference).
+#[cfg(test)]
 fn dynamic_block_f32(
     x: &[f32],
     y: &mut [MaybeUninit<f32>],
@@ -239,8 +239,38 @@ fn dynamic_block_f32(
     r: QRule,
     t: &mut Scratch,
 ) {
+    dynamic_block_f32_masked(x, y, sc, zp, len, r, t, None)
+}
+
+/// The f32 dynamic forward of one block of groups: each group's min/max, then all their
+/// qparams in one branch-free loop (the divisions of different groups vectorise), then
+/// the codes. Gives the bits of [`QRule::qparams`] and [`Step::fake_quant`]. Also writes
+/// the straight-through mask when `mask` is given: bit
+/// `j` of byte `i` is set when element `8 * i + j`'s unclamped code lies strictly inside
+/// the range ([`Step::in_range`]'s bits). With a mask, `len` is a multiple of 8 and `mask`
+/// holds `x.len() / 8` bytes.
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx512f+avx2", "x86_64+avx2"))]
+fn dynamic_block_f32_masked(
+    x: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    sc: &mut [f32],
+    zp: &mut [f32],
+    len: usize,
+    r: QRule,
+    t: &mut Scratch,
+    mask: Option<&mut [u8]>,
+) {
     let g = x.len() / len;
-    for v in [&mut t.min, &mut t.max, &mut t.inv, &mut t.lo, &mut t.hi] {
+    for v in [
+        &mut t.min,
+        &mut t.max,
+        &mut t.inv,
+        &mut t.lo,
+        &mut t.hi,
+        &mut t.in_lo,
+        &mut t.in_hi,
+    ] {
         v.resize(g, 0.0);
     }
     t.nan.resize(g, false);
@@ -302,6 +332,49 @@ fn dynamic_block_f32(
         t.inv[k] = 1.0 / sc[k];
         t.lo[k] = qmin - z;
         t.hi[k] = qmax - z;
+    }
+    if let Some(m) = mask {
+        assert!(
+            len.is_multiple_of(8) && m.len() * 8 == x.len(),
+            "intx kernel: mask size"
+        );
+        for k in 0..g {
+            (t.in_lo[k], t.in_hi[k]) = strict_bounds(t.lo[k], t.hi[k]);
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let b = super::intx_avx2::GroupBounds {
+                inv: &t.inv,
+                lo: &t.lo,
+                hi: &t.hi,
+                scale: sc,
+                in_lo: &t.in_lo,
+                in_hi: &t.in_hi,
+            };
+            if super::intx_avx2::outputs_masked(x, y, m, len, &b) {
+                return;
+            }
+        }
+        let groups = x
+            .chunks(len)
+            .zip(y.chunks_mut(len))
+            .zip(m.chunks_mut(len / 8));
+        for (k, ((xg, yg), mg)) in groups.enumerate() {
+            let (s, inv, lo, hi) = (sc[k], t.inv[k], t.lo[k], t.hi[k]);
+            let (il, ih) = (t.in_lo[k], t.in_hi[k]);
+            let eights = xg.as_chunks::<8>().0.iter().zip(yg.as_chunks_mut::<8>().0);
+            for ((xc, yc), b) in eights.zip(mg) {
+                let mut bits = 0u8;
+                for j in 0..8 {
+                    let c = xc[j] * inv;
+                    bits |= (((c >= il) & (c <= ih)) as u8) << j;
+                    let c = if c < lo { lo } else { c };
+                    yc[j].write(round_small(if c > hi { hi } else { c }) * s);
+                }
+                *b = bits;
+            }
+        }
+        return;
     }
     for (k, (xg, yg)) in x.chunks(len).zip(y.chunks_mut(len)).enumerate() {
         let (s, inv, lo, hi) = (sc[k], t.inv[k], t.lo[k], t.hi[k]);
@@ -546,34 +619,75 @@ where
 /// The dynamic forward: each group's qparams from its own min/max, then its outputs.
 /// `x.len()` is a multiple of `len`.
 pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, GroupParams) {
+    let (y, p, _) = forward_dynamic_impl(x, len, r, false);
+    (y, p)
+}
+
+/// Whether the dynamic forward can write a straight-through mask for groups of `len` in
+/// this format: f32 data, groups of whole bytes of mask.
+pub(crate) fn can_mask(len: usize, narrow: Narrow) -> bool {
+    narrow == Narrow::F32 && len > 0 && len.is_multiple_of(8)
+}
+
+/// [`forward_dynamic`], also returning the straight-through mask (see
+/// [`dynamic_block_f32_masked`]) where [`can_mask`] allows it, for
+/// [`backward_masked`].
+pub(crate) fn forward_dynamic_masked(
+    x: &[f32],
+    len: usize,
+    r: QRule,
+) -> (Vec<f32>, GroupParams, Option<Vec<u8>>) {
+    forward_dynamic_impl(x, len, r, can_mask(len, r.narrow))
+}
+
+fn forward_dynamic_impl(
+    x: &[f32],
+    len: usize,
+    r: QRule,
+    with_mask: bool,
+) -> (Vec<f32>, GroupParams, Option<Vec<u8>>) {
     let len = len.max(1);
+    let with_mask = with_mask && can_mask(len, r.narrow);
     let groups = x.len() / len;
     let mut params = GroupParams {
         scale: vec![0.0; groups],
         zero_point: vec![0.0; groups],
     };
     let per = groups_per_task(len);
-    let run = |xs: &[f32], o: &mut [MaybeUninit<f32>], sc: &mut [f32], zp: &mut [f32]| {
+    let run = |xs: &[f32],
+               o: &mut [MaybeUninit<f32>],
+               sc: &mut [f32],
+               zp: &mut [f32],
+               mut mask: Option<&mut [u8]>| {
         let b = groups_per_block(len);
         let mut mm = Vec::with_capacity(b);
         let mut steps = Vec::with_capacity(b);
         let mut scratch = Scratch::default();
+        // With a mask, each block's bytes (`len` is a multiple of 8 then).
+        let mut masks = mask.as_deref_mut().map(|m| m.chunks_mut(b * len / 8));
         for (((xb, ob), sb), zb) in xs
             .chunks(b * len)
             .zip(o.chunks_mut(b * len))
             .zip(sc.chunks_mut(b))
             .zip(zp.chunks_mut(b))
         {
+            let mb = masks.as_mut().and_then(|it| it.next());
             if r.narrow == Narrow::F32 {
+                let mut mb = mb;
                 // Groups of 32: the explicit AVX2 kernel takes whole steps of 8 groups
                 // where the CPU has it, the portable one the rest.
                 #[cfg(target_arch = "x86_64")]
                 let done = if len == super::intx_avx2::GROUP {
                     let mut portable =
-                        |x: &[f32], y: &mut [MaybeUninit<f32>], s: &mut [f32], z: &mut [f32]| {
-                            dynamic_block_f32(x, y, s, z, len, r, &mut scratch)
+                        |x: &[f32],
+                         y: &mut [MaybeUninit<f32>],
+                         s: &mut [f32],
+                         z: &mut [f32],
+                         m: Option<&mut [u8]>| {
+                            dynamic_block_f32_masked(x, y, s, z, len, r, &mut scratch, m)
                         };
-                    super::intx_avx2::dynamic_g32(xb, ob, sb, zb, r, &mut portable)
+                    let m = mb.as_deref_mut();
+                    super::intx_avx2::dynamic_g32_masked(xb, ob, sb, zb, r, &mut portable, m)
                 } else {
                     0
                 };
@@ -581,7 +695,8 @@ pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, Gro
                 let done = 0;
                 if done < sb.len() {
                     let (xr, or) = (&xb[done * len..], &mut ob[done * len..]);
-                    dynamic_block_f32(
+                    let mr = mb.map(|m| &mut m[done * len / 8..]);
+                    dynamic_block_f32_masked(
                         xr,
                         or,
                         &mut sb[done..],
@@ -589,6 +704,7 @@ pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, Gro
                         len,
                         r,
                         &mut scratch,
+                        mr,
                     );
                 }
                 continue;
@@ -609,6 +725,9 @@ pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, Gro
     };
     let n = x.len();
     assert_eq!(n, groups * len, "intx kernel: input of whole groups");
+    // Every byte is written by the masked kernels (one bit per element, `len` a multiple
+    // of 8); zeroed anyway, as a vector of bytes costs little to clear.
+    let mut mask = with_mask.then(|| vec![0u8; n / 8]);
     // SAFETY: `run` splits its output part into blocks paired with input blocks of the same
     // length and both block kernels write one output per input element; the parts handed to
     // `run` cover `out` (`n` is a whole number of groups, asserted above), so every element
@@ -616,17 +735,82 @@ pub(crate) fn forward_dynamic(x: &[f32], len: usize, r: QRule) -> (Vec<f32>, Gro
     let y = unsafe {
         alloc_with(n, |out| {
             if n < 2 * CHUNK {
-                run(x, out, &mut params.scale, &mut params.zero_point);
+                run(
+                    x,
+                    out,
+                    &mut params.scale,
+                    &mut params.zero_point,
+                    mask.as_deref_mut(),
+                );
+            } else if let Some(m) = mask.as_deref_mut() {
+                // `per * len` is a multiple of 8 (`len` is, with a mask): the tasks' mask
+                // bytes pair with their elements.
+                out.par_chunks_mut(per * len)
+                    .zip(x.par_chunks(per * len))
+                    .zip(params.scale.par_chunks_mut(per))
+                    .zip(params.zero_point.par_chunks_mut(per))
+                    .zip(m.par_chunks_mut(per * len / 8))
+                    .for_each(|((((o, xs), sc), zp), m)| run(xs, o, sc, zp, Some(m)));
             } else {
                 out.par_chunks_mut(per * len)
                     .zip(x.par_chunks(per * len))
                     .zip(params.scale.par_chunks_mut(per))
                     .zip(params.zero_point.par_chunks_mut(per))
-                    .for_each(|(((o, xs), sc), zp)| run(xs, o, sc, zp));
+                    .for_each(|(((o, xs), sc), zp)| run(xs, o, sc, zp, None));
             }
         })
     };
-    (y, params)
+    (y, params, mask)
+}
+
+/// The straight-through backward from the forward's mask (see
+/// [`dynamic_block_f32_masked`]) and scales: `dx = bit ? (dy * scale) * (1/scale) : 0`,
+/// the bits of [`backward`] without reading the input. `dy.len()` is a whole number of
+/// groups of `len` (a multiple of 8), `mask` holds `dy.len() / 8` bytes and `scale` one
+/// per group (asserted).
+pub(crate) fn backward_masked(dy: &[f32], mask: &[u8], len: usize, scale: &[f32]) -> Vec<f32> {
+    assert!(
+        len > 0
+            && len.is_multiple_of(8)
+            && dy.len().is_multiple_of(len)
+            && mask.len() * 8 == dy.len()
+            && scale.len() * len == dy.len(),
+        "intx kernel: masked backward sizes"
+    );
+    over_groups(dy, len, |g0, ds, o| {
+        let g = ds.len() / len;
+        let (m, sc) = (&mask[g0 * len / 8..(g0 + g) * len / 8], &scale[g0..g0 + g]);
+        #[cfg(target_arch = "x86_64")]
+        if super::intx_avx2::backward_masked(ds, m, o, sc, len) {
+            return;
+        }
+        backward_masked_block(ds, m, o, sc, len)
+    })
+}
+
+/// [`backward_masked`] of one task's groups.
+#[multiversion(targets("x86_64+avx512f+avx2", "x86_64+avx2"))]
+fn backward_masked_block(
+    dy: &[f32],
+    mask: &[u8],
+    dx: &mut [MaybeUninit<f32>],
+    sc: &[f32],
+    len: usize,
+) {
+    let groups = dy
+        .chunks(len)
+        .zip(mask.chunks(len / 8))
+        .zip(dx.chunks_mut(len));
+    for (((dg, mg), og), &s) in groups.zip(sc) {
+        let inv = 1.0 / s;
+        let eights = dg.as_chunks::<8>().0.iter().zip(og.as_chunks_mut::<8>().0);
+        for ((dc, oc), &b) in eights.zip(mg) {
+            for j in 0..8 {
+                let on = (b >> j) & 1 != 0;
+                oc[j].write(if on { (dc[j] * s) * inv } else { 0.0 });
+            }
+        }
+    }
 }
 
 /// Only the qparams of every group (for static quantizers and range-learning init).
@@ -889,6 +1073,100 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The masked forward gives the unmasked forward's outputs and qparams, and the
+    /// backward from its mask the bits of the backward that recomputes the mask from the
+    /// input: groups of 32 (the AVX2/AVX-512 step kernels, NaN steps and the portable
+    /// tail), 8, 40 and 1024 (portable), every rule, sequential and parallel sizes.
+    #[test]
+    fn masked_forward_and_backward_match_the_unmasked_kernels_bitwise() {
+        let mut s: u64 = 0x853c_49e6_748f_ea9b;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let rules = [
+            (Rule::Symmetric { div: 7.5 }, -8.0, 7.0),
+            (Rule::Asymmetric, -128.0, 127.0),
+            (Rule::Asymmetric, 0.0, 15.0),
+            (
+                Rule::Tinygemm {
+                    levels: 15.0,
+                    mid: 8.0,
+                },
+                0.0,
+                15.0,
+            ),
+        ];
+        let b = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for len in [32usize, 8, 40, 1024] {
+            for n_groups in [3usize, 8 * 9 + 3, 2 * CHUNK / len + 5] {
+                let n = n_groups * len;
+                let mut x: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let u = (next() >> 40) as f32 / (1u64 << 24) as f32;
+                        (u * 2.0 - 1.0 + (i / len % 5) as f32 * 0.5) * [1.0, 1e-3, 3e4][i % 3]
+                    })
+                    .collect();
+                // A NaN group, a group of zeros, codes exactly on the grid and its ties.
+                x[len + 1] = f32::NAN;
+                x[2 * len..3 * len].fill(0.0);
+                if n_groups > 10 {
+                    for (j, v) in x[9 * len..10 * len].iter_mut().enumerate() {
+                        *v = (j as f32 - 16.0) * 0.25;
+                    }
+                }
+                for (rule, qmin, qmax) in rules {
+                    let r = QRule {
+                        rule,
+                        qmin,
+                        qmax,
+                        eps: f32::EPSILON,
+                        narrow: Narrow::F32,
+                    };
+                    let (y0, p0) = forward_dynamic(&x, len, r);
+                    let (y, p, m) = forward_dynamic_masked(&x, len, r);
+                    let m = m.expect("f32 groups of a multiple of 8 get a mask");
+                    assert_eq!(b(&y), b(&y0), "{rule:?} len {len}");
+                    assert_eq!(b(&p.scale), b(&p0.scale), "{rule:?} len {len}");
+                    assert_eq!(b(&p.zero_point), b(&p0.zero_point), "{rule:?} len {len}");
+                    for (i, &v) in x.iter().enumerate() {
+                        let bit = (m[i / 8] >> (i % 8)) & 1 != 0;
+                        let st = p.step(i / len, qmin, qmax);
+                        let want = st.in_range(v) && !st.zero_point.is_nan();
+                        assert_eq!(bit, want, "{rule:?} len {len}: element {i} = {v:e}");
+                    }
+                    let dy: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.7 - 4.0).collect();
+                    let want = backward(&x, &dy, len, &p, qmin, qmax, Narrow::F32);
+                    let got = backward_masked(&dy, &m, len, &p.scale);
+                    assert_eq!(b(&got), b(&want), "backward {rule:?} len {len}");
+                    // The portable kernel (the explicit ones above where the CPU has them).
+                    let mut o = vec![MaybeUninit::uninit(); n];
+                    backward_masked_block(&dy, &m, &mut o, &p.scale, len);
+                    assert_eq!(
+                        b(&init(o)),
+                        b(&want),
+                        "portable backward {rule:?} len {len}"
+                    );
+                }
+            }
+        }
+        let r = QRule {
+            rule: Rule::Asymmetric,
+            qmin: -128.0,
+            qmax: 127.0,
+            eps: f32::EPSILON,
+            narrow: Narrow::F32,
+        };
+        assert!(forward_dynamic_masked(&[0.0; 12], 12, r).2.is_none());
+        let r16 = QRule {
+            narrow: Narrow::F16,
+            ..r
+        };
+        assert!(forward_dynamic_masked(&[0.0; 16], 16, r16).2.is_none());
     }
 
     #[test]

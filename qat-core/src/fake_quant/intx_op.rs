@@ -174,13 +174,20 @@ fn take_slot(slot: Slot) -> Option<Arc<GroupParams>> {
     }
 }
 
+/// Where the fused dynamic forward leaves the straight-through mask it wrote (one bit per
+/// element, see `intx_kernel::forward_dynamic_masked`), for its backward.
+type MaskSlot = Arc<Mutex<Option<Arc<Vec<u8>>>>>;
+
 /// The fused CPU forward: dynamic (qparams computed here and left in `slot`) or static
-/// (qparams given).
+/// (qparams given). A dynamic forward with `mask` also writes the straight-through mask
+/// there when the kernels can ([`k::can_mask`]), so that its backward reads the gradient
+/// and the mask instead of the gradient and the input.
 struct IntxForward {
     rule: QRule,
     len: usize,
     given: Option<Arc<GroupParams>>,
     slot: Slot,
+    mask: Option<MaskSlot>,
 }
 
 impl CustomOp1 for IntxForward {
@@ -197,8 +204,17 @@ impl CustomOp1 for IntxForward {
                 y
             }
             None => {
-                let (y, p) = k::forward_dynamic(x, self.len, r);
+                let (y, p, m) = match &self.mask {
+                    Some(_) => k::forward_dynamic_masked(x, self.len, r),
+                    None => {
+                        let (y, p) = k::forward_dynamic(x, self.len, r);
+                        (y, p, None)
+                    }
+                };
                 *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(p));
+                if let (Some(slot), Some(m)) = (&self.mask, m) {
+                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(m));
+                }
                 y
             }
         })?;
@@ -210,6 +226,18 @@ impl CustomOp1 for IntxForward {
             candle_core::Error::Msg("intx-fake-quantize: backward before forward".into())
         })?;
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+        let mask = self
+            .mask
+            .as_ref()
+            .and_then(|m| m.lock().unwrap_or_else(PoisonError::into_inner).clone());
+        if let Some(mask) = mask {
+            let grad = IntxMaskedGrad {
+                len: self.len,
+                params,
+                mask,
+            };
+            return Ok(Some(dy.apply_op1_no_bwd(&grad)?));
+        }
         let grad = IntxGrad {
             rule: self.rule,
             len: self.len,
@@ -267,6 +295,46 @@ impl CustomOp2 for IntxGrad {
     }
 }
 
+/// The fused straight-through backward from the forward's mask: reads the gradient and
+/// the mask only (f32 data: the forward writes a mask for f32 only).
+struct IntxMaskedGrad {
+    len: usize,
+    params: Arc<GroupParams>,
+    mask: Arc<Vec<u8>>,
+}
+
+impl CustomOp1 for IntxMaskedGrad {
+    fn name(&self) -> &'static str {
+        "intx-fake-quantize-masked-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: grad is not contiguous", self.name()))
+        })?;
+        let CpuStorage::F32(dy) = s else {
+            candle_core::bail!("{}: the gradient is {:?}, not f32", self.name(), s.dtype());
+        };
+        let dy = &dy[a..b];
+        let (len, scale) = (self.len, &self.params.scale);
+        if len == 0
+            || !len.is_multiple_of(8)
+            || self.mask.len() * 8 != dy.len()
+            || scale.len() * len != dy.len()
+        {
+            candle_core::bail!(
+                "{}: a gradient of {} elements for a mask of {} bytes and {} groups of {len}",
+                self.name(),
+                dy.len(),
+                self.mask.len(),
+                scale.len()
+            );
+        }
+        let dx = k::backward_masked(dy, &self.mask, len, scale);
+        Ok((CpuStorage::F32(dx), l.shape().clone()))
+    }
+}
+
 /// Checks the input, returns (elements per group, qparams shape).
 fn prepare(x: &Tensor, spec: &IntxSpec, what: &str) -> Result<(usize, Vec<usize>)> {
     check_float_input(x, what)?;
@@ -303,11 +371,14 @@ pub fn intx_fake_quantize(x: &Tensor, spec: &IntxSpec) -> Result<(Tensor, IntxQP
         return Ok((x.clone(), IntxQParams::from_groups(&p, &shape, x.device())?));
     }
     let slot: Slot = Arc::default();
+    let rule = qrule(spec, x.dtype());
+    // A mask only where a gradient graph keeps the op for its backward.
     let op = IntxForward {
-        rule: qrule(spec, x.dtype()),
+        rule,
         len,
         given: None,
         slot: slot.clone(),
+        mask: (x.track_op() && k::can_mask(len, rule.narrow)).then(MaskSlot::default),
     };
     let y = x.contiguous()?.apply_op1(op)?;
     let p = take_slot(slot).ok_or_else(|| {
@@ -369,6 +440,7 @@ pub fn intx_fake_quantize_with(
         len,
         given: Some(Arc::new(p)),
         slot: Arc::default(),
+        mask: None,
     };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
@@ -436,6 +508,94 @@ pub fn intx_fake_quantize_backward(
         params: Arc::new(qparams.to_groups()?),
     };
     Ok(x.contiguous()?.apply_op2_no_bwd(&dy, &grad)?)
+}
+
+/// The straight-through mask of one [`intx_fake_quantize_masked`] forward (one bit per
+/// element) with its scales: what its backward needs instead of the input.
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct IntxGradMask {
+    len: usize,
+    dims: Vec<usize>,
+    params: Arc<GroupParams>,
+    mask: Arc<Vec<u8>>,
+}
+
+/// [`intx_fake_quantize`] (no gradient graph) that also returns the straight-through mask
+/// its backward would use under autograd, where the kernels write one (f32 CPU data,
+/// groups of a multiple of 8 elements); `None` otherwise. Exposed for benchmarks and
+/// tests, with [`intx_fake_quantize_backward_masked`].
+#[doc(hidden)]
+pub fn intx_fake_quantize_masked(
+    x: &Tensor,
+    spec: &IntxSpec,
+) -> Result<(Tensor, IntxQParams, Option<IntxGradMask>)> {
+    let (len, shape) = prepare(x, spec, "intx_fake_quantize_masked")?;
+    let rule = qrule(spec, x.dtype());
+    if !x.device().is_cpu() || x.elem_count() == 0 || !k::can_mask(len, rule.narrow) {
+        let (y, qp) = intx_fake_quantize(&x.detach(), spec)?;
+        return Ok((y, qp, None));
+    }
+    let (slot, masks): (Slot, MaskSlot) = Default::default();
+    let op = IntxForward {
+        rule,
+        len,
+        given: None,
+        slot: slot.clone(),
+        mask: Some(masks.clone()),
+    };
+    let y = x.detach().contiguous()?.apply_op1(op)?;
+    let missing = || {
+        Error::state(
+            "the intx forward left no qparams or mask",
+            "report this as a candle-qat bug",
+        )
+    };
+    let p = take_slot(slot).ok_or_else(missing)?;
+    check_zero_points(&p)?;
+    let mask = read_slot_mask(&masks).ok_or_else(missing)?;
+    let qp = IntxQParams::from_groups(&p, &shape, x.device())?;
+    let m = IntxGradMask {
+        len,
+        dims: x.dims().to_vec(),
+        params: p,
+        mask,
+    };
+    Ok((y, qp, Some(m)))
+}
+
+fn read_slot_mask(slot: &MaskSlot) -> Option<Arc<Vec<u8>>> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+/// The straight-through backward of an [`intx_fake_quantize_masked`] forward from its
+/// mask: the values of [`intx_fake_quantize_backward`] without reading the input.
+#[doc(hidden)]
+pub fn intx_fake_quantize_backward_masked(grad_y: &Tensor, mask: &IntxGradMask) -> Result<Tensor> {
+    if grad_y.dims() != mask.dims.as_slice() {
+        return Err(Error::tensor(
+            format!(
+                "intx_fake_quantize_backward_masked: grad_y has shape {:?}, the forward's \
+                 input had {:?}",
+                grad_y.dims(),
+                mask.dims
+            ),
+            "pass the gradient of the fake-quant output, which has the input's shape",
+        ));
+    }
+    if !grad_y.device().is_cpu() {
+        return Err(Error::tensor(
+            "intx_fake_quantize_backward_masked: grad_y is not on the CPU",
+            "use intx_fake_quantize_backward on other devices",
+        ));
+    }
+    let grad = IntxMaskedGrad {
+        len: mask.len,
+        params: mask.params.clone(),
+        mask: mask.mask.clone(),
+    };
+    let dy = grad_y.to_dtype(DType::F32)?.contiguous()?;
+    Ok(dy.apply_op1_no_bwd(&grad)?)
 }
 
 /// Rounds an f32 tensor to `dt` and back (PyTorch's op on an f16/bf16 tensor); its

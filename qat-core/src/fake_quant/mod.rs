@@ -15,10 +15,14 @@ mod op;
 pub(crate) mod spec;
 
 pub use intx::{IntxGranularity, IntxSpec, IntxSpecBuilder};
-pub use intx_op::intx_fake_quantize_backward;
 pub use intx_op::{
     intx_fake_quantize, intx_fake_quantize_composite, intx_fake_quantize_learnable,
     intx_fake_quantize_with, intx_qparams, IntxQParams,
+};
+#[doc(hidden)]
+pub use intx_op::{
+    intx_fake_quantize_backward, intx_fake_quantize_backward_masked, intx_fake_quantize_masked,
+    IntxGradMask,
 };
 pub use intx_quantizer::IntxFakeQuantizer;
 pub use learnable::fake_quantize_learnable;
