@@ -12,6 +12,8 @@
 #[path = "golden_support/case.rs"]
 #[allow(dead_code)]
 mod case;
+#[path = "common/onnx_op_count.rs"]
+mod onnx_op_count;
 
 use candle_core::{Module, Tensor, Var};
 use candle_qat::model::Quantizable;
@@ -28,6 +30,7 @@ use case::{
     as_codes, candle, check_codes, check_exact, check_fq, check_grad, check_rel, err, f32s, int,
     num, string, to_vec, Case, R,
 };
+use onnx_op_count::op_count;
 
 macro_rules! net {
     ($name:ident, $act:ty) => {
@@ -225,15 +228,18 @@ fn run_case(case: &Case) -> R<()> {
     }
 }
 
-#[test]
-fn eager_activations_match_pytorch() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/eager_activations");
+/// Runs `check` on every case in `tests/data/<subdir>` (there must be `count`: `what`),
+/// printing one line per case; fails naming every case that failed.
+fn run_fixtures(subdir: &str, count: usize, what: &str, check: fn(&Case) -> R<()>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(subdir);
     let files = case::json_files(&dir).expect("fixture directory");
-    assert_eq!(files.len(), 10, "one case per activation and preset");
+    assert_eq!(files.len(), count, "{what}");
     let mut failed = Vec::new();
     for f in &files {
         let c = case::load(f).expect("fixture");
-        match run_case(&c) {
+        match check(&c) {
             Ok(()) => println!("ok {}", case::stem(f)),
             Err(e) => {
                 println!("FAIL {}: {e}", case::stem(f));
@@ -242,6 +248,16 @@ fn eager_activations_match_pytorch() {
         }
     }
     assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+#[test]
+fn eager_activations_match_pytorch() {
+    run_fixtures(
+        "eager_activations",
+        10,
+        "one case per activation and preset",
+        run_case,
+    );
 }
 
 /// Every new layer in one converted model: int8 equals the fake-quant model code for code,
@@ -340,13 +356,7 @@ fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
         assert!(s.contains(kind), "{kind} missing from\n{s}");
     }
     let (_, report) = to_onnx(&m, |m, x| m.forward(x), &x, &ExportOptions::default())?;
-    let count = |op: &str| {
-        report
-            .op_counts
-            .iter()
-            .find(|(o, _)| o == op)
-            .map_or(0, |(_, n)| *n)
-    };
+    let count = |op: &str| op_count(&report, op);
     for (op, n) in [
         ("HardSigmoid", 2), // Hardswish = x * HardSigmoid(x), and Hardsigmoid
         ("Clip", 1),
@@ -462,19 +472,5 @@ fn run_pool_case(case: &Case) -> R<()> {
 
 #[test]
 fn pools_match_pytorch_in_the_pytorch_setting() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/eager_pools");
-    let files = case::json_files(&dir).expect("fixture directory");
-    assert_eq!(files.len(), 12, "six layers, two presets");
-    let mut failed = Vec::new();
-    for f in &files {
-        let c = case::load(f).expect("fixture");
-        match run_pool_case(&c) {
-            Ok(()) => println!("ok {}", case::stem(f)),
-            Err(e) => {
-                println!("FAIL {}: {e}", case::stem(f));
-                failed.push(case::stem(f));
-            }
-        }
-    }
-    assert!(failed.is_empty(), "failed: {failed:?}");
+    run_fixtures("eager_pools", 12, "six layers, two presets", run_pool_case);
 }
