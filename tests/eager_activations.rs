@@ -115,15 +115,17 @@ fn backend(preset: &str) -> R<Backend> {
     }
 }
 
-/// The pipeline on one case; `pytorch_int8`: whether our converted codes must match
-/// PyTorch's (all but ReLU6, whose converted PyTorch module drops the trained output
-/// qparams; ours must then equal our own fake-quant output code for code).
-fn run<M: Quantizable + Module + Fqs>(case: &Case, mut model: M, pytorch_int8: bool) -> R<()> {
+/// The QAT half of both pipelines: `model` prepared for the case's preset in train mode, run
+/// on every `calib` batch, then on `x` with `backward(sum(y * grad_y))`. Returns `x`, `y`
+/// and x's gradient.
+fn qat_forward_backward<M: Quantizable + Module>(
+    case: &Case,
+    model: &mut M,
+) -> R<(Var, Tensor, Tensor)> {
     let j = &case.json;
-    let e = &j["expected"];
     let qc = QConfig::default_qat(backend(string(&j["preset"], "preset")?)?);
-    train(&mut model).map_err(err)?;
-    prepare_qat(&mut model, &QConfigMapping::global(qc)).map_err(err)?;
+    train(model).map_err(err)?;
+    prepare_qat(model, &QConfigMapping::global(qc)).map_err(err)?;
     for c in j["calib"].as_array().ok_or("no calib")? {
         model.forward(&candle(c, "calib")?).map_err(err)?;
     }
@@ -134,7 +136,17 @@ fn run<M: Quantizable + Module + Fqs>(case: &Case, mut model: M, pytorch_int8: b
         .and_then(|p| p.sum_all())
         .and_then(|l| l.backward())
         .map_err(err)?;
-    let grad_x = grads.get(x.as_tensor()).ok_or("no gradient for x")?;
+    let grad_x = grads.get(x.as_tensor()).ok_or("no gradient for x")?.clone();
+    Ok((x, y, grad_x))
+}
+
+/// The pipeline on one case; `pytorch_int8`: whether our converted codes must match
+/// PyTorch's (all but ReLU6, whose converted PyTorch module drops the trained output
+/// qparams; ours must then equal our own fake-quant output code for code).
+fn run<M: Quantizable + Module + Fqs>(case: &Case, mut model: M, pytorch_int8: bool) -> R<()> {
+    let j = &case.json;
+    let e = &j["expected"];
+    let (x, y, grad_x) = qat_forward_backward(case, &mut model)?;
 
     let (s, z, lo, hi) = model.act_fq()?;
     check_rel(
@@ -166,7 +178,7 @@ fn run<M: Quantizable + Module + Fqs>(case: &Case, mut model: M, pytorch_int8: b
     )?;
     let want_y = f32s(&e["qat_y"], "qat_y")?;
     check_fq("qat_y", &to_vec(&y)?, &want_y, |_| s)?;
-    check_grad("grad_x", &to_vec(grad_x)?, &f32s(&e["grad_x"], "grad_x")?)?;
+    check_grad("grad_x", &to_vec(&grad_x)?, &f32s(&e["grad_x"], "grad_x")?)?;
 
     eval(&mut model).map_err(err)?;
     disable_observer(&mut model).map_err(err)?;
@@ -398,19 +410,7 @@ fn stub_qparams<M: Quantizable>(m: &M) -> R<(f32, i32)> {
 fn run_pool<M: Quantizable + Module>(case: &Case, mut model: M) -> R<()> {
     let j = &case.json;
     let e = &j["expected"];
-    let qc = QConfig::default_qat(backend(string(&j["preset"], "preset")?)?);
-    train(&mut model).map_err(err)?;
-    prepare_qat(&mut model, &QConfigMapping::global(qc)).map_err(err)?;
-    for c in j["calib"].as_array().ok_or("no calib")? {
-        model.forward(&candle(c, "calib")?).map_err(err)?;
-    }
-    let x = Var::from_tensor(&candle(&j["x"], "x")?).map_err(err)?;
-    let y = model.forward(x.as_tensor()).map_err(err)?;
-    let grad_y = candle(&j["grad_y"], "grad_y")?;
-    let grads = (&y * &grad_y)
-        .and_then(|p| p.sum_all())
-        .and_then(|l| l.backward())
-        .map_err(err)?;
+    let (x, y, grad_x) = qat_forward_backward(case, &mut model)?;
     let (s, z) = stub_qparams(&model)?;
     check_rel(
         "input scale",
@@ -424,8 +424,7 @@ fn run_pool<M: Quantizable + Module>(case: &Case, mut model: M) -> R<()> {
         &[int(&e["in_zero_point"], "zp")?],
     )?;
     case::check_float("qat_y", &to_vec(&y)?, &f32s(&e["qat_y"], "qat_y")?)?;
-    let gx = grads.get(x.as_tensor()).ok_or("no gradient for x")?;
-    check_grad("grad_x", &to_vec(gx)?, &f32s(&e["grad_x"], "grad_x")?)?;
+    check_grad("grad_x", &to_vec(&grad_x)?, &f32s(&e["grad_x"], "grad_x")?)?;
     eval(&mut model).map_err(err)?;
     disable_observer(&mut model).map_err(err)?;
     convert(&mut model).map_err(err)?;
