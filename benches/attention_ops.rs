@@ -15,49 +15,23 @@
 //! Run with `RAYON_NUM_THREADS=1 cargo bench --bench attention_ops`; compare the medians in
 //! `target/criterion/<group>/t1_<variant>_<elements>/new/estimates.json`.
 
-use std::hint::black_box;
-use std::time::{Duration, Instant};
+#[path = "common/data.rs"]
+mod data;
+#[path = "common/pool_timing.rs"]
+mod pool_timing;
+
+use std::time::Duration;
 
 use candle_core::{Device, Tensor, Var, D};
-use criterion::{criterion_group, criterion_main, Bencher, Criterion, SamplingMode, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use rayon::ThreadPool;
 
-/// Deterministic data in [-1.5, 3.0) (a 64-bit LCG, top 24 bits).
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            -1.5 + 4.5 * ((s >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
+use data::lcg_data;
+use pool_timing::{one_thread_pool as pool, time_in_pool};
 
 fn tensor(dims: (usize, usize, usize, usize), seed: u64) -> Tensor {
     let n = dims.0 * dims.1 * dims.2 * dims.3;
-    Tensor::from_vec(data(n, seed), dims, &Device::Cpu).expect("tensor")
-}
-
-fn pool() -> ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("rayon pool")
-}
-
-/// Times `f` with each measurement batch inside the one-thread pool.
-fn time_in_pool<T>(b: &mut Bencher<'_>, pool: &ThreadPool, mut f: impl FnMut() -> T + Send) {
-    b.iter_custom(|iters| {
-        pool.install(|| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                black_box(f());
-            }
-            start.elapsed()
-        })
-    })
+    Tensor::from_vec(lcg_data(n, seed), dims, &Device::Cpu).expect("tensor")
 }
 
 type Op = fn(&Tensor) -> Tensor;
@@ -66,7 +40,7 @@ fn bench_group(c: &mut Criterion, pool: &ThreadPool, name: &str, x: &Tensor, ops
     let [ours, fused, slow] = ops;
     let n = x.elem_count();
     let var = Var::from_tensor(x).expect("var");
-    let r = Tensor::from_vec(data(n, 7), x.dims(), &Device::Cpu).expect("r");
+    let r = Tensor::from_vec(lcg_data(n, 7), x.dims(), &Device::Cpu).expect("r");
     let fwd_bwd = |op: Op| {
         let y = op(var.as_tensor());
         (y * &r)

@@ -32,7 +32,7 @@
 //! `target/criterion/<group>/<t>_<variant>_<elements>/new/estimates.json`.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{Device, Tensor, Var};
 use candle_qat::fake_quant::{
@@ -42,12 +42,19 @@ use candle_qat::fake_quant::{
 use candle_qat::observer::{MinMaxObserver, Observer, ObserverConfig};
 use candle_qat::qconfig::{Backend, QConfig};
 use candle_qat::{QDType, QParams, QScheme, QuantRange};
-use criterion::{criterion_group, Bencher, BenchmarkGroup, Criterion, SamplingMode};
+use criterion::{criterion_group, BenchmarkGroup, Criterion, SamplingMode};
 use criterion::{measurement::WallTime, Throughput};
 use rayon::ThreadPool;
 
+#[path = "common/data.rs"]
+mod data;
+#[path = "common/pool_timing.rs"]
+mod pool_timing;
 #[path = "common/threads.rs"]
 mod threads;
+
+use data::lcg_data;
+use pool_timing::time_in_pool;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -61,20 +68,6 @@ const SCALE: f32 = 0.03;
 const ZERO_POINT: i32 = 40;
 const QMIN: i32 = 0;
 const QMAX: i32 = 127;
-
-/// Deterministic data in [-1.5, 3.0) (a 64-bit LCG, top 24 bits).
-fn data(n: usize) -> Vec<f32> {
-    let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-            -1.5 + 4.5 * u
-        })
-        .collect()
-}
 
 /// This process's thread count and its pinned pool (set first in `main`).
 static POOL: std::sync::OnceLock<(usize, ThreadPool)> = std::sync::OnceLock::new();
@@ -108,20 +101,6 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>, n: usize) {
             .warm_up_time(Duration::from_millis(200))
             .measurement_time(Duration::from_millis(700));
     }
-}
-
-/// Times `f` with each measurement batch run inside `pool` (one `install` per batch, so the
-/// hop onto the pool is not part of the per-iteration time).
-fn time_in_pool<T>(b: &mut Bencher<'_>, pool: &ThreadPool, mut f: impl FnMut() -> T + Send) {
-    b.iter_custom(|iters| {
-        pool.install(|| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                black_box(f());
-            }
-            start.elapsed()
-        })
-    })
 }
 
 /// The backward kernel benchmark's state: input, output gradient, qparams, range.
@@ -180,7 +159,7 @@ where
 }
 
 fn input(n: usize) -> Res<Tensor> {
-    Ok(Tensor::from_vec(data(n), n, &Device::Cpu)?)
+    Ok(Tensor::from_vec(lcg_data(n, 0), n, &Device::Cpu)?)
 }
 
 fn per_tensor_qparams() -> QParams {

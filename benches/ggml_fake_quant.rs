@@ -9,51 +9,30 @@
 //! rayon pool. Report `time(copy) / time(op)` from the medians in
 //! `target/criterion/ggml_fwd/...`. Run with `cargo bench --bench ggml_fake_quant`.
 
-use std::hint::black_box;
-use std::time::{Duration, Instant};
+#[path = "common/data.rs"]
+mod data;
+#[path = "common/pool_timing.rs"]
+mod pool_timing;
+
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use candle_qat::ggml::{
     fake_quantize_ggml, fake_quantize_ggml_backward, fake_quantize_vec_dot, BlockType, VecDotType,
 };
-use criterion::{criterion_group, criterion_main, Bencher, Criterion, Throughput};
-use rayon::ThreadPool;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+use data::lcg_data;
+use pool_timing::{one_thread_pool as pool, time_in_pool};
 
 const N: usize = 1 << 20;
 /// Rows of 4096 (a multiple of 256, so every type applies).
 const COLS: usize = 4096;
 
-/// Deterministic data in [-1.5, 3.0) (a 64-bit LCG, top 24 bits).
+/// Deterministic data in [-1.5, 3.0) (`common/data.rs`).
 fn input() -> Tensor {
-    let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
-    let v: Vec<f32> = (0..N)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            -1.5 + 4.5 * ((s >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect();
+    let v = lcg_data(N, 0);
     Tensor::from_vec(v, (N / COLS, COLS), &Device::Cpu).expect("input")
-}
-
-fn pool() -> ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("rayon pool")
-}
-
-fn time_in_pool<T>(b: &mut Bencher<'_>, pool: &ThreadPool, mut f: impl FnMut() -> T + Send) {
-    b.iter_custom(|iters| {
-        pool.install(|| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                black_box(f());
-            }
-            start.elapsed()
-        })
-    })
 }
 
 fn ggml_fwd(c: &mut Criterion) {

@@ -12,51 +12,24 @@
 //! Run with `cargo bench --bench intx_fake_quant`; report `time(copy) / time(op)` from the
 //! medians in `target/criterion/<group>/t1_<variant>_1048576/new/estimates.json`.
 
-use std::hint::black_box;
-use std::time::{Duration, Instant};
+#[path = "common/data.rs"]
+mod data;
+#[path = "common/pool_timing.rs"]
+mod pool_timing;
+
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use candle_qat::fake_quant::{
     intx_fake_quantize, intx_fake_quantize_backward, IntxQParams, IntxSpec,
 };
-use criterion::{criterion_group, criterion_main, Bencher, Criterion, SamplingMode, Throughput};
-use rayon::ThreadPool;
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+
+use data::lcg_data;
+use pool_timing::{one_thread_pool as pool, time_in_pool};
 
 const ROWS: usize = 1024;
 const COLS: usize = 1024;
-
-/// Deterministic data in [-1.5, 3.0) (a 64-bit LCG, top 24 bits).
-fn data(n: usize) -> Vec<f32> {
-    let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            -1.5 + 4.5 * ((s >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
-
-fn pool() -> ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("rayon pool")
-}
-
-/// Times `f` with each measurement batch inside the one-thread pool.
-fn time_in_pool<T>(b: &mut Bencher<'_>, pool: &ThreadPool, mut f: impl FnMut() -> T + Send) {
-    b.iter_custom(|iters| {
-        pool.install(|| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                black_box(f());
-            }
-            start.elapsed()
-        })
-    })
-}
 
 struct State {
     x: Tensor,
@@ -66,9 +39,9 @@ struct State {
 
 fn state() -> State {
     let n = ROWS * COLS;
-    let x = Tensor::from_vec(data(n), (ROWS, COLS), &Device::Cpu).expect("x");
+    let x = Tensor::from_vec(lcg_data(n, 0), (ROWS, COLS), &Device::Cpu).expect("x");
     let dy = Tensor::from_vec(
-        data(n).into_iter().rev().collect::<Vec<_>>(),
+        lcg_data(n, 0).into_iter().rev().collect::<Vec<_>>(),
         (ROWS, COLS),
         &Device::Cpu,
     )

@@ -12,6 +12,8 @@
 #[path = "golden_support/case.rs"]
 #[allow(dead_code)]
 mod case;
+#[path = "common/onnx_op_count.rs"]
+mod onnx_op_count;
 
 use candle_core::{Module, Tensor, Var};
 use candle_qat::model::Quantizable;
@@ -28,6 +30,7 @@ use case::{
     as_codes, candle, check_codes, check_exact, check_fq, check_grad, check_rel, err, f32s, int,
     num, string, to_vec, Case, R,
 };
+use onnx_op_count::op_count;
 
 macro_rules! net {
     ($name:ident, $act:ty) => {
@@ -112,15 +115,17 @@ fn backend(preset: &str) -> R<Backend> {
     }
 }
 
-/// The pipeline on one case; `pytorch_int8`: whether our converted codes must match
-/// PyTorch's (all but ReLU6, whose converted PyTorch module drops the trained output
-/// qparams; ours must then equal our own fake-quant output code for code).
-fn run<M: Quantizable + Module + Fqs>(case: &Case, mut model: M, pytorch_int8: bool) -> R<()> {
+/// The QAT half of both pipelines: `model` prepared for the case's preset in train mode, run
+/// on every `calib` batch, then on `x` with `backward(sum(y * grad_y))`. Returns `x`, `y`
+/// and x's gradient.
+fn qat_forward_backward<M: Quantizable + Module>(
+    case: &Case,
+    model: &mut M,
+) -> R<(Var, Tensor, Tensor)> {
     let j = &case.json;
-    let e = &j["expected"];
     let qc = QConfig::default_qat(backend(string(&j["preset"], "preset")?)?);
-    train(&mut model).map_err(err)?;
-    prepare_qat(&mut model, &QConfigMapping::global(qc)).map_err(err)?;
+    train(model).map_err(err)?;
+    prepare_qat(model, &QConfigMapping::global(qc)).map_err(err)?;
     for c in j["calib"].as_array().ok_or("no calib")? {
         model.forward(&candle(c, "calib")?).map_err(err)?;
     }
@@ -131,7 +136,17 @@ fn run<M: Quantizable + Module + Fqs>(case: &Case, mut model: M, pytorch_int8: b
         .and_then(|p| p.sum_all())
         .and_then(|l| l.backward())
         .map_err(err)?;
-    let grad_x = grads.get(x.as_tensor()).ok_or("no gradient for x")?;
+    let grad_x = grads.get(x.as_tensor()).ok_or("no gradient for x")?.clone();
+    Ok((x, y, grad_x))
+}
+
+/// The pipeline on one case; `pytorch_int8`: whether our converted codes must match
+/// PyTorch's (all but ReLU6, whose converted PyTorch module drops the trained output
+/// qparams; ours must then equal our own fake-quant output code for code).
+fn run<M: Quantizable + Module + Fqs>(case: &Case, mut model: M, pytorch_int8: bool) -> R<()> {
+    let j = &case.json;
+    let e = &j["expected"];
+    let (x, y, grad_x) = qat_forward_backward(case, &mut model)?;
 
     let (s, z, lo, hi) = model.act_fq()?;
     check_rel(
@@ -163,7 +178,7 @@ fn run<M: Quantizable + Module + Fqs>(case: &Case, mut model: M, pytorch_int8: b
     )?;
     let want_y = f32s(&e["qat_y"], "qat_y")?;
     check_fq("qat_y", &to_vec(&y)?, &want_y, |_| s)?;
-    check_grad("grad_x", &to_vec(grad_x)?, &f32s(&e["grad_x"], "grad_x")?)?;
+    check_grad("grad_x", &to_vec(&grad_x)?, &f32s(&e["grad_x"], "grad_x")?)?;
 
     eval(&mut model).map_err(err)?;
     disable_observer(&mut model).map_err(err)?;
@@ -225,15 +240,18 @@ fn run_case(case: &Case) -> R<()> {
     }
 }
 
-#[test]
-fn eager_activations_match_pytorch() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/eager_activations");
+/// Runs `check` on every case in `tests/data/<subdir>` (there must be `count`: `what`),
+/// printing one line per case; fails naming every case that failed.
+fn run_fixtures(subdir: &str, count: usize, what: &str, check: fn(&Case) -> R<()>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(subdir);
     let files = case::json_files(&dir).expect("fixture directory");
-    assert_eq!(files.len(), 10, "one case per activation and preset");
+    assert_eq!(files.len(), count, "{what}");
     let mut failed = Vec::new();
     for f in &files {
         let c = case::load(f).expect("fixture");
-        match run_case(&c) {
+        match check(&c) {
             Ok(()) => println!("ok {}", case::stem(f)),
             Err(e) => {
                 println!("FAIL {}: {e}", case::stem(f));
@@ -242,6 +260,16 @@ fn eager_activations_match_pytorch() {
         }
     }
     assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+#[test]
+fn eager_activations_match_pytorch() {
+    run_fixtures(
+        "eager_activations",
+        10,
+        "one case per activation and preset",
+        run_case,
+    );
 }
 
 /// Every new layer in one converted model: int8 equals the fake-quant model code for code,
@@ -340,13 +368,7 @@ fn new_layers_convert_summarize_and_export() -> candle_qat::Result<()> {
         assert!(s.contains(kind), "{kind} missing from\n{s}");
     }
     let (_, report) = to_onnx(&m, |m, x| m.forward(x), &x, &ExportOptions::default())?;
-    let count = |op: &str| {
-        report
-            .op_counts
-            .iter()
-            .find(|(o, _)| o == op)
-            .map_or(0, |(_, n)| *n)
-    };
+    let count = |op: &str| op_count(&report, op);
     for (op, n) in [
         ("HardSigmoid", 2), // Hardswish = x * HardSigmoid(x), and Hardsigmoid
         ("Clip", 1),
@@ -388,19 +410,7 @@ fn stub_qparams<M: Quantizable>(m: &M) -> R<(f32, i32)> {
 fn run_pool<M: Quantizable + Module>(case: &Case, mut model: M) -> R<()> {
     let j = &case.json;
     let e = &j["expected"];
-    let qc = QConfig::default_qat(backend(string(&j["preset"], "preset")?)?);
-    train(&mut model).map_err(err)?;
-    prepare_qat(&mut model, &QConfigMapping::global(qc)).map_err(err)?;
-    for c in j["calib"].as_array().ok_or("no calib")? {
-        model.forward(&candle(c, "calib")?).map_err(err)?;
-    }
-    let x = Var::from_tensor(&candle(&j["x"], "x")?).map_err(err)?;
-    let y = model.forward(x.as_tensor()).map_err(err)?;
-    let grad_y = candle(&j["grad_y"], "grad_y")?;
-    let grads = (&y * &grad_y)
-        .and_then(|p| p.sum_all())
-        .and_then(|l| l.backward())
-        .map_err(err)?;
+    let (x, y, grad_x) = qat_forward_backward(case, &mut model)?;
     let (s, z) = stub_qparams(&model)?;
     check_rel(
         "input scale",
@@ -414,8 +424,7 @@ fn run_pool<M: Quantizable + Module>(case: &Case, mut model: M) -> R<()> {
         &[int(&e["in_zero_point"], "zp")?],
     )?;
     case::check_float("qat_y", &to_vec(&y)?, &f32s(&e["qat_y"], "qat_y")?)?;
-    let gx = grads.get(x.as_tensor()).ok_or("no gradient for x")?;
-    check_grad("grad_x", &to_vec(gx)?, &f32s(&e["grad_x"], "grad_x")?)?;
+    check_grad("grad_x", &to_vec(&grad_x)?, &f32s(&e["grad_x"], "grad_x")?)?;
     eval(&mut model).map_err(err)?;
     disable_observer(&mut model).map_err(err)?;
     convert(&mut model).map_err(err)?;
@@ -462,19 +471,5 @@ fn run_pool_case(case: &Case) -> R<()> {
 
 #[test]
 fn pools_match_pytorch_in_the_pytorch_setting() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/eager_pools");
-    let files = case::json_files(&dir).expect("fixture directory");
-    assert_eq!(files.len(), 12, "six layers, two presets");
-    let mut failed = Vec::new();
-    for f in &files {
-        let c = case::load(f).expect("fixture");
-        match run_pool_case(&c) {
-            Ok(()) => println!("ok {}", case::stem(f)),
-            Err(e) => {
-                println!("FAIL {}: {e}", case::stem(f));
-                failed.push(case::stem(f));
-            }
-        }
-    }
-    assert!(failed.is_empty(), "failed: {failed:?}");
+    run_fixtures("eager_pools", 12, "six layers, two presets", run_pool_case);
 }

@@ -9,6 +9,8 @@
 //! directory under the target dir), which `tools/gguf-check/check_gguf.py` (run by
 //! `.ci/run`) reads with llama.cpp's `gguf` package.
 
+#[path = "common/llama_fixture.rs"]
+mod llama_fixture;
 #[path = "../examples/common/tiny_llama.rs"]
 mod tiny_llama;
 
@@ -21,9 +23,8 @@ use candle_nn::{VarBuilder, VarMap};
 use candle_qat::gguf::{LlamaBlock, LlamaGguf, LlamaHparams};
 use candle_qat::prelude::*;
 use candle_transformers::models::quantized_llama::ModelWeights;
+use llama_fixture::{drawn_model, ids, Res, Rng};
 use tiny_llama::{TinyLlama, TinyLlamaConfig};
-
-type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn out_dir() -> PathBuf {
     std::env::var_os("QAT_GGUF_DIR")
@@ -31,34 +32,12 @@ fn out_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gguf-check"))
 }
 
-/// SplitMix64 with Box-Muller normals.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
-    }
-}
-
 /// The tiny config with weights 15x the reference's init (std 0.3: sharp attention, so
 /// the rotary phases and the mask matter) and RmsNorm weights drawn around 1 (so a norm
 /// written under another norm's name shows).
 fn random_model(cfg: TinyLlamaConfig, seed: u64) -> Res<(TinyLlama, VarMap)> {
-    let vm = VarMap::new();
-    let model = TinyLlama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
     let mut rng = Rng(seed);
-    model.init_weights(&vm, || 15.0 * rng.normal())?;
+    let (model, vm) = drawn_model(cfg, &mut rng, 15.0)?;
     for (name, var) in vm.data().lock().map_err(|e| e.to_string())?.iter() {
         if var.rank() == 1 {
             let v: Vec<f32> = (0..var.elem_count())
@@ -69,14 +48,6 @@ fn random_model(cfg: TinyLlamaConfig, seed: u64) -> Res<(TinyLlama, VarMap)> {
         }
     }
     Ok((model, vm))
-}
-
-fn ids(cfg: &TinyLlamaConfig, batch: usize, seed: u64) -> Res<Tensor> {
-    let mut rng = Rng(seed);
-    let v: Vec<u32> = (0..batch * cfg.ctx)
-        .map(|_| (rng.next() % cfg.vocab as u64) as u32)
-        .collect();
-    Ok(Tensor::from_vec(v, (batch, cfg.ctx), &Device::Cpu)?)
 }
 
 /// Writes `<name>.expect.json` beside `<name>.gguf` in `dir`: what the file holds (metadata

@@ -32,6 +32,8 @@ mod learnable;
 mod model_e2e;
 #[path = "golden_support/model_e2e_mobile.rs"]
 mod model_e2e_mobile;
+#[path = "golden_support/model_pipeline.rs"]
+mod model_pipeline;
 #[path = "golden_support/observer.rs"]
 mod observer;
 #[path = "golden_support/quantized.rs"]

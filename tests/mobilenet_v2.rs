@@ -7,12 +7,14 @@
 
 #[path = "../examples/common/idx.rs"]
 mod idx;
+#[path = "common/mnist_onnx.rs"]
+mod mnist_onnx;
 #[path = "../examples/common/mobilenet_v2.rs"]
 mod mobilenet_v2;
+#[path = "common/onnx_op_count.rs"]
+mod onnx_op_count;
 #[path = "../examples/common/trainer.rs"]
 mod trainer;
-
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module};
 use candle_nn::{VarBuilder, VarMap};
@@ -22,30 +24,10 @@ use candle_qat::passes::convert;
 use candle_qat::prelude::*;
 
 use idx::Mnist;
+use mnist_onnx::{epoch, out_dir};
 use mobilenet_v2::MobileNetV2;
-use trainer::{AnyResult, EpochPlan, MomentumSgd, Rng};
-
-fn out_dir() -> PathBuf {
-    std::env::var_os("QAT_ONNX_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("onnx-check"))
-}
-
-/// One epoch of momentum SGD with a cosine schedule over the training images.
-fn epoch<M: Module>(net: &M, vm: &VarMap, data: &Mnist, lr: f64, seed: u64) -> AnyResult<()> {
-    let mut opt = MomentumSgd::new(vm.all_vars(), lr, 0.9);
-    let plan = EpochPlan {
-        split: &data.train,
-        batch_size: 64,
-        base_lr: lr,
-        first_step: 0,
-        total_steps: trainer::steps_per_epoch(data.train.n, 64),
-        label: "train".into(),
-    };
-    let perm = Rng::new(seed).permutation(data.train.n);
-    trainer::train_epoch(net, &mut opt, &plan, &perm, &Device::Cpu)?;
-    Ok(())
-}
+use onnx_op_count::op_count;
+use trainer::{AnyResult, Rng};
 
 fn test_accuracy<M: Module>(net: &M, data: &Mnist, label: &str) -> AnyResult<(Vec<u32>, f64)> {
     let preds = trainer::predict(net, &data.test, 250, label, &Device::Cpu)?;
@@ -128,13 +110,7 @@ fn mobilenet_v2_through_the_whole_pipeline() -> AnyResult<()> {
             &onnx,
             &ExportOptions::default(),
         )?;
-        let count = |op: &str| {
-            report
-                .op_counts
-                .iter()
-                .find(|(o, _)| o == op)
-                .map_or(0, |(_, n)| *n)
-        };
+        let count = |op: &str| op_count(&report, op);
         // stem + 17 x (expand?, dw, project) + last: 1 + 16 * 3 + 2 + 1 = 52 convs.
         assert_eq!(count("Conv"), 52, "{:?}", report.op_counts);
         assert_eq!(count("GlobalAveragePool"), 1);

@@ -10,13 +10,14 @@
 mod idx;
 #[path = "../examples/common/mnist_net.rs"]
 mod mnist_net;
+#[path = "common/mnist_onnx.rs"]
+mod mnist_onnx;
 #[path = "../examples/common/residual_net.rs"]
 mod residual_net;
 #[path = "../examples/common/trainer.rs"]
 mod trainer;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -28,29 +29,8 @@ use candle_qat::prelude::*;
 use prost::Message;
 
 use idx::Mnist;
-use trainer::{AnyResult, EpochPlan, MomentumSgd, Rng};
-
-fn out_dir() -> PathBuf {
-    std::env::var_os("QAT_ONNX_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("onnx-check"))
-}
-
-/// One epoch of momentum SGD over the training images.
-fn epoch<M: Module>(net: &M, vm: &VarMap, data: &Mnist, lr: f64, seed: u64) -> AnyResult<()> {
-    let mut opt = MomentumSgd::new(vm.all_vars(), lr, 0.9);
-    let plan = EpochPlan {
-        split: &data.train,
-        batch_size: 64,
-        base_lr: lr,
-        first_step: 0,
-        total_steps: trainer::steps_per_epoch(data.train.n, 64),
-        label: "train".into(),
-    };
-    let perm = Rng::new(seed).permutation(data.train.n);
-    trainer::train_epoch(net, &mut opt, &plan, &perm, &Device::Cpu)?;
-    Ok(())
-}
+use mnist_onnx::{epoch, out_dir};
+use trainer::{AnyResult, Rng};
 
 /// A model trained one float epoch; returns its variables.
 fn float_trained<M: Quantizable + Module>(

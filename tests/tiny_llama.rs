@@ -4,6 +4,8 @@
 //! and that it learns a task only attention with positions can solve. (Its agreement with
 //! candle-transformers' quantized_llama is in tests/gguf_llama.rs.)
 
+#[path = "common/llama_fixture.rs"]
+mod llama_fixture;
 #[path = "../examples/common/tiny_llama.rs"]
 mod tiny_llama;
 
@@ -12,44 +14,11 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use candle_qat::passes::named_modules;
+use llama_fixture::{drawn_model, ids, Res, Rng};
 use tiny_llama::{TinyLlama, TinyLlamaConfig};
 
-type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-/// SplitMix64 with Box-Muller normals.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
-    }
-}
-
 fn model(cfg: TinyLlamaConfig, seed: u64) -> Res<(TinyLlama, VarMap)> {
-    let vm = VarMap::new();
-    let m = TinyLlama::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
-    let mut rng = Rng(seed);
-    m.init_weights(&vm, || rng.normal())?;
-    Ok((m, vm))
-}
-
-fn ids(cfg: &TinyLlamaConfig, batch: usize, seed: u64) -> Res<Tensor> {
-    let mut rng = Rng(seed);
-    let v: Vec<u32> = (0..batch * cfg.ctx)
-        .map(|_| (rng.next() % cfg.vocab as u64) as u32)
-        .collect();
-    Ok(Tensor::from_vec(v, (batch, cfg.ctx), &Device::Cpu)?)
+    drawn_model(cfg, &mut Rng(seed), 1.0)
 }
 
 fn max_abs(t: &Tensor) -> Res<f32> {
@@ -200,7 +169,7 @@ fn periodic(cfg: &TinyLlamaConfig, batch: usize, rng: &mut Rng) -> Res<Tensor> {
     let mut v = Vec::with_capacity(batch * (cfg.ctx + 1));
     for _ in 0..batch {
         let p: Vec<u32> = (0..3)
-            .map(|_| (rng.next() % cfg.vocab as u64) as u32)
+            .map(|_| (rng.next_u64() % cfg.vocab as u64) as u32)
             .collect();
         v.extend((0..=cfg.ctx).map(|t| p[t % 3]));
     }

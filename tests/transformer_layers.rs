@@ -4,6 +4,8 @@
 //! code for code on every preset; QAT checkpoint and int8 files with the float layers; ONNX
 //! export; errors.
 
+#[path = "common/onnx_op_count.rs"]
+mod onnx_op_count;
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
 use candle_qat::checkpoint::{load_int8, load_qat_checkpoint, save_int8, save_qat_checkpoint};
@@ -11,6 +13,7 @@ use candle_qat::model::QuantModule;
 use candle_qat::onnx::{to_onnx, ExportOptions};
 use candle_qat::passes::convert;
 use candle_qat::prelude::*;
+use onnx_op_count::op_count;
 
 const TOKENS: usize = 5;
 const WIDTH: usize = 16;
@@ -548,13 +551,7 @@ fn the_new_layers_export_to_onnx_as_opset_13_ops() -> candle_qat::Result<()> {
     let c = converted(&m)?;
     let x = input(3)?;
     let (model, report) = to_onnx(&c, |m, x| m.forward(x), &x, &ExportOptions::default())?;
-    let count = |op: &str| {
-        report
-            .op_counts
-            .iter()
-            .find(|(o, _)| o == op)
-            .map_or(0, |(_, n)| *n)
-    };
+    let count = |op: &str| op_count(&report, op);
     // Two RmsNorms and a LayerNorm: one ReduceMean each, two for the LayerNorm.
     assert_eq!(count("ReduceMean"), 4, "{:?}", report.op_counts);
     assert_eq!(count("Sqrt"), 3);

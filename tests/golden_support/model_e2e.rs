@@ -1,23 +1,20 @@
 //! model_e2e: TinyNet / TinyResNet through fuse_modules_qat -> prepare_qat -> calibration in
 //! train mode -> eval forward (`qat_y`) -> convert -> int8 forward (`int8_codes_clamped`).
 
-use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
 use candle_qat::model::{QuantModule, Quantizable};
 use candle_qat::nn::{
-    BatchNorm2d, BatchNormConfig, Conv2d, ConvConfig, DeQuantStub, Flatten, FloatFunctional,
-    Linear, QuantStub, ReLU,
+    BatchNorm2d, Conv2d, ConvConfig, DeQuantStub, Flatten, FloatFunctional, Linear, QuantStub, ReLU,
 };
-use candle_qat::passes::{convert, eval, fuse_modules_qat, prepare_qat, train};
-use candle_qat::qconfig::QConfig;
-use candle_qat::qconfig_mapping::QConfigMapping;
+use candle_qat::passes::convert;
 use candle_qat::Quantizable;
 
 use crate::case::{
-    array, as_codes, candle, check_codes, check_exact, check_rel, err, f32s, int, num, string,
-    to_vec, Case, R,
+    as_codes, candle, check_codes, check_exact, check_rel, err, f32s, int, num, string, to_vec,
+    Case, R,
 };
-use crate::fake_quantize_module::backend;
+use crate::model_pipeline::{bn, calibrated, check_int8_codes_clamped, codes};
 
 fn conv(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> candle_qat::Result<Conv2d> {
     let cfg = ConvConfig {
@@ -26,10 +23,6 @@ fn conv(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> candle_qat::R
         ..Default::default()
     };
     Conv2d::new(cin, cout, 3, cfg, true, vb)
-}
-
-fn bn(c: usize, vb: VarBuilder) -> candle_qat::Result<BatchNorm2d> {
-    BatchNorm2d::new(c, BatchNormConfig::default(), vb)
 }
 
 #[derive(Quantizable)]
@@ -152,56 +145,7 @@ fn run_model<M: Quantizable + Module>(
     fc: impl Fn(&M) -> &Linear,
 ) -> R<()> {
     let j = &case.json;
-    let dev = Device::Cpu;
-    let varmap = VarMap::new();
-    let given = j["state_dict"].as_object().ok_or("no state_dict")?;
-    {
-        let mut data = varmap.data().lock().map_err(err)?;
-        for (k, v) in given {
-            data.insert(k.clone(), Var::from_tensor(&candle(v, k)?).map_err(err)?);
-        }
-    }
-    let mut model = build(VarBuilder::from_varmap(&varmap, DType::F32, &dev)).map_err(err)?;
-    // A VarMap creates a parameter the state_dict lacks: the model must have asked for
-    // exactly the keys given (shapes are checked by the layers' constructors).
-    let mut used: Vec<String> = varmap.data().lock().map_err(err)?.keys().cloned().collect();
-    let mut listed: Vec<String> = given.keys().cloned().collect();
-    used.sort();
-    listed.sort();
-    if used != listed {
-        return Err(format!("model parameters {used:?}, state_dict {listed:?}"));
-    }
-    let want_groups = array(&j["fuse_groups"], "fuse_groups")?
-        .iter()
-        .map(|g| {
-            array(g, "fuse group")?
-                .iter()
-                .map(|m| string(m, "fuse group member").map(str::to_string))
-                .collect::<R<Vec<_>>>()
-        })
-        .collect::<R<Vec<_>>>()?;
-    let groups: Vec<Vec<String>> = model
-        .fusion_groups()
-        .into_iter()
-        .map(|g| g.into_iter().map(str::to_string).collect())
-        .collect();
-    if groups != want_groups {
-        return Err(format!("fuse groups {groups:?}, want {want_groups:?}"));
-    }
-    let preset = string(&j["preset"], "preset")?;
-    if string(&j["engine"], "engine")? != preset || int(&j["qconfig_version"], "version")? != 0 {
-        return Err("want engine = preset and qconfig_version 0".into());
-    }
-    let qc = QConfig::default_qat(backend(preset)?);
-    train(&mut model).map_err(err)?;
-    fuse_modules_qat(&mut model).map_err(err)?;
-    prepare_qat(&mut model, &QConfigMapping::global(qc)).map_err(err)?;
-    for (i, x) in array(&j["calib"], "calib")?.iter().enumerate() {
-        model
-            .forward(&candle(x, "calib")?)
-            .map_err(|e| format!("calib {i}: {e}"))?;
-    }
-    eval(&mut model).map_err(err)?;
+    let mut model = calibrated(case, build)?;
     let test_x = candle(&j["test_x"], "test_x")?;
     let y = model.forward(&test_x).map_err(err)?;
     let e = &j["expected"];
@@ -237,18 +181,10 @@ fn run_model<M: Quantizable + Module>(
         "int8_scale",
         "int8_zero_point",
     )?;
-    let y8 = to_vec(&model.forward(&test_x).map_err(err)?)?;
+    let y8 = model.forward(&test_x).map_err(err)?;
     // Our output codes, with our own output qparams.
-    let codes: Vec<i64> = as_codes("int8 y", &y8, out.scale)?
-        .into_iter()
-        .map(|c| c + out.zero_point as i64)
-        .collect();
-    let want = as_codes(
-        "int8_codes_clamped",
-        &f32s(&e["int8_codes_clamped"], "int8_codes_clamped")?,
-        1.0,
-    )?;
-    check_codes("int8_codes_clamped", &codes, &want)?;
+    check_int8_codes_clamped(e, &codes(&y8, out.scale, out.zero_point)?)?;
+    let y8 = to_vec(&y8)?;
     let int8_scale = num(&e["int8_scale"], "int8_scale")? as f32;
     check_codes(
         "int8_y_clamped",

@@ -3,23 +3,18 @@
 //! FloatFunctional mul) through fuse_modules_qat -> prepare_qat -> calibration in train mode
 //! -> eval forward -> convert -> int8 forward.
 
-use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
 use candle_qat::model::{ModulePath, ModuleVisitor, QuantModule, Quantizable};
 use candle_qat::nn::{
-    AdaptiveAvgPool2d, AvgPoolOutput, BatchNorm2d, BatchNormConfig, Conv2d, ConvConfig,
-    DeQuantStub, Flatten, FloatFunctional, Hardsigmoid, Hardswish, Linear, QuantStub, ReLU,
+    AdaptiveAvgPool2d, AvgPoolOutput, BatchNorm2d, Conv2d, ConvConfig, DeQuantStub, Flatten,
+    FloatFunctional, Hardsigmoid, Hardswish, Linear, QuantStub, ReLU,
 };
-use candle_qat::passes::{convert, disable_observer, eval, fuse_modules_qat, prepare_qat, train};
-use candle_qat::qconfig::QConfig;
-use candle_qat::qconfig_mapping::QConfigMapping;
+use candle_qat::passes::{convert, disable_observer};
 use candle_qat::Quantizable;
 
-use crate::case::{
-    array, as_codes, candle, check_codes, check_exact, check_rel, err, f32s, int, num, string,
-    to_vec, Case, R,
-};
-use crate::fake_quantize_module::backend;
+use crate::case::{candle, check_exact, check_rel, err, int, num, string, Case, R};
+use crate::model_pipeline::{bn, calibrated, check_int8_codes_clamped, codes};
 
 fn conv(
     cin: usize,
@@ -34,10 +29,6 @@ fn conv(
         ..Default::default()
     };
     Conv2d::new(cin, cout, k, cfg, true, vb)
-}
-
-fn bn(c: usize, vb: VarBuilder) -> candle_qat::Result<BatchNorm2d> {
-    BatchNorm2d::new(c, BatchNormConfig::default(), vb)
 }
 
 fn pool(mode: AvgPoolOutput) -> candle_qat::Result<AdaptiveAvgPool2d> {
@@ -227,74 +218,6 @@ impl ModuleVisitor for OutputQParams {
     }
 }
 
-/// The model built from the case's `state_dict` (every key used, every parameter given), its
-/// declared fusion groups checked against `fuse_groups`, fused and prepared for the case's
-/// preset, then run on every `calib` batch in train mode and put in eval mode.
-fn calibrated<M: Quantizable + Module>(
-    case: &Case,
-    build: impl Fn(VarBuilder) -> candle_qat::Result<M>,
-) -> R<M> {
-    let j = &case.json;
-    let dev = Device::Cpu;
-    let varmap = VarMap::new();
-    let given = j["state_dict"].as_object().ok_or("no state_dict")?;
-    {
-        let mut data = varmap.data().lock().map_err(err)?;
-        for (k, v) in given {
-            data.insert(k.clone(), Var::from_tensor(&candle(v, k)?).map_err(err)?);
-        }
-    }
-    let mut model = build(VarBuilder::from_varmap(&varmap, DType::F32, &dev)).map_err(err)?;
-    let mut used: Vec<String> = varmap.data().lock().map_err(err)?.keys().cloned().collect();
-    let mut listed: Vec<String> = given.keys().cloned().collect();
-    used.sort();
-    listed.sort();
-    if used != listed {
-        return Err(format!("model parameters {used:?}, state_dict {listed:?}"));
-    }
-    let want_groups = array(&j["fuse_groups"], "fuse_groups")?
-        .iter()
-        .map(|g| {
-            array(g, "fuse group")?
-                .iter()
-                .map(|m| string(m, "fuse group member").map(str::to_string))
-                .collect::<R<Vec<_>>>()
-        })
-        .collect::<R<Vec<_>>>()?;
-    let groups: Vec<Vec<String>> = model
-        .fusion_groups()
-        .into_iter()
-        .map(|g| g.into_iter().map(str::to_string).collect())
-        .collect();
-    if groups != want_groups {
-        return Err(format!("fuse groups {groups:?}, want {want_groups:?}"));
-    }
-    let preset = string(&j["preset"], "preset")?;
-    if string(&j["engine"], "engine")? != preset || int(&j["qconfig_version"], "version")? != 0 {
-        return Err("want engine = preset and qconfig_version 0".into());
-    }
-    let qc = QConfig::default_qat(backend(preset)?);
-    train(&mut model).map_err(err)?;
-    fuse_modules_qat(&mut model).map_err(err)?;
-    prepare_qat(&mut model, &QConfigMapping::global(qc)).map_err(err)?;
-    for (i, x) in array(&j["calib"], "calib")?.iter().enumerate() {
-        model
-            .forward(&candle(x, "calib")?)
-            .map_err(|e| format!("calib {i}: {e}"))?;
-    }
-    eval(&mut model).map_err(err)?;
-    Ok(model)
-}
-
-/// The output codes of the converted model's forward on `x`, with the converted fc's output
-/// qparams `out`.
-fn codes(y: &Tensor, out: &QP) -> R<Vec<i64>> {
-    Ok(as_codes("int8 y", &to_vec(y)?, out.scale)?
-        .into_iter()
-        .map(|c| c + out.zero_point as i64)
-        .collect())
-}
-
 fn output_qparams<M: Quantizable>(model: &M) -> R<Vec<(String, QP)>> {
     let mut v = OutputQParams(Vec::new());
     model.visit(&mut ModulePath::root(), &mut v).map_err(err)?;
@@ -343,12 +266,7 @@ fn pytorch_setting<M: Quantizable + Module>(
         .map(|(_, q)| *q)
         .ok_or("converted fc has no output qparams")?;
     let y8 = model.forward(&test_x).map_err(err)?;
-    let want = as_codes(
-        "int8_codes_clamped",
-        &f32s(&e["int8_codes_clamped"], "int8_codes_clamped")?,
-        1.0,
-    )?;
-    check_codes("int8_codes_clamped", &codes(&y8, &fc)?, &want)
+    check_int8_codes_clamped(e, &codes(&y8, fc.scale, fc.zero_point)?)
 }
 
 /// Our default (`AvgPoolOutput::SharedFakeQuant`), compared with itself as FORMAT.md says:
@@ -371,8 +289,8 @@ fn default_setting<M: Quantizable + Module>(
     let y8 = model.forward(&test_x).map_err(err)?;
     check_exact(
         "default setting: int8 codes vs fake-quant codes",
-        &codes(&y8, &fc)?,
-        &codes(&y_fq, &fc)?,
+        &codes(&y8, fc.scale, fc.zero_point)?,
+        &codes(&y_fq, fc.scale, fc.zero_point)?,
     )
 }
 
