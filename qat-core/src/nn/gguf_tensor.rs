@@ -62,21 +62,17 @@ impl Linear {
     pub(crate) fn gguf_tensor(&self) -> Result<QTensor> {
         match self.stage() {
             Stage::Float => float_qtensor(self.weight()),
-            // A GGML-converted Linear: the blocks its QMatMul runs (requantizing the float
-            // weight gives the same bytes: the quantizer is a function of the weight).
+            // A GGML-converted Linear: a copy of the blocks its QMatMul runs.
             Stage::Converted if self.ggml_weight().is_some() => {
                 let held = self
                     .ggml_weight()
                     .ok_or_else(|| Error::state("no GGML weight", "report this as a bug"))?;
-                let q = crate::ggml::to_qtensor(&self.weight().detach(), self.w.ggml_type()?)?;
-                if q.data()? != held.data()? {
-                    return Err(Error::state(
-                        "the GGML blocks of a converted Linear differ from its weight's",
-                        "do not change a converted layer's float weight; convert again",
-                    )
-                    .in_module(self.w.common.path.clone()));
-                }
-                Ok(q)
+                let storage = candle_core::quantized::QStorage::from_data(
+                    held.data()?,
+                    &Device::Cpu,
+                    held.dtype(),
+                )?;
+                Ok(QTensor::new(storage, held.shape().clone())?)
             }
             Stage::Fused | Stage::Prepared | Stage::Converted => {
                 Err(unexportable(self, &self.w.common.path))

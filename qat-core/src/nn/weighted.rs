@@ -232,13 +232,6 @@ impl Weighted {
         }
     }
 
-    /// The block type of a GGML-converted layer.
-    pub fn ggml_type(&self) -> Result<BlockType> {
-        self.ggml()
-            .map(|g| g.ty)
-            .ok_or_else(|| Error::state("not a GGML-converted layer", "report this as a bug"))
-    }
-
     /// The transformer-scheme quantizers of a prepared layer (`None`: eager or not
     /// prepared).
     fn scheme_quant(&self) -> Option<&WeightQuant> {
