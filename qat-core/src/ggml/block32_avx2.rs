@@ -143,6 +143,7 @@ fn grad<const K: u8>(
         }
         let vid = c(st.id[b]);
         let out = ob.as_mut_ptr().cast::<f32>();
+        let mut nan = _mm256_setzero_ps();
         for i in 0..QK / 8 {
             // SAFETY: `xb` and `db` hold 32 f32s and `i < 4`, so the loads read
             // `[8 * i..8 * i + 8]` of each, in bounds.
@@ -158,11 +159,18 @@ fn grad<const K: u8>(
                     let v = _mm256_add_ps(_mm256_mul_ps(xv, vid), c(half));
                     _mm256_and_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(v, c(top)), dv)
                 }
-                _ => dv,
+                _ => {
+                    nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(xv, xv));
+                    dv
+                }
             };
             // SAFETY: `ob` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
             // `i < 4`, so the store writes `out[8 * i..8 * i + 8]`, in bounds.
             unsafe { _mm256_storeu_ps(out.add(8 * i), g) };
+        }
+        // Q4_1/Q5_1: a block holding a NaN goes to the portable kernel (see `quantize`).
+        if _mm256_movemask_ps(nan) != 0 {
+            block32::backward_portable(kind_of(K), xb, db, ob);
         }
     }
 }
@@ -270,8 +278,9 @@ fn bits(v: __m256) -> __m256i {
     _mm256_castps_si256(v)
 }
 
-/// The statistics and scales of 8 blocks (see [`Stats`]); `None` when one of them holds a
-/// NaN (the portable kernel then takes the group).
+/// The statistics and scales of 8 blocks (see [`Stats`]); `None` when one of Q8_0's, Q4_0's
+/// or Q5_0's blocks holds a NaN (the portable kernel then takes the group). Q4_1 and Q5_1
+/// leave the NaN check to [`quantize`] and [`grad`], which load every input anyway.
 ///
 /// Q8_0 reduces the bits of `|x|` with a signed integer maximum: for non-negative floats
 /// the integer order is the float order, and a NaN's bits exceed infinity's. Q4_0 and Q5_0
@@ -360,22 +369,8 @@ fn stats<const K: u8>(xs: &[f32; LANES * QK]) -> Option<Stats> {
             )
         }
         _ => {
-            // The NaN check in a loop of its own (the blocks are in L1): folded into the
-            // reduction, its accumulator made the 16 partial results spill.
-            let mut nan = zero;
-            for b in 0..LANES {
-                let v = load(xs, b);
-                nan = _mm256_or_ps(
-                    nan,
-                    _mm256_or_ps(
-                        _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
-                        _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
-                    ),
-                );
-            }
-            if _mm256_movemask_ps(nan) != 0 {
-                return None;
-            }
+            // No NaN check here: `quantize` looks for NaNs in the inputs it loads anyway and
+            // hands such a block to the portable kernel (whatever these lanes then hold).
             let (mn, mx) = reduce8x2(
                 |b| {
                     let v = load(xs, b);
@@ -452,6 +447,7 @@ fn quantize<const K: u8>(
         }
         let (vid, vd, vm, vmin) = (c(st.id[b]), c(st.dq[b]), c(st.mq[b]), c(st.mn[b]));
         let out = yb.as_mut_ptr().cast::<f32>();
+        let mut nan = zero;
         for (i, xv) in load(xs, b).into_iter().enumerate() {
             let y = match K {
                 Q8_0 => {
@@ -479,6 +475,7 @@ fn quantize<const K: u8>(
                     _mm256_mul_ps(_mm256_sub_ps(code, c(off)), vd)
                 }
                 _ => {
+                    nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(xv, xv));
                     // `x <= max`, so `(x - min) * id + 0.5 <= 15.5` (31.5) up to a few ulps:
                     // candle's `min(15)` (Q4_1) never applies in the fast path.
                     let q = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(xv, vmin), vid), c(0.5));
@@ -491,6 +488,11 @@ fn quantize<const K: u8>(
             // SAFETY: `yb` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
             // `i < 4`, so the store writes `out[8 * i..8 * i + 8]`, in bounds.
             unsafe { _mm256_storeu_ps(out.add(8 * i), y) };
+        }
+        // Q4_1/Q5_1: a block holding a NaN (its statistics are then meaningless) is
+        // recomputed by the portable kernel, over what was just written.
+        if _mm256_movemask_ps(nan) != 0 {
+            block32::forward_portable(kind_of(K), xb, yb);
         }
     }
 }
@@ -518,6 +520,7 @@ fn quantize512<const K: u8>(
         }
         let (vid, vd, vm, vmin) = (c(st.id[b]), c(st.dq[b]), c(st.mq[b]), c(st.mn[b]));
         let out = yb.as_mut_ptr().cast::<f32>();
+        let mut nan: __mmask16 = 0;
         for (i, h) in xb.as_chunks::<16>().0.iter().enumerate() {
             // SAFETY: `h` holds 16 f32s; the unaligned load reads all 16.
             let xv = unsafe { _mm512_loadu_ps(h.as_ptr()) };
@@ -540,6 +543,7 @@ fn quantize512<const K: u8>(
                     _mm512_mul_ps(_mm512_sub_ps(code, c(off)), vd)
                 }
                 _ => {
+                    nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(xv, xv);
                     let q = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(xv, vmin), vid), c(0.5));
                     let code = trunc(q);
                     _mm512_fmadd_ps(code, vd, vm)
@@ -548,6 +552,9 @@ fn quantize512<const K: u8>(
             // SAFETY: `yb` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
             // `i < 2`, so the store writes `out[16 * i..16 * i + 16]`, in bounds.
             unsafe { _mm512_storeu_ps(out.add(16 * i), y) };
+        }
+        if nan != 0 {
+            block32::forward_portable(kind_of(K), xb, yb);
         }
     }
 }
