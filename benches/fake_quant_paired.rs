@@ -14,7 +14,17 @@
 //! straight-through mask, the backward reads the gradient and the mask instead of the input.
 //! Run with `cargo bench --bench fake_quant_paired [-- FILTER...]` (names containing
 //! any FILTER).
+//!
+//! The allocator is the one the examples and the training-step benches run with: mimalloc
+//! keeping freed memory (examples/common/alloc.rs). With glibc's malloc, the forward +
+//! backward rows (two 4 MiB outputs freed together) hand memory back to the OS every
+//! repetition and page-fault it in again, which times the allocator, not the kernels.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[path = "../examples/common/alloc.rs"]
+mod alloc;
 #[path = "common/threads.rs"]
 mod threads;
 
@@ -53,6 +63,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
+    alloc::keep_freed_memory();
     let pool = threads::pin(1);
     let filters: Vec<String> = std::env::args()
         .skip(1)
