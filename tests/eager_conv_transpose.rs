@@ -500,3 +500,63 @@ fn weight_fake_quant_matches_pytorch_and_converts_exactly() {
 fn bn_fusion_folds_for_any_groups() {
     each(fusion_1d, fusion_2d);
 }
+
+/// A prepared ConvTranspose2d goes through the QAT checkpoint (weights, bias, both
+/// fake-quants) into a fresh model that then computes the same, and the summary names it
+/// with its weight fake-quant per channel on axis 1 (x86).
+#[test]
+fn qat_checkpoint_round_trips_and_summary_names_the_layer() {
+    use candle_qat::checkpoint::{load_qat_checkpoint, save_qat_checkpoint};
+    use candle_qat::passes::summary;
+    let cases = cases().unwrap_or_else(|e| panic!("{e}"));
+    let c = cases
+        .iter()
+        .find(|c| {
+            c.json["module"] == "ConvTranspose2d"
+                && c.json["preset"] == "x86"
+                && c.json["args"]["groups"] == 2
+        })
+        .expect("a grouped 2-D x86 case");
+    let opg = (int(&c.json["args"]["out_channels"], "out").unwrap() / 2) as usize;
+    let (mut a, vm_a, x, ..) = qat::<Net2d>(c, QConfig::default_qat(Backend::X86), false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = summary(&a).unwrap();
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("conv "))
+        .unwrap_or_else(|| panic!("no conv line in\n{s}"));
+    assert!(
+        line.contains("ConvTranspose2d") && line.contains("Prepared"),
+        "{line}"
+    );
+    let file = std::env::temp_dir().join(format!(
+        "candle-qat-convt-{}.safetensors",
+        std::process::id()
+    ));
+    save_qat_checkpoint(&mut a, &vm_a, &file).unwrap();
+    let vm_b = VarMap::new();
+    let mut b = Net2d::build(c, VarBuilder::from_varmap(&vm_b, DType::F32, &Device::Cpu)).unwrap();
+    train(&mut b).unwrap();
+    prepare_qat(
+        &mut b,
+        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
+    )
+    .unwrap();
+    load_qat_checkpoint(&mut b, &vm_b, &file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    let (wa, oa) = fqs(a.conv_ref()).unwrap();
+    let (wb, ob) = fqs(b.conv_ref()).unwrap();
+    assert_eq!(
+        wa.len(),
+        opg,
+        "one weight scale per column of axis 1 (out / groups)"
+    );
+    assert_eq!((&wa, oa), (&wb, ob));
+    for m in [&mut a, &mut b] {
+        eval(m).unwrap();
+        disable_observer(m).unwrap();
+    }
+    let ya = to_vec(&a.forward(x.as_tensor()).unwrap()).unwrap();
+    let yb = to_vec(&b.forward(x.as_tensor()).unwrap()).unwrap();
+    assert_eq!(ya, yb);
+}
