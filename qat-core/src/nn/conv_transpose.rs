@@ -280,9 +280,6 @@ macro_rules! conv_transpose {
             fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
                 self.w.prepare(qconfig)
             }
-            fn check_qconfig(&self, qconfig: &QConfig) -> Result<()> {
-                self.w.check_scheme(qconfig)
-            }
             fn qconfig(&self) -> Option<&QConfig> {
                 self.w.common.qconfig()
             }
