@@ -727,5 +727,16 @@ fn a_conv_transpose1d_converts_exactly_and_exports() -> AnyResult<()> {
         .find(|t| t.name.as_deref() == Some(wdq.input[0].as_str()))
         .expect("weight");
     assert_eq!(wq.dims, vec![4, 3, 3]);
+
+    // Per-tensor weights (for runtimes without per-channel ConvTranspose): one scale, the
+    // largest column's, and the layer reported as requantized.
+    let (pt, report) = to_onnx(
+        &net,
+        |m, x| m.forward(x),
+        &x,
+        &ExportOptions::default().per_tensor_weights(true),
+    )?;
+    check_qdq(&pt, Some(true));
+    assert_eq!(report.requantized, vec!["up"]);
     Ok(())
 }
