@@ -30,10 +30,10 @@ pub mod prelude {
     pub use qat_core::model::{ModulePath, Quantizable, Stage};
     pub use qat_core::nn::{
         AdaptiveAvgPool2d, AvgPool2d, AvgPoolOutput, BatchNorm1d, BatchNorm2d, BatchNorm3d,
-        BatchNormConfig, Conv1d, Conv2d, Conv3d, ConvConfig, DeQuantStub, Dropout, Embedding,
-        Flatten, FloatFunctional, Gelu, Hardsigmoid, Hardswish, Identity, LayerNorm, LeakyReLU,
-        Linear, MaxPool2d, QuantStub, ReLU, ReLU6, RmsNorm, SiLU, Sigmoid, Tanh, Upsample, ELU,
-        GELU,
+        BatchNormConfig, Conv1d, Conv2d, Conv3d, ConvConfig, ConvTranspose1d, ConvTranspose2d,
+        ConvTransposeConfig, DeQuantStub, Dropout, Embedding, Flatten, FloatFunctional, Gelu,
+        Hardsigmoid, Hardswish, Identity, LayerNorm, LeakyReLU, Linear, MaxPool2d, QuantStub, ReLU,
+        ReLU6, RmsNorm, SiLU, Sigmoid, Tanh, Upsample, ELU, GELU,
     };
     pub use qat_core::passes::{
         disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,

@@ -110,9 +110,11 @@ fn check_qdq(m: &ModelProto, per_tensor: Option<bool>) {
     let prod = producers(m);
     for n in ops(m) {
         let op = n.op_type.as_deref().unwrap_or("");
-        if op != "Conv" && op != "Gemm" {
+        if op != "Conv" && op != "Gemm" && op != "ConvTranspose" {
             continue;
         }
+        // ConvTranspose weights are (in, out / groups, k...): per channel along axis 1.
+        let ch_axis = usize::from(op == "ConvTranspose");
         let Some(w) = prod.get(n.input[1].as_str()) else {
             // A float layer: float weights straight from an initializer.
             assert_eq!(
@@ -141,8 +143,13 @@ fn check_qdq(m: &ModelProto, per_tensor: Option<bool>) {
                 assert!(axis.is_none());
             }
             Some(false) => {
-                assert_eq!(scale.dims, vec![codes.dims[0]], "{:?}: per-channel", n.name);
-                assert_eq!(axis.and_then(|a| a.i), Some(0));
+                assert_eq!(
+                    scale.dims,
+                    vec![codes.dims[ch_axis]],
+                    "{:?}: per-channel",
+                    n.name
+                );
+                assert_eq!(axis.and_then(|a| a.i), Some(ch_axis as i64));
             }
             None => {}
         }
@@ -484,5 +491,252 @@ fn a_conv1d_model_exports_1d_convs_with_qdq() -> AnyResult<()> {
         inits[convs[2].input[1].as_str()].data_type,
         Some(DataType::Float as i32)
     );
+    Ok(())
+}
+
+/// A transposed-convolution net on MNIST: downsample, upsample with a grouped
+/// ConvTranspose2d (stride 2, padding 1, output_padding 1), a 1-D-free head.
+#[derive(Clone, Quantizable)]
+struct UpNet {
+    quant: QuantStub,
+    conv1: Conv2d,
+    relu1: ReLU,
+    up: ConvTranspose2d,
+    relu2: ReLU,
+    conv2: Conv2d,
+    flatten: Flatten,
+    fc: Linear,
+    dequant: DeQuantStub,
+}
+
+impl UpNet {
+    fn new(vb: VarBuilder) -> candle_qat::Result<Self> {
+        let down = ConvConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let up = ConvTransposeConfig {
+            padding: 1,
+            output_padding: 1,
+            stride: 2,
+            groups: 2,
+            ..Default::default()
+        };
+        let head = ConvConfig {
+            stride: 4,
+            ..Default::default()
+        };
+        Ok(UpNet {
+            quant: QuantStub::new(),
+            conv1: Conv2d::new(1, 8, 3, down, true, vb.pp("conv1"))?,
+            relu1: ReLU::new(),
+            up: ConvTranspose2d::new(8, 8, 3, up, true, vb.pp("up"))?,
+            relu2: ReLU::new(),
+            conv2: Conv2d::new(8, 4, 4, head, true, vb.pp("conv2"))?,
+            flatten: Flatten::new(1),
+            fc: Linear::new(4 * 7 * 7, 10, true, vb.pp("fc"))?,
+            dequant: DeQuantStub::new(),
+        })
+    }
+}
+
+impl Module for UpNet {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.quant.forward(x)?;
+        let x = self.relu1.forward(&self.conv1.forward(&x)?)?;
+        let x = self.relu2.forward(&self.up.forward(&x)?)?;
+        let x = self.flatten.forward(&self.conv2.forward(&x)?)?;
+        self.dequant.forward(&self.fc.forward(&x)?)
+    }
+}
+
+/// A converted ConvTranspose2d exports as ONNX's ConvTranspose behind QDQ: its int8 weight
+/// in ONNX's layout `(in, out / groups, kh, kw)`, per channel on axis 1 (x86) or per tensor
+/// (qnnpack), an int32 bias per output channel; the models go to `check_onnx.py`
+/// (onnxruntime). The int8 file round-trips the layer exactly.
+#[test]
+fn a_conv_transpose_net_exports_and_round_trips() -> AnyResult<()> {
+    use candle_qat::checkpoint::{load_int8, save_int8};
+    let data = Mnist::embedded()?;
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir)?;
+    let dev = Device::Cpu;
+    let (x, y) = data
+        .test
+        .batch(&(0..data.test.n).collect::<Vec<_>>(), &dev)?;
+    x.write_npy(dir.join("inputs.npy"))?;
+    y.to_dtype(DType::I64)?.write_npy(dir.join("labels.npy"))?;
+    let float = float_trained(UpNet::new, &data, 0.05)?;
+    for (backend, preset) in [(Backend::X86, "x86"), (Backend::Qnnpack, "qnnpack")] {
+        let mapping = qconfig_mapping! { global => QConfig::default_qat(backend) };
+        let net = converted(UpNet::new, &float, &mapping, &data)?;
+        assert_eq!(net.up.kind(), "ConvTranspose2d");
+        let m = write_outputs(&net, &format!("conv_transpose_{preset}"), &x, &dir)?;
+        check_qdq(&m, Some(backend == Backend::Qnnpack));
+        assert_eq!(count(&m, "ConvTranspose"), 1);
+        assert_eq!(count(&m, "Conv"), 2);
+        let g = m.graph.as_ref().expect("graph");
+        let inits: HashMap<&str, _> = g
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_deref().unwrap_or(""), t))
+            .collect();
+        let prod = producers(&m);
+        let node = ops(&m)
+            .into_iter()
+            .find(|n| n.op_type.as_deref() == Some("ConvTranspose"))
+            .expect("ConvTranspose");
+        let attr = |name: &str| {
+            node.attribute
+                .iter()
+                .find(|a| a.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("no {name}"))
+        };
+        assert_eq!(attr("strides").ints, vec![2, 2]);
+        assert_eq!(attr("pads").ints, vec![1, 1, 1, 1]);
+        assert_eq!(attr("output_padding").ints, vec![1, 1]);
+        assert_eq!(attr("dilations").ints, vec![1, 1]);
+        assert_eq!(attr("group").i, Some(2));
+        let wdq = prod[node.input[1].as_str()];
+        let wq = inits[wdq.input[0].as_str()];
+        // ONNX's layout: (in, out / groups, kh, kw).
+        assert_eq!(wq.dims, vec![8, 4, 3, 3]);
+        let ws = inits[wdq.input[1].as_str()];
+        let axis = wdq
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some("axis"))
+            .and_then(|a| a.i);
+        if backend == Backend::X86 {
+            assert_eq!(ws.dims, vec![4]);
+            assert_eq!(axis, Some(1));
+        } else {
+            assert!(ws.dims.is_empty());
+            assert_eq!(axis, None);
+        }
+        let bdq = prod[node.input[2].as_str()];
+        let bq = inits[bdq.input[0].as_str()];
+        assert_eq!(bq.dims, vec![8]);
+        assert_eq!(bq.data_type, Some(DataType::Int32 as i32));
+
+        // save_int8 / load_int8: the same codes, in PyTorch's weight layout.
+        let file = dir.join(format!("conv_transpose_{preset}.safetensors"));
+        let mut a = net.clone();
+        save_int8(&mut a, &file)?;
+        let mut b = UpNet::new(VarBuilder::zeros(DType::F32, &dev))?;
+        load_int8(&mut b, &file)?;
+        let sa = net.up.int8_state().expect("converted");
+        let sb = b.up.int8_state().expect("loaded");
+        assert_eq!(sa, sb);
+        assert_eq!(sa.weight_shape, vec![8, 4, 3, 3]);
+        let xs = x.narrow(0, 0, 64)?;
+        assert_eq!(
+            net.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?,
+            b.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?
+        );
+    }
+    Ok(())
+}
+
+/// QuantStub -> ConvTranspose1d -> DeQuantStub.
+#[derive(Clone, Quantizable)]
+struct Up1d {
+    quant: QuantStub,
+    up: ConvTranspose1d,
+    dequant: DeQuantStub,
+}
+
+impl Module for Up1d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.dequant
+            .forward(&self.up.forward(&self.quant.forward(x)?)?)
+    }
+}
+
+/// ConvTranspose1d: the converted model equals the fake-quant model code for code and
+/// exports a 1-D ConvTranspose (one stride, two pads, a 3-D weight per channel on axis 1).
+#[test]
+fn a_conv_transpose1d_converts_exactly_and_exports() -> AnyResult<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let c = ConvTransposeConfig {
+        padding: 1,
+        output_padding: 2,
+        stride: 3,
+        dilation: 1,
+        groups: 2,
+    };
+    let mut net = Up1d {
+        quant: QuantStub::new(),
+        up: ConvTranspose1d::new(4, 6, 3, c, true, vb.pp("up"))?,
+        dequant: DeQuantStub::new(),
+    };
+    prepare_qat(
+        &mut net,
+        &QConfigMapping::global(QConfig::default_qat(Backend::X86)),
+    )?;
+    let x = Tensor::randn(0f32, 1., (3, 4, 9), &dev)?;
+    net.forward(&x)?;
+    disable_observer(&mut net)?;
+    eval(&mut net)?;
+    let fq_out = net.forward(&x)?;
+    convert(&mut net)?;
+    let int_out = net.forward(&x)?;
+    assert_eq!(int_out.dims(), &[3, 6, 27]);
+    assert_eq!(
+        fq_out.flatten_all()?.to_vec1::<f32>()?,
+        int_out.flatten_all()?.to_vec1::<f32>()?
+    );
+    // check_onnx.py runs it in onnxruntime on its own input.
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("conv_transpose1d_x86.onnx");
+    export_onnx(
+        &net,
+        |m, x| m.forward(x),
+        &x,
+        &path,
+        &ExportOptions::default(),
+    )?;
+    x.write_npy(dir.join("conv_transpose1d_x86_input.npy"))?;
+    int_out.write_npy(dir.join("conv_transpose1d_x86_reference.npy"))?;
+    let m = ModelProto::decode(std::fs::read(&path)?.as_slice())?;
+    check_qdq(&m, Some(false));
+    let node = ops(&m)
+        .into_iter()
+        .find(|n| n.op_type.as_deref() == Some("ConvTranspose"))
+        .expect("ConvTranspose");
+    let ints = |name: &str| -> Vec<i64> {
+        node.attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+            .map(|a| a.ints.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(ints("strides"), vec![3]);
+    assert_eq!(ints("pads"), vec![1, 1]);
+    assert_eq!(ints("output_padding"), vec![2]);
+    let prod = producers(&m);
+    let g = m.graph.as_ref().expect("graph");
+    let wdq = prod[node.input[1].as_str()];
+    let wq = g
+        .initializer
+        .iter()
+        .find(|t| t.name.as_deref() == Some(wdq.input[0].as_str()))
+        .expect("weight");
+    assert_eq!(wq.dims, vec![4, 3, 3]);
+
+    // Per-tensor weights (for runtimes without per-channel ConvTranspose): one scale, the
+    // largest column's, and the layer reported as requantized.
+    let (pt, report) = to_onnx(
+        &net,
+        |m, x| m.forward(x),
+        &x,
+        &ExportOptions::default().per_tensor_weights(true),
+    )?;
+    check_qdq(&pt, Some(true));
+    assert_eq!(report.requantized, vec!["up"]);
     Ok(())
 }

@@ -9,7 +9,8 @@ use crate::model::{FuseMode, ModulePath, Stage};
 use crate::nn::common::{GroupTrace, Member, Placeholder};
 use crate::nn::weighted::Weighted;
 use crate::nn::{
-    BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormInner, Conv1d, Conv2d, Conv3d, Linear, ReLU,
+    BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormInner, Conv1d, Conv2d, Conv3d, ConvTranspose1d,
+    ConvTranspose2d, Linear, ReLU,
 };
 
 /// One declared group being fused: where it lives and its members' field names.
@@ -42,7 +43,8 @@ impl FuseGroup<'_> {
     label = "these layer types cannot be fused together",
     note = "supported, in forward order: (Conv1d, BatchNorm1d), (Conv2d, BatchNorm2d), \
             (Conv3d, BatchNorm3d), each with a ReLU after; (Conv1d|Conv2d|Conv3d, ReLU); \
-            (Linear, BatchNorm1d); (Linear, ReLU); (BatchNorm2d|BatchNorm3d, ReLU)",
+            (Linear, BatchNorm1d); (Linear, ReLU); (BatchNorm2d|BatchNorm3d, ReLU); \
+            (ConvTranspose1d, BatchNorm1d), (ConvTranspose2d, BatchNorm2d) (eval fusion only)",
     note = "to head a group with a layer type of your own, implement \
             `qat_core::fuse::FuseWith<&mut B>` (pair) or `FuseWith<(&mut B, &mut C)>` (triple) \
             for it; a group has two or three members"
@@ -256,6 +258,8 @@ fn link<P, C>(
 enum Fold {
     Conv,
     Linear,
+    /// A transposed convolution (its groups are the head's).
+    ConvTranspose,
 }
 
 fn absorb_bn(
@@ -285,22 +289,42 @@ fn absorb_bn(
             "fuse a BatchNorm whose num_features equals the layer's output channels",
         ));
     }
-    match group.mode {
-        FuseMode::Qat => w.bn = Some(core),
-        FuseMode::Eval => {
-            let f = match fold {
-                Fold::Conv => fold_conv_bn_weights,
-                Fold::Linear => fold_linear_bn_weights,
-            };
-            let (nw, nb) = f(
-                &w.weight,
-                w.bias.as_ref(),
-                core.running_mean.as_tensor(),
-                core.running_var.as_tensor(),
-                core.config.eps,
-                &core.weight,
-                &core.bias,
-            )?;
+    match (group.mode, fold) {
+        (FuseMode::Qat, Fold::ConvTranspose) => {
+            bn.core = Some(core);
+            return Err(Error::pass(
+                "QAT fusion of ConvTranspose and BatchNorm (PyTorch has no QAT ConvTransposeBn \
+                 module; its fuser raises 'not yet supported in QAT')",
+                "fuse the group with fuse_modules (eval: the BatchNorm folds into the \
+                 transposed convolution with its running statistics) before prepare_qat, or \
+                 leave the pair unfused",
+            ));
+        }
+        (FuseMode::Qat, _) => w.bn = Some(core),
+        (FuseMode::Eval, _) => {
+            let (rm, rv) = (core.running_mean.as_tensor(), core.running_var.as_tensor());
+            let (eps, g, b) = (core.config.eps, &core.weight, &core.bias);
+            let (nw, nb) = match fold {
+                Fold::Conv => fold_conv_bn_weights(&w.weight, w.bias.as_ref(), rm, rv, eps, g, b),
+                Fold::Linear => {
+                    fold_linear_bn_weights(&w.weight, w.bias.as_ref(), rm, rv, eps, g, b)
+                }
+                Fold::ConvTranspose => fold_conv_transpose_bn_weights(
+                    &w.weight,
+                    w.bias.as_ref(),
+                    rm,
+                    rv,
+                    eps,
+                    g,
+                    b,
+                    w.transposed.ok_or_else(|| {
+                        Error::state(
+                            "a transposed fold of a direct layer",
+                            "report this as a bug",
+                        )
+                    })?,
+                ),
+            }?;
             w.weight = nw;
             w.bias = Some(nb);
         }
@@ -325,6 +349,10 @@ weighted_bn!(Conv1d, BatchNorm1d, Fold::Conv);
 weighted_bn!(Conv2d, BatchNorm2d, Fold::Conv);
 weighted_bn!(Conv3d, BatchNorm3d, Fold::Conv);
 weighted_bn!(Linear, BatchNorm1d, Fold::Linear);
+// PyTorch's `fuse_convtranspose_bn`: eval only, a plain folded ConvTranspose (correct for any
+// groups, unlike PyTorch's fold: pytorch#180995).
+weighted_bn!(ConvTranspose1d, BatchNorm1d, Fold::ConvTranspose);
+weighted_bn!(ConvTranspose2d, BatchNorm2d, Fold::ConvTranspose);
 
 /// (Conv, BatchNorm, ReLU): PyTorch's table has no (Linear, BatchNorm1d, ReLU).
 macro_rules! conv_bn_relu {

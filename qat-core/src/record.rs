@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use crate::geometry::ConvConfig;
+use crate::geometry::{ConvConfig, ConvTransposeConfig};
 
 /// Scale, zero point and code range of an activation.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -59,18 +59,6 @@ impl WeightCodes {
     pub fn row_len(&self) -> usize {
         self.shape.iter().skip(1).product()
     }
-    /// One scale per output channel.
-    pub fn is_per_channel(&self) -> bool {
-        self.scales.len() > 1
-    }
-    /// The scale of output channel `row`.
-    pub fn scale(&self, row: usize) -> f32 {
-        if self.scales.len() == 1 {
-            self.scales[0]
-        } else {
-            self.scales[row]
-        }
-    }
 }
 
 /// What a weighted layer multiplies with.
@@ -80,6 +68,13 @@ pub(crate) enum WeightedKind {
     /// A convolution over `rank` spatial dims.
     Conv {
         config: ConvConfig,
+        rank: usize,
+    },
+    /// A transposed convolution over `rank` spatial dims. Its converted weight is recorded in
+    /// the direct convolution's layout the int8 kernel runs (see
+    /// `crate::quantized::conv_transpose`).
+    ConvTranspose {
+        config: ConvTransposeConfig,
         rank: usize,
     },
 }

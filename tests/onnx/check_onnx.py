@@ -1,15 +1,16 @@
 """Checks candle-qat's ONNX QDQ exports with onnx and onnxruntime.
 
 `cargo test --test onnx_export` writes, into QAT_ONNX_DIR (or the directory given as the
-first argument): MnistNet and the residual example's net (and `cargo test --test
-mobilenet_v2` MobileNetV2-0.35), each converted with the x86 and the qnnpack preset, as
+first argument): MnistNet, the residual example's net and a net with a grouped
+ConvTranspose2d (and `cargo test --test mobilenet_v2` MobileNetV2-0.35), each converted with the x86 and the qnnpack preset, as
 <model>_<preset>.onnx; inputs.npy (the 1,000 normalised test images), labels.npy and each model's converted-model outputs on them
 (<model>_reference.npy, the dequantized output codes). For each model this script runs
 onnx.checker (full check, with shape inference), runs onnxruntime twice (graph optimisations
 off: the QDQ graph as written; on: onnxruntime fuses QDQ groups into integer kernels), and
 compares the output codes with candle-qat's: within each model's bounds (MODELS: every code
 within 1 and, where the arithmetic is ONNX's (qnnpack), every prediction the same, for the
-shallow nets). It prints the exact-match fractions.
+shallow nets). It prints the exact-match fractions. Models with their own input (OWN_INPUT:
+<name>_input.npy, a ConvTranspose1d) are compared on their output codes only.
 """
 
 import os
@@ -44,6 +45,16 @@ MODELS = {
     "residual_qnnpack": (1, 1.0),
     "mobilenet_v2_x86": (10, 0.97),
     "mobilenet_v2_qnnpack": (3, 0.99),
+    # tests/onnx_export.rs: a grouped ConvTranspose2d between two convs (measured: qnnpack
+    # every code equal; x86 max 1 code, 99.6% equal, from its float bias rounded to int32).
+    "conv_transpose_x86": (1, 0.99),
+    "conv_transpose_qnnpack": (0, 1.0),
+}
+
+# Models with their own input (<name>_input.npy) and no labels: largest output-code difference
+# allowed. A ConvTranspose1d (grouped, stride 3, output_padding 2), x86 preset.
+OWN_INPUT = {
+    "conv_transpose1d_x86": 1,
 }
 
 
@@ -122,6 +133,24 @@ def main():
                 qops = {k: v for k, v in sorted(fused.items()) if k.startswith("QLinear") or k.startswith("QGemm")}
                 print(f"{'':17} onnxruntime's integer kernels after fusion: {qops or 'none'}")
             if diff.max() > max_diff or agree < min_agree:
+                failed = True
+                print(f"FAIL: {name} ({mode}) disagrees with candle-qat's converted model")
+    for name, max_diff in OWN_INPUT.items():
+        path = os.path.join(d, f"{name}.onnx")
+        model = onnx.load(path)
+        onnx.checker.check_model(model, full_check=True)
+        scale, zp = output_qparams(model)
+        xi = np.load(os.path.join(d, f"{name}_input.npy"))
+        q_ours = np.round(np.load(os.path.join(d, f"{name}_reference.npy")) / scale) + zp
+        for optimize in (False, True):
+            y, _ = run(path, xi, optimize)
+            diff = np.abs(np.round(y / scale) + zp - q_ours)
+            mode = "optimised" if optimize else "as written"
+            print(
+                f"{name:10} onnxruntime ({mode:10}): output codes equal "
+                f"{100 * float(np.mean(diff == 0)):.2f}% (max |diff| {int(diff.max())} code)"
+            )
+            if diff.max() > max_diff:
                 failed = True
                 print(f"FAIL: {name} ({mode}) disagrees with candle-qat's converted model")
     if failed:

@@ -226,13 +226,19 @@ fn read_int8(r: &Reader, key: &dyn Fn(&str) -> String, m: &ModelLayer) -> Result
                 "load into a model built with the same layer sizes as the saved one",
             ));
         }
+        // One scale, or one per channel of the weight's channel axis: 0, or 1 for a transposed
+        // convolution's `(in, out / groups, k...)` weight (the layer checks which, and the
+        // bias against its output channels, when it stages the state).
         let o = shape.first().copied().unwrap_or(0);
+        let cols = shape.get(1).copied().unwrap_or(0);
         let (_, scales) = r.f32s(&key("weight_scale"))?;
         let (_, bias) = r.f32s(&key("bias"))?;
         let (_, bias_int32) = r.i32s(&key("bias_int32"))?;
-        if !(scales.len() == 1 || scales.len() == o) || bias.len() != o || bias_int32.len() != o {
+        let n = scales.len();
+        if !(n == 1 || n == o || (shape.len() > 2 && n == cols)) || bias_int32.len() != bias.len() {
             return Err(invalid(format!(
-                "`{}`: {} weight scales, {} biases and {} int32 biases for {o} output channels",
+                "`{}`: {} weight scales, {} biases and {} int32 biases for a weight of shape \
+                 {shape:?}",
                 shown(&m.path),
                 scales.len(),
                 bias.len(),

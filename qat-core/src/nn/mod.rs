@@ -8,6 +8,7 @@ mod avg_pool;
 mod batch_norm;
 pub(crate) mod common;
 mod conv;
+mod conv_transpose;
 mod dropout;
 mod embedding;
 mod functional;
@@ -29,6 +30,7 @@ pub use avg_pool::{AdaptiveAvgPool2d, AvgPool2d, AvgPoolOutput};
 pub(crate) use batch_norm::BatchNormInner;
 pub use batch_norm::{BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig};
 pub use conv::{Conv1d, Conv2d, Conv3d, ConvConfig};
+pub use conv_transpose::{ConvTranspose1d, ConvTranspose2d, ConvTransposeConfig};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use functional::FloatFunctional;
@@ -52,6 +54,8 @@ named!(
     Conv1d,
     Conv2d,
     Conv3d,
+    ConvTranspose1d,
+    ConvTranspose2d,
     Linear,
     BatchNorm1d,
     BatchNorm2d,

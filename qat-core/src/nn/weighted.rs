@@ -11,6 +11,7 @@ use super::common::{lock, Common, ConvertedIo, LayerState};
 use super::conv::ConvConfig;
 use crate::error::{Error, Result};
 use crate::fake_quant::{FakeQuantize, IntxFakeQuantizer};
+use crate::geometry::ConvTransposeConfig;
 use crate::ggml::{BlockType, VecDotType};
 use crate::model::hook as trace;
 use crate::model::{Stage, Staged};
@@ -26,6 +27,8 @@ pub(crate) enum IntOp<'a> {
     Linear,
     Conv1d(&'a ConvConfig),
     Conv2d(&'a ConvConfig),
+    /// A transposed convolution over 1 or 2 spatial dims.
+    ConvTranspose(&'a ConvTransposeConfig, usize),
 }
 
 /// A weighted layer after convert: int8 weights, bias, input and output qparams.
@@ -105,6 +108,9 @@ pub(crate) struct Weighted {
     pub bn: Option<BnCore>,
     pub bn_frozen: bool,
     pub relu: bool,
+    /// `Some(groups)`: a transposed convolution's weight, `(in, out / groups, k...)`, whose
+    /// output channels are along axis 1 (per group); `None`: output channels along axis 0.
+    pub transposed: Option<usize>,
     pub common: Common<WeightQuant, IntForm>,
 }
 
@@ -186,6 +192,9 @@ fn int_forward(
         IntOp::Conv2d(c) => {
             crate::quantized::conv2d_int(xq, s, z, w, &bias.float, &bias.int, c, out)
         }
+        IntOp::ConvTranspose(c, rank) => {
+            crate::quantized::conv_transpose_int(xq, s, z, w, &bias.float, &bias.int, c, rank, out)
+        }
     }
 }
 
@@ -197,7 +206,44 @@ impl Weighted {
             bn: None,
             bn_frozen: false,
             relu: false,
+            transposed: None,
             common: Common::default(),
+        }
+    }
+
+    /// A transposed convolution's weight `(in, out / groups, k...)` and bias.
+    pub fn new_transposed(weight: Tensor, bias: Option<Tensor>, groups: usize) -> Self {
+        Weighted {
+            transposed: Some(groups),
+            ..Weighted::new(weight, bias)
+        }
+    }
+
+    /// The weight's per-channel axis and its length: axis 0 (the output channels), or axis
+    /// 1 of a transposed convolution's weight (out / groups: PyTorch's and ONNX's axis for
+    /// transposed-conv weights, one scale per column `j`, shared by the output channels
+    /// `g * (out / groups) + j` of every group).
+    pub fn weight_channels(&self) -> (usize, usize) {
+        match self.transposed {
+            Some(_) => (1, self.weight.dims()[1]),
+            None => (0, self.weight.dims()[0]),
+        }
+    }
+
+    /// The (BN-scaled) float weight quantized with symmetric `scales` (one, or one per
+    /// [`Weighted::weight_channels`] channel), laid out for this layer's integer kernel.
+    fn quantize_weight(
+        &self,
+        w: &Tensor,
+        scales: &[f32],
+        quant_min: i32,
+        quant_max: i32,
+    ) -> Result<QuantizedWeight> {
+        match self.transposed {
+            Some(groups) => {
+                crate::quantized::quantize_transposed(w, scales, quant_min, quant_max, groups)
+            }
+            None => QuantizedWeight::quantize(w, scales, quant_min, quant_max),
         }
     }
 
@@ -304,7 +350,10 @@ impl Weighted {
     }
 
     pub fn out_channels(&self) -> usize {
-        self.weight.dims()[0]
+        match self.transposed {
+            Some(groups) => self.weight.dims()[1] * groups,
+            None => self.weight.dims()[0],
+        }
     }
 
     /// Frozen: eval mode with the weight's and the output's observers off and fake
@@ -327,6 +376,10 @@ impl Weighted {
     /// when a BatchNorm is fused in, else the weight.
     fn scaled_weight(&self) -> Result<(Tensor, Option<Tensor>)> {
         match &self.bn {
+            Some(_) if self.transposed.is_some() => Err(Error::state(
+                "a transposed convolution with a live BatchNorm",
+                "report this as a bug (QAT fusion of ConvTranspose and BatchNorm is refused)",
+            )),
             Some(bn) => {
                 let sf = bn.scale_factor()?;
                 let mut shape = vec![1; self.weight.rank()];
@@ -383,6 +436,10 @@ impl Weighted {
             WeightedKind::Conv { config, rank: 1 } => Some(IntOp::Conv1d(config)),
             WeightedKind::Conv { config, rank: 2 } => Some(IntOp::Conv2d(config)),
             WeightedKind::Conv { .. } => None,
+            WeightedKind::ConvTranspose { config, rank } if *rank <= 2 => {
+                Some(IntOp::ConvTranspose(config, *rank))
+            }
+            WeightedKind::ConvTranspose { .. } => None,
         };
         if let Some(q) = self.scheme_quant() {
             return self.forward_scheme(q, x, &op);
@@ -451,7 +508,7 @@ impl Weighted {
                     Some(scales) => {
                         let (w_s, _) = self.scaled_weight()?;
                         let range = lock(wfq)?.quant_range();
-                        let qw = QuantizedWeight::quantize(
+                        let qw = self.quantize_weight(
                             &w_s.detach(),
                             &scales,
                             range.quant_min(),
@@ -564,12 +621,8 @@ impl Weighted {
             )
         })?;
         let range = fq.quant_range();
-        let weight = QuantizedWeight::quantize(
-            &w_s.detach(),
-            &scales,
-            range.quant_min(),
-            range.quant_max(),
-        )?;
+        let weight =
+            self.quantize_weight(&w_s.detach(), &scales, range.quant_min(), range.quant_max())?;
         let input = self.common.input_qparams(what)?[0];
         let backend = self.common.qconfig().map_or(Backend::X86, |q| q.backend);
         let bias = IntBias::new(&self.folded_bias()?, input.scale, &weight, backend);
@@ -640,10 +693,20 @@ impl Weighted {
     /// The saved form of a converted layer.
     pub fn int8_state(&self) -> Option<crate::record::Int8State> {
         let int = self.int()?;
+        let (weight_codes, weight_shape, weight_scales) = match self.transposed {
+            // In PyTorch's layout, as the layer's weight (the conversion cannot fail on a
+            // weight this layer built).
+            Some(groups) => crate::quantized::transposed_codes(&int.weight, groups).ok()?,
+            None => (
+                int.weight.codes().to_vec(),
+                int.weight.shape().to_vec(),
+                int.weight.scales().to_vec(),
+            ),
+        };
         Some(crate::record::Int8State {
-            weight_codes: int.weight.codes().to_vec(),
-            weight_shape: int.weight.shape().to_vec(),
-            weight_scales: int.weight.scales().to_vec(),
+            weight_codes,
+            weight_shape,
+            weight_scales,
             bias: int.bias.float.clone(),
             bias_int32: int.bias.int.clone(),
             inputs: vec![int.input],
@@ -686,8 +749,15 @@ impl Weighted {
                 "load a checkpoint saved from a model of the same architecture",
             ));
         }
-        let weight =
-            QuantizedWeight::from_codes(s.weight_codes, &s.weight_shape, &s.weight_scales)?;
+        let weight = match self.transposed {
+            Some(groups) => crate::quantized::transposed_from_codes(
+                s.weight_codes,
+                &s.weight_shape,
+                &s.weight_scales,
+                groups,
+            )?,
+            None => QuantizedWeight::from_codes(s.weight_codes, &s.weight_shape, &s.weight_scales)?,
+        };
         let requant = Requant::new(out.scale, out.zero_point, out.quant_min, out.quant_max)?
             .with_relu(self.relu);
         Ok(Staged::new(WeightedChange {
@@ -736,14 +806,19 @@ impl Weighted {
         if let Some(qc) = qconfig {
             self.check_scheme(qc)?;
         }
-        let channels = self.out_channels();
+        let (axis, channels) = self.weight_channels();
+        let transposed = self.transposed.is_some();
         self.common.prepare_with(
             qconfig,
             |qc| matches!(qc.scheme, Scheme::Eager).then_some(qc.activation),
             |qc| {
                 Ok(match qc.scheme {
                     Scheme::Eager => {
-                        let fq = FakeQuantize::with_channels(&qc.weight, channels)?;
+                        let mut spec = qc.weight;
+                        if transposed && spec.observer.config.qscheme.is_per_channel() {
+                            spec.observer.config = spec.observer.config.with_ch_axis(axis);
+                        }
+                        let fq = FakeQuantize::with_channels(&spec, channels)?;
                         WeightQuant::Eager(WeightFq(Mutex::new(fq)))
                     }
                     Scheme::Intx { input, weight } => WeightQuant::Intx {
@@ -764,6 +839,12 @@ impl Weighted {
     /// blocks that tile the rows, no fused BatchNorm.
     pub fn check_scheme(&self, qc: &QConfig) -> Result<()> {
         let dims = self.weight.dims();
+        if self.transposed.is_some() && !matches!(qc.scheme, Scheme::Eager) {
+            return Err(Error::config(
+                "a transformer scheme (torchao / GGML) on a transposed convolution",
+                "give ConvTranspose layers an eager qconfig (QConfig::default_qat) or None",
+            ));
+        }
         match qc.scheme {
             Scheme::Eager => return Ok(()),
             Scheme::Intx { input, weight } => {

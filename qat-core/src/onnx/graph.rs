@@ -305,7 +305,12 @@ impl GraphBuilder {
             } => {
                 let (xq, _) = self.quant_input(e.inputs[0], layer)?;
                 let x = self.dequantize(&xq, input);
-                let (w, b) = self.int_weight(path, weight, bias_float, bias_int, input)?;
+                let transposed = match kind {
+                    WeightedKind::ConvTranspose { config, .. } => Some(config.groups),
+                    _ => None,
+                };
+                let (w, b) =
+                    self.int_weight(path, weight, transposed, bias_float, bias_int, input)?;
                 let y = self.weighted(path, *kind, &x, &w, &b, e.output_dims.len(), layer)?;
                 Value::Quant {
                     name: self.quantize(path, &y, output, *relu),
@@ -390,55 +395,100 @@ impl GraphBuilder {
     }
 
     /// Weight codes (per channel on axis 0, or per tensor when asked) and the int32 bias in
-    /// units of `input scale * weight scale`, both behind DequantizeLinear.
+    /// units of `input scale * weight scale`, both behind DequantizeLinear. A transposed
+    /// convolution's (`transposed: Some(groups)`) weight is written in ONNX's `ConvTranspose`
+    /// layout `(in, out / groups, k...)`, per channel on axis 1 (output channel `g * (out /
+    /// groups) + j` has scale `j`).
     fn int_weight(
         &mut self,
         path: &str,
         weight: &WeightCodes,
+        transposed: Option<usize>,
         bias_float: &[f32],
         bias_int: &[i32],
         input: &IoQParams,
     ) -> Result<(String, String)> {
         let o = weight.out_channels();
-        let (codes, scales): (Vec<i8>, Vec<f32>) =
-            if self.per_tensor_weights && weight.is_per_channel() {
-                // One scale, the largest channel's: every code stays in range.
-                let s = weight.scales.iter().copied().fold(0f32, f32::max);
-                let row = weight.row_len();
-                let codes = weight
-                    .codes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &q)| (q as f32 * (weight.scale(i / row) / s)).round_ties_even() as i8)
-                    .collect();
-                self.requantized.push(path.to_string());
-                (codes, vec![s])
-            } else {
-                (weight.codes.to_vec(), weight.scales.to_vec())
-            };
+        // Codes, shape and scales as written, the per-channel axis, and the scale index of
+        // each output channel and of each code.
+        let (codes, shape, scales, axis) = match transposed {
+            Some(groups) => {
+                let (codes, shape) =
+                    crate::quantized::to_transposed(&weight.codes, &weight.shape, groups)?;
+                let opg = shape[1];
+                let scales = weight.scales[..opg.min(weight.scales.len())].to_vec();
+                (codes, shape, scales, 1i64)
+            }
+            None => (
+                weight.codes.to_vec(),
+                weight.shape.clone(),
+                weight.scales.to_vec(),
+                0,
+            ),
+        };
+        let taps: usize = shape.iter().skip(2).product();
+        let cols = shape.get(1).copied().unwrap_or(1);
+        let row_len = weight.row_len();
+        let code_channel = |i: usize| match transposed {
+            Some(_) => (i / taps.max(1)) % cols,
+            None => i / row_len.max(1),
+        };
+        let out_channel = |c: usize| match transposed {
+            Some(_) => c % cols,
+            None => c,
+        };
+        let (codes, scales): (Vec<i8>, Vec<f32>) = if self.per_tensor_weights && scales.len() > 1 {
+            // One scale, the largest channel's: every code stays in range.
+            let s = scales.iter().copied().fold(0f32, f32::max);
+            let codes = codes
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| (q as f32 * (scales[code_channel(i)] / s)).round_ties_even() as i8)
+                .collect();
+            self.requantized.push(path.to_string());
+            (codes, vec![s])
+        } else {
+            (codes, scales)
+        };
         let per_channel = scales.len() > 1;
-        let scale_dims: &[usize] = if per_channel { &[o] } else { &[] };
+        let scale_dims: Vec<usize> = if per_channel {
+            vec![scales.len()]
+        } else {
+            vec![]
+        };
         let wq = self.init(
             &format!("{path}.weight_quantized"),
-            &weight.shape,
+            &shape,
             DataType::Int8,
             codes.iter().map(|&c| c as u8).collect(),
         );
-        let ws = self.init_f32(&format!("{path}.weight_scale"), scale_dims, &scales);
+        let ws = self.init_f32(&format!("{path}.weight_scale"), &scale_dims, &scales);
         let wz = self.init(
             &format!("{path}.weight_zero_point"),
-            scale_dims,
+            &scale_dims,
             DataType::Int8,
             vec![0; scales.len()],
         );
+        let w_axis = if per_channel {
+            vec![attr_int("axis", axis)]
+        } else {
+            vec![]
+        };
+        let w = self.fresh(&format!("{path}.weight"));
+        self.node("DequantizeLinear", path, &[&wq, &ws, &wz], &w, w_axis);
+
+        // The bias: one scale per output channel (axis 0 of the bias).
+        let scales: Vec<f32> = if per_channel {
+            (0..o).map(|c| scales[out_channel(c)]).collect()
+        } else {
+            scales
+        };
+        let scale_dims: &[usize] = if per_channel { &[o] } else { &[] };
         let axis = if per_channel {
             vec![attr_int("axis", 0)]
         } else {
             vec![]
         };
-        let w = self.fresh(&format!("{path}.weight"));
-        self.node("DequantizeLinear", path, &[&wq, &ws, &wz], &w, axis.clone());
-
         let bias_scales: Vec<f32> = scales.iter().map(|&s| input.scale * s).collect();
         if bias_float.len() != o || bias_int.len() != o {
             return Err(Error::state(
@@ -488,6 +538,17 @@ impl GraphBuilder {
                     attr_int("group", c.groups as i64),
                 ];
                 self.node("Conv", path, &[x, w, b], &out, attrs);
+            }
+            WeightedKind::ConvTranspose { config: c, rank: r } => {
+                let k = |v: usize| vec![v as i64; r];
+                let attrs = vec![
+                    attr_ints("strides", &k(c.stride)),
+                    attr_ints("pads", &vec![c.padding as i64; 2 * r]),
+                    attr_ints("dilations", &k(c.dilation)),
+                    attr_ints("output_padding", &k(c.output_padding)),
+                    attr_int("group", c.groups as i64),
+                ];
+                self.node("ConvTranspose", path, &[x, w, b], &out, attrs);
             }
             WeightedKind::Linear if rank == 2 => {
                 self.node("Gemm", path, &[x, w, b], &out, vec![attr_int("transB", 1)]);

@@ -42,6 +42,7 @@
 mod avg_pool;
 mod conv;
 mod conv1d;
+mod conv_transpose;
 mod gemm;
 mod linear;
 mod pool;
@@ -54,6 +55,9 @@ pub(crate) use conv::conv2d_int;
 pub use conv::{conv2d_prerequant, quantized_conv2d};
 pub(crate) use conv1d::conv1d_int;
 pub use conv1d::quantized_conv1d;
+pub(crate) use conv_transpose::{
+    conv_transpose_int, quantize_transposed, to_transposed, transposed_codes, transposed_from_codes,
+};
 pub use gemm::{gemm_u8_i8, Kernel, MAX_ROW_LEN};
 pub(crate) use linear::linear_int;
 pub use linear::{linear_prerequant, quantized_linear};
