@@ -39,12 +39,11 @@ mod alloc;
 
 const BATCH: usize = 32;
 
-/// A block with its rotary tables, causal mask, optimizer and input.
+/// A block with its rotary tables, optimizer and input (attention causal).
 struct Step {
     block: Block,
     cos: Tensor,
     sin: Tensor,
-    mask: Tensor,
     opt: AdamW,
     x: Var,
 }
@@ -59,7 +58,6 @@ impl Step {
             prepare_qat(&mut block, &QConfigMapping::global(qc))?;
         }
         let (cos, sin) = tiny_llama::rope_tables(&cfg, DType::F32, &dev)?;
-        let mask = tiny_llama::causal_mask(cfg.ctx, &dev)?;
         let opt = AdamW::new(
             vm.all_vars(),
             ParamsAdamW {
@@ -73,7 +71,6 @@ impl Step {
             block,
             cos,
             sin,
-            mask,
             opt,
             x,
         })
@@ -82,7 +79,7 @@ impl Step {
     fn run(&mut self) -> candle_core::Result<()> {
         let y = self
             .block
-            .forward(self.x.as_tensor(), &self.cos, &self.sin, Some(&self.mask))?;
+            .forward(self.x.as_tensor(), &self.cos, &self.sin, true)?;
         let loss = y.sqr()?.mean_all()?;
         self.opt.backward_step(&loss)
     }

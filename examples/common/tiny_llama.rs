@@ -9,14 +9,15 @@
 //! (untied), no biases. Attention is causal softmax(q kᵀ / sqrt(head_dim)) v, written here
 //! with candle ops; rotary embeddings rotate interleaved pairs (2i, 2i+1) by position x
 //! theta_i, theta_i = 1 / base^(2i / head_dim) in f32, as quantized_llama computes them.
-//! The rotation and the softmax are candle-qat's `rope_i` and `softmax_last_dim`: the values
-//! of candle's fused kernels (which quantized_llama runs), with the backward those lack.
+//! The rotation and the softmax are candle-qat's `rope_i` and `causal_softmax` (scale, causal
+//! mask and softmax in one op): the values of candle's fused kernels (which quantized_llama
+//! runs) and of its masking, with the backward those kernels lack.
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_qat::gguf::{LlamaBlock, LlamaGguf, LlamaHparams};
-use candle_qat::nn::{rope_i, softmax_last_dim};
+use candle_qat::nn::{causal_softmax, rope_i, softmax_last_dim};
 use candle_qat::prelude::*;
 
 /// The model's sizes.
@@ -168,14 +169,6 @@ pub fn rope_tables(
     ))
 }
 
-/// `(seq, seq)` u8, 1 above the diagonal: the key positions a query may not see.
-pub fn causal_mask(seq: usize, dev: &Device) -> candle_core::Result<Tensor> {
-    let m: Vec<u8> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| u8::from(j > i)))
-        .collect();
-    Tensor::from_slice(&m, (seq, seq), dev)
-}
-
 impl Attention {
     fn new(cfg: &TinyLlamaConfig, vb: VarBuilder) -> candle_qat::Result<Self> {
         let d = cfg.dim;
@@ -193,7 +186,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        causal: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (h, hd) = (self.n_heads, d / self.n_heads);
@@ -201,17 +194,15 @@ impl Attention {
         let q = rope_i(&heads(self.wq.forward(x)?)?, cos, sin)?;
         let k = rope_i(&heads(self.wk.forward(x)?)?, cos, sin)?;
         let v = heads(self.wv.forward(x)?)?;
-        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let att = match mask {
-            Some(m) => {
-                let neg_inf = Tensor::new(f32::NEG_INFINITY, x.device())?
-                    .to_dtype(att.dtype())?
-                    .broadcast_as(att.shape())?;
-                m.broadcast_as(att.shape())?.where_cond(&neg_inf, &att)?
-            }
-            None => att,
+        // softmax(q k^T / sqrt(hd)), each query seeing the keys up to its own position: one
+        // fused op (the values and gradients of scaling, masking with -inf and softmax).
+        let scores = q.matmul(&k.t()?)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = if causal {
+            causal_softmax(&scores, scale)?
+        } else {
+            softmax_last_dim(&scores.affine(scale, 0.)?)?
         };
-        let att = softmax_last_dim(&att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.wo.forward(&y)
     }
@@ -250,10 +241,10 @@ impl Block {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        causal: bool,
     ) -> candle_core::Result<Tensor> {
         let h = self.attention_norm.forward(x)?;
-        let x = (x + self.attention.forward(&h, cos, sin, mask)?)?;
+        let x = (x + self.attention.forward(&h, cos, sin, causal)?)?;
         let h = self.ffn_norm.forward(&x)?;
         &x + self.feed_forward.forward(&h)?
     }
@@ -432,14 +423,9 @@ impl Module for TinyLlama {
         }
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
-        let mask = if t > 1 {
-            Some(causal_mask(t, ids.device())?)
-        } else {
-            None
-        };
         let mut x = self.tok_embeddings.forward(ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, mask.as_ref())?;
+            x = layer.forward(&x, &cos, &sin, t > 1)?;
         }
         self.output.forward(&self.norm.forward(&x)?)
     }

@@ -25,6 +25,7 @@ mod matmul;
 pub(crate) mod norm;
 pub(crate) mod relu;
 pub(crate) mod rope;
+pub(crate) mod silu;
 pub(crate) mod softmax;
 mod sums;
 mod transpose;

@@ -6,6 +6,13 @@
 //! in the order of candle's `softmax_last_dim` CPU kernel ([`row_sum`]), so the two are equal
 //! bit for bit on x86-64; `-inf` entries (masked positions) give 0. Backward from the
 //! output: `dx = y * (dy - dot(dy, y))`.
+//!
+//! The causal form ([`causal_softmax_last_dim`]) is attention's `softmax(mask(x * scale))` in
+//! one op: the scores scaled as candle's `affine(scale, 0)` scales them, the positions after
+//! each query's own (the causal mask) set to `-inf`, then the softmax above; its backward is
+//! the three ops' chain (`y * (dy - dot(dy, y))`, 0 where masked, then `* scale + 0`), so the
+//! values and gradients are those of the composite, bit for bit, without its two extra
+//! activation-sized ops and their gradient buffers.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -78,14 +85,7 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(per_task(d)))
             .for_each(|(ys, xs)| {
                 for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
-                    let m = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    for (o, &v) in yr.iter_mut().zip(xr) {
-                        *o = (v - m).exp();
-                    }
-                    let sum = row_sum(yr, avx2);
-                    for o in yr.iter_mut() {
-                        *o /= sum;
-                    }
+                    softmax_row(yr, xr, avx2);
                 }
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -96,12 +96,17 @@ impl CustomOp1 for Softmax {
             return Ok(None);
         }
         let dy = dy.to_dtype(candle_core::DType::F32)?.contiguous()?;
-        Ok(Some(y.contiguous()?.apply_op2(&dy, SoftmaxBackward)?))
+        let op = SoftmaxBackward { scale: None };
+        Ok(Some(y.contiguous()?.apply_op2(&dy, op)?))
     }
 }
 
-/// `y * (dy - dot(dy, y))` per row, from the forward's output `y` and the gradient `dy`.
-struct SoftmaxBackward;
+/// `y * (dy - dot(dy, y))` per row, from the forward's output `y` and the gradient `dy`;
+/// with a `scale`, then `* scale + 0.0` (`affine`'s backward, the causal form: masked entries,
+/// `y = 0`, give +0.0 as the composite's zeros do).
+struct SoftmaxBackward {
+    scale: Option<f32>,
+}
 
 impl CustomOp2 for SoftmaxBackward {
     fn name(&self) -> &'static str {
@@ -147,9 +152,91 @@ impl CustomOp2 for SoftmaxBackward {
                     for ((o, &yv), &gv) in or.iter_mut().zip(yr).zip(gr) {
                         *o = yv * (gv - dot);
                     }
+                    if let Some(s) = self.scale {
+                        for o in or.iter_mut() {
+                            *o = *o * s + 0.0;
+                        }
+                    }
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Per row of a `(rows, d)` block: `m = max`, `e = exp(v - m)`, divided by their sum in
+/// candle's order. `xr` and `yr` of length `d`; the first `keep` entries of `xr` are the
+/// row's (scaled) scores, the rest masked (`-inf` inputs: they give 0).
+#[inline]
+fn softmax_row(yr: &mut [f32], xr: &[f32], avx2: bool) {
+    let m = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for (o, &v) in yr.iter_mut().zip(xr) {
+        *o = (v - m).exp();
+    }
+    let sum = row_sum(yr, avx2);
+    for o in yr.iter_mut() {
+        *o /= sum;
+    }
+}
+
+/// `softmax(causal_mask(x * scale))` over the last dim of `(..., t, s)` scores, `s >= t`:
+/// row `i` of each `t x s` matrix keeps columns `0..=i + s - t` (the queries are the last
+/// `t` of `s` positions).
+struct CausalSoftmax {
+    /// The f32 factor candle's `affine(scale, 0.)` multiplies by.
+    scale: f32,
+}
+
+/// `(t, s)`, the last two dims, checked (`s >= t >= 1`).
+fn causal_dims(shape: &[usize]) -> candle_core::Result<(usize, usize)> {
+    match shape {
+        [.., t, s] if *t >= 1 && s >= t => Ok((*t, *s)),
+        _ => candle_core::bail!(
+            "causal softmax: the scores need shape (..., queries, keys) with keys >= queries \
+             >= 1, got {shape:?}"
+        ),
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "qat-causal-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, d) = causal_dims(l.dims())?;
+        let x = cpu_f32_slice(s, l, "causal softmax: scores")?;
+        let mut y = vec![0f32; x.len()];
+        let (avx2, scale) = (candle_avx2(), self.scale);
+        // Tasks of whole rows; a row's query index is its index modulo `t`.
+        let per = per_task(d);
+        y.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .enumerate()
+            .for_each(|(k, (ys, xs))| {
+                let mut z = vec![0f32; d];
+                let first = k * per / d;
+                for (r, (yr, xr)) in ys.chunks_mut(d).zip(xs.chunks(d)).enumerate() {
+                    let keep = (first + r) % t + 1 + (d - t);
+                    // `affine(scale, 0.)`'s `v * scale + 0.0`, then the mask.
+                    for (o, &v) in z[..keep].iter_mut().zip(&xr[..keep]) {
+                        *o = v * scale + 0.0;
+                    }
+                    z[keep..].fill(f32::NEG_INFINITY);
+                    softmax_row(yr, &z, avx2);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        let dy = dy.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let op = SoftmaxBackward {
+            scale: Some(self.scale),
+        };
+        Ok(Some(y.contiguous()?.apply_op2(&dy, op)?))
     }
 }
 
@@ -161,6 +248,28 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     } else {
         candle_nn::ops::softmax(x, candle_core::D::Minus1)
     }
+}
+
+/// `softmax(causal_mask(x * scale))` over the last dim of `(..., queries, keys)` scores
+/// (`keys >= queries`; query `i` sees keys `0..=i + keys - queries`), differentiable: one
+/// fused op on CPU f32 (the composite's values and gradients bit for bit), candle's
+/// `affine`, `where_cond` and `softmax` elsewhere.
+pub(crate) fn causal_softmax_last_dim(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (t, s) = causal_dims(x.dims())?;
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return x.contiguous()?.apply_op1(CausalSoftmax {
+            scale: scale as f32,
+        });
+    }
+    let z = x.affine(scale, 0.)?;
+    let mask: Vec<u8> = (0..t * s)
+        .map(|k| u8::from(k % s > k / s + (s - t)))
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, s), x.device())?.broadcast_as(x.shape())?;
+    let ninf = Tensor::new(f32::NEG_INFINITY, x.device())?
+        .to_dtype(x.dtype())?
+        .broadcast_as(x.shape())?;
+    candle_nn::ops::softmax(&mask.where_cond(&ninf, &z)?, candle_core::D::Minus1)
 }
 
 #[cfg(test)]
@@ -206,5 +315,59 @@ mod tests {
             softmax_last_dim(&Tensor::zeros((2, 0), candle_core::DType::F32, &dev).unwrap())
                 .is_err()
         );
+    }
+
+    /// The composite the causal op replaces: `affine`, `where_cond` with a causal mask of
+    /// `-inf`, then the softmax kernel above.
+    fn composite(x: &Tensor, scale: f64) -> Tensor {
+        let (t, s) = causal_dims(x.dims()).unwrap();
+        let z = x.affine(scale, 0.).unwrap();
+        let mask: Vec<u8> = (0..t * s)
+            .map(|k| u8::from(k % s > k / s + (s - t)))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, s), x.device())
+            .unwrap()
+            .broadcast_as(x.shape())
+            .unwrap();
+        let ninf = Tensor::new(f32::NEG_INFINITY, x.device())
+            .unwrap()
+            .broadcast_as(x.shape())
+            .unwrap();
+        softmax_last_dim(&mask.where_cond(&ninf, &z).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn causal_softmax_equals_the_composite_bit_for_bit_values_and_gradients() {
+        let dev = Device::Cpu;
+        // Square (training) and more keys than queries (a cache), rows shorter than, equal
+        // to and longer than candle's 32-element blocks; enough rows for several tasks.
+        for (b, t, s) in [(3, 5, 5), (2, 64, 64), (2, 7, 40), (40, 77, 77)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 3., (b, t, s), &dev).unwrap()).unwrap();
+            let r = Tensor::randn(0f32, 1., (b, t, s), &dev).unwrap();
+            let scale = 1.0 / 32f64.sqrt();
+            let ours = causal_softmax_last_dim(&x, scale).unwrap();
+            let theirs = composite(&x, scale);
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            };
+            assert_eq!(bits(&ours), bits(&theirs), "values ({b}, {t}, {s})");
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (d1, d2) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
+            assert_eq!(bits(d1), bits(d2), "gradients ({b}, {t}, {s})");
+            // Masked positions: exactly 0 out, +0.0 gradient.
+            let y: Vec<Vec<f32>> = ours.get(0).unwrap().to_vec2().unwrap();
+            assert_eq!(y[0][s - t + 1..], vec![0.0; t - 1][..]);
+        }
+        for bad in [(2, 5, 4), (2, 0, 3)] {
+            let x = Tensor::zeros(bad, candle_core::DType::F32, &dev).unwrap();
+            assert!(causal_softmax_last_dim(&x, 1.0).is_err(), "{bad:?}");
+        }
     }
 }

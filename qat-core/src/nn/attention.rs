@@ -1,5 +1,6 @@
 //! The ops of attention that candle has only as forward kernels, with a backward: Llama's
-//! interleaved rotary embedding and the last-dim softmax. Attention itself stays user code
+//! interleaved rotary embedding and the last-dim softmax (also fused with the score scale and
+//! the causal mask). Attention itself stays user code
 //! with candle ops (see examples/common/tiny_llama.rs); these make it trainable at the speed
 //! of candle's fused kernels.
 
@@ -42,4 +43,25 @@ pub fn rope_i(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// ```
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(crate::kernels::softmax::softmax_last_dim(x)?)
+}
+
+/// Attention's masked softmax in one op: `softmax(causal_mask(scores * scale))` over the last
+/// dim of `(..., queries, keys)` scores, `keys >= queries`: query `i` sees the keys up to
+/// `i + keys - queries`, the others get probability 0. The values and gradients of the
+/// composite `scores.affine(scale, 0.)`, `where_cond` with a causal mask of `-inf`, then
+/// [`softmax_last_dim`], bit for bit on CPU f32, without the composite's two extra
+/// score-sized tensors forward and their gradient buffers backward; candle's composite
+/// elsewhere.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let scores = Tensor::new(&[[[2f32, 5.0], [1.0, 1.0]]], &Device::Cpu)?;
+/// let p = qat_core::nn::causal_softmax(&scores, 1.0)?;
+/// assert_eq!(p.to_vec3::<f32>()?, [[[1.0, 0.0], [0.5, 0.5]]]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok(crate::kernels::softmax::causal_softmax_last_dim(
+        scores, scale,
+    )?)
 }
