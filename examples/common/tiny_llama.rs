@@ -221,8 +221,11 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.act.forward(&self.w1.forward(x)?)?;
-        self.w2.forward(&(gate * self.w3.forward(x)?)?)
+        // silu(w1 x) * w3 x, fused where the SiLU layer computes in float.
+        let gated = self
+            .act
+            .forward_gated(&self.w1.forward(x)?, &self.w3.forward(x)?)?;
+        self.w2.forward(&gated)
     }
 }
 

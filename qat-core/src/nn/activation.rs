@@ -243,6 +243,36 @@ impl SiLU {
     fn stage_convert_with(&self) -> Result<crate::model::Staged> {
         self.common.stage_convert("SiLU", true)
     }
+
+    /// `silu(gate) * up`, SwiGLU's gating (Llama's feed-forward `w2(silu(w1 x) * w3 x)`):
+    /// this layer on `gate`, times `up`. While the layer computes in float with nothing to
+    /// observe (no output fake-quant, not converted, no ONNX trace running), one fused op
+    /// on CPU f32 with one pass forward and one backward, the values and gradients of
+    /// `self.forward(gate)? * up` bit for bit; otherwise exactly that composite.
+    ///
+    /// ```
+    /// use candle_core::{Device, Module, Tensor};
+    /// use qat_core::nn::SiLU;
+    /// let silu = SiLU::new();
+    /// let (g, u) = (Tensor::new(&[1f32, -2.0], &Device::Cpu)?, Tensor::new(&[3f32, 0.5], &Device::Cpu)?);
+    /// let fused = silu.forward_gated(&g, &u)?;
+    /// let composite = (silu.forward(&g)? * &u)?;
+    /// assert_eq!(fused.to_vec1::<f32>()?, composite.to_vec1::<f32>()?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let plain = self.common.converted().is_none()
+            && self.common.act_fq().is_none()
+            && !crate::model::hook::active();
+        if plain {
+            self.common.check_input(gate, "SiLU")?;
+            self.common.note_inputs(&[gate])?;
+            if let Some(y) = crate::kernels::silu::silu_gated(gate, up)? {
+                return Ok(y);
+            }
+        }
+        Ok((self.forward_t(gate)? * up)?)
+    }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
     }
