@@ -38,7 +38,16 @@ fn out_dir() -> PathBuf {
 fn random_model(cfg: TinyLlamaConfig, seed: u64) -> Res<(TinyLlama, VarMap)> {
     let mut rng = Rng(seed);
     let (model, vm) = drawn_model(cfg, &mut rng, 15.0)?;
-    for (name, var) in vm.data().lock().map_err(|e| e.to_string())?.iter() {
+    // In name order: the VarMap is a HashMap, whose order changes from run to run.
+    let mut vars: Vec<(String, candle_core::Var)> = vm
+        .data()
+        .lock()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in &vars {
         if var.rank() == 1 {
             let v: Vec<f32> = (0..var.elem_count())
                 .map(|_| (1.0 + 0.3 * rng.normal()) as f32)
@@ -484,7 +493,7 @@ fn ggml_qat_model_converts_exports_and_runs_in_quantized_llama_as_trained() -> R
             opt.backward_step(&candle_nn::loss::cross_entropy(&l, &y)?)?;
             assert!(ce.is_finite());
         }
-        let test = ids(&cfg, 16, 500)?;
+        let test = ids(&cfg, 64, 500)?;
         let fq = model.forward(&test)?;
         let prepared = model.clone();
         candle_qat::passes::convert(&mut model)?;
