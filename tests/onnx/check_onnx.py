@@ -46,9 +46,12 @@ MODELS = {
     "mobilenet_v2_x86": (10, 0.97),
     "mobilenet_v2_qnnpack": (3, 0.99),
     # tests/onnx_export.rs: a grouped ConvTranspose2d between two convs (measured: qnnpack
-    # every code equal; x86 max 1 code, 99.6% equal, from its float bias rounded to int32).
+    # every code equal through onnxruntime's integer kernels, and in the graph as written,
+    # which computes the ConvTranspose in float on dequantized values, one run had one code
+    # in 10^4 off by 1 (a float-sum tie), so within 1 code as MnistNet; x86 max 1 code,
+    # 99.5-99.6% equal, from its float bias rounded to int32).
     "conv_transpose_x86": (1, 0.99),
-    "conv_transpose_qnnpack": (0, 1.0),
+    "conv_transpose_qnnpack": (1, 1.0),
 }
 
 # Models with their own input (<name>_input.npy) and no labels: largest output-code difference
