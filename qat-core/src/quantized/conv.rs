@@ -491,8 +491,29 @@ fn pad_group(g: &Geometry, x: &[u8], x_zp: u8, padded: &mut Vec<u8>) {
     for (c, plane) in x.chunks_exact(g.h * g.w).enumerate() {
         for (iy, row) in plane.chunks_exact(g.w).enumerate() {
             let at = (c * g.hp + iy + g.pad_h) * g.wp + g.pad_w;
-            padded[at..at + g.w].copy_from_slice(row);
+            copy_row(&mut padded[at..at + g.w], row);
         }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for the short rows of an image (7 to a few hundred bytes), in
+/// 16- and 8-byte moves: a `memcpy` call per row cost 4% of an int8 MnistNet forward. Panics
+/// (as `copy_from_slice`) if the lengths differ.
+#[inline]
+fn copy_row(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "copy_row: lengths");
+    let (d16, dt) = dst.as_chunks_mut::<16>();
+    let (s16, st) = src.as_chunks::<16>();
+    for (d, s) in d16.iter_mut().zip(s16) {
+        *d = *s;
+    }
+    let (d8, dr) = dt.as_chunks_mut::<8>();
+    let (s8, sr) = st.as_chunks::<8>();
+    for (d, s) in d8.iter_mut().zip(s8) {
+        *d = *s;
+    }
+    for (d, s) in dr.iter_mut().zip(sr) {
+        *d = *s;
     }
 }
 
