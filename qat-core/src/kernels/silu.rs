@@ -211,12 +211,17 @@ impl CustomOp3 for SiluGatedGrad {
     }
 }
 
+/// Whether [`silu_gated`] takes these tensors: CPU f32, one shape.
+pub(crate) fn silu_gated_fits(gate: &Tensor, up: &Tensor) -> bool {
+    let fits = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
+    fits(gate) && fits(up) && gate.dims() == up.dims()
+}
+
 /// `silu(gate) * up` on two CPU f32 tensors of one shape, fused forward and backward (the
 /// values and gradients of `silu(gate) * up` through candle, bit for bit); `None` when the
-/// tensors do not fit (the caller composes the two ops).
+/// tensors do not fit ([`silu_gated_fits`]; the caller composes the two ops).
 pub(crate) fn silu_gated(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    let fits = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
-    if !(fits(gate) && fits(up) && gate.dims() == up.dims()) {
+    if !silu_gated_fits(gate, up) {
         return Ok(None);
     }
     Ok(Some(

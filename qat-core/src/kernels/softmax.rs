@@ -261,6 +261,12 @@ pub(crate) fn causal_softmax_last_dim(x: &Tensor, scale: f64) -> candle_core::Re
             scale: scale as f32,
         });
     }
+    candle_nn::ops::softmax(&causal_masked(x, scale, t, s)?, candle_core::D::Minus1)
+}
+
+/// `x * scale` (candle's `affine`) with the positions after each query's own set to `-inf`:
+/// the causal softmax's input as the composite computes it (`(t, s)` the last two dims).
+fn causal_masked(x: &Tensor, scale: f64, t: usize, s: usize) -> candle_core::Result<Tensor> {
     let z = x.affine(scale, 0.)?;
     let mask: Vec<u8> = (0..t * s)
         .map(|k| u8::from(k % s > k / s + (s - t)))
@@ -269,7 +275,7 @@ pub(crate) fn causal_softmax_last_dim(x: &Tensor, scale: f64) -> candle_core::Re
     let ninf = Tensor::new(f32::NEG_INFINITY, x.device())?
         .to_dtype(x.dtype())?
         .broadcast_as(x.shape())?;
-    candle_nn::ops::softmax(&mask.where_cond(&ninf, &z)?, candle_core::D::Minus1)
+    mask.where_cond(&ninf, &z)
 }
 
 #[cfg(test)]
@@ -321,19 +327,7 @@ mod tests {
     /// `-inf`, then the softmax kernel above.
     fn composite(x: &Tensor, scale: f64) -> Tensor {
         let (t, s) = causal_dims(x.dims()).unwrap();
-        let z = x.affine(scale, 0.).unwrap();
-        let mask: Vec<u8> = (0..t * s)
-            .map(|k| u8::from(k % s > k / s + (s - t)))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, s), x.device())
-            .unwrap()
-            .broadcast_as(x.shape())
-            .unwrap();
-        let ninf = Tensor::new(f32::NEG_INFINITY, x.device())
-            .unwrap()
-            .broadcast_as(x.shape())
-            .unwrap();
-        softmax_last_dim(&mask.where_cond(&ninf, &z).unwrap()).unwrap()
+        softmax_last_dim(&causal_masked(x, scale, t, s).unwrap()).unwrap()
     }
 
     #[test]

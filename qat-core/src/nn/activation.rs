@@ -263,15 +263,17 @@ impl SiLU {
     pub fn forward_gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let plain = self.common.converted().is_none()
             && self.common.act_fq().is_none()
-            && !crate::model::hook::active();
-        if plain {
-            self.common.check_input(gate, "SiLU")?;
-            self.common.note_inputs(&[gate])?;
-            if let Some(y) = crate::kernels::silu::silu_gated(gate, up)? {
-                return Ok(y);
-            }
+            && !crate::model::hook::active()
+            && crate::kernels::silu::silu_gated_fits(gate, up);
+        if !plain {
+            return Ok((self.forward_t(gate)? * up)?);
         }
-        Ok((self.forward_t(gate)? * up)?)
+        self.common.check_input(gate, "SiLU")?;
+        self.common.note_inputs(&[gate])?;
+        match crate::kernels::silu::silu_gated(gate, up)? {
+            Some(y) => Ok(y),
+            None => Ok((self.forward_t(gate)? * up)?),
+        }
     }
     fn prepare_with(&mut self, qconfig: Option<&QConfig>, observed: bool) -> Result<()> {
         self.common.prepare(qconfig, observed)
