@@ -3,7 +3,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::weighted::Weighted;
+use super::weighted::{weighted_module_methods, Weighted};
 use crate::error::{Error, Result};
 use crate::fake_quant::FakeQuantize;
 use crate::model::{QuantModule, Stage, Staged};
@@ -134,15 +134,7 @@ impl QuantModule for Linear {
     fn type_name(&self) -> &'static str {
         "Linear"
     }
-    fn stage(&self) -> Stage {
-        self.w.common.stage()
-    }
-    fn set_training(&mut self, training: bool) {
-        self.w.common.training = training;
-    }
-    fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
-        self.w.prepare(qconfig)
-    }
+    weighted_module_methods!();
     fn ggml_converted(&self) -> bool {
         self.w.ggml().is_some()
     }
@@ -155,44 +147,11 @@ impl QuantModule for Linear {
     fn for_each_intx_quantizer(&mut self, f: &mut crate::model::IntxVisitor<'_>) -> Result<()> {
         self.w.for_each_intx_quantizer(f)
     }
-    fn qconfig(&self) -> Option<&QConfig> {
-        self.w.common.qconfig()
-    }
-    fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
-        self.w.for_each_fake_quant(f)
-    }
-    fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
-        self.w.fake_quants()
-    }
     fn set_bn_frozen(&mut self, frozen: bool) {
         self.w.bn_frozen = frozen;
     }
     fn stage_convert(&self) -> Result<Staged> {
         self.w.stage_convert(&self.kind(), true)
-    }
-    fn stage_int8_state(&self, state: Int8State) -> Result<Staged> {
-        self.w.stage_int8_state(&self.kind(), state)
-    }
-    fn apply_staged(&mut self, change: Staged) -> Result<()> {
-        self.w.apply(change)
-    }
-    fn int8_state(&self) -> Option<Int8State> {
-        self.w.int8_state()
-    }
-    fn trace_key(&self) -> Option<usize> {
-        Some(&self.w.common as *const _ as usize)
-    }
-    fn set_path(&mut self, path: &crate::model::ModulePath) {
-        self.w.common.path = path.dotted();
-    }
-    fn float_params(&self) -> Vec<(&'static str, Tensor)> {
-        self.w.float_params()
-    }
-    fn load_float_params(&mut self, params: Vec<(String, Tensor)>) -> Result<()> {
-        self.w.load_float_params(params)
-    }
-    fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
-        self.w.common.producer_keys()
     }
 }
 

@@ -964,3 +964,53 @@ impl Weighted {
         }
     }
 }
+
+/// The `QuantModule` methods every weighted layer (`Conv*`, `ConvTranspose*`, `Linear`) forwards
+/// unchanged to its [`Weighted`] field `w`: expands inside such an `impl QuantModule` block.
+macro_rules! weighted_module_methods {
+    () => {
+        fn stage(&self) -> Stage {
+            self.w.common.stage()
+        }
+        fn set_training(&mut self, training: bool) {
+            self.w.common.training = training;
+        }
+        fn prepare_qat(&mut self, qconfig: Option<&QConfig>) -> Result<()> {
+            self.w.prepare(qconfig)
+        }
+        fn qconfig(&self) -> Option<&QConfig> {
+            self.w.common.qconfig()
+        }
+        fn for_each_fake_quant(&mut self, f: &mut dyn FnMut(&str, &mut FakeQuantize)) {
+            self.w.for_each_fake_quant(f)
+        }
+        fn fake_quants(&self) -> Vec<(String, FakeQuantize)> {
+            self.w.fake_quants()
+        }
+        fn stage_int8_state(&self, state: Int8State) -> Result<Staged> {
+            self.w.stage_int8_state(&self.kind(), state)
+        }
+        fn apply_staged(&mut self, change: Staged) -> Result<()> {
+            self.w.apply(change)
+        }
+        fn int8_state(&self) -> Option<Int8State> {
+            self.w.int8_state()
+        }
+        fn trace_key(&self) -> Option<usize> {
+            Some(&self.w.common as *const _ as usize)
+        }
+        fn set_path(&mut self, path: &crate::model::ModulePath) {
+            self.w.common.path = path.dotted();
+        }
+        fn float_params(&self) -> Vec<(&'static str, Tensor)> {
+            self.w.float_params()
+        }
+        fn load_float_params(&mut self, params: Vec<(String, Tensor)>) -> Result<()> {
+            self.w.load_float_params(params)
+        }
+        fn producer_keys(&self) -> (Option<usize>, Vec<Option<usize>>) {
+            self.w.common.producer_keys()
+        }
+    };
+}
+pub(crate) use weighted_module_methods;
