@@ -9,15 +9,19 @@
 //! (untied), no biases. Attention is causal softmax(q kᵀ / sqrt(head_dim)) v, written here
 //! with candle ops; rotary embeddings rotate interleaved pairs (2i, 2i+1) by position x
 //! theta_i, theta_i = 1 / base^(2i / head_dim) in f32, as quantized_llama computes them.
-//! The rotation and the softmax are candle-qat's `rope_i` and `causal_softmax` (scale, causal
-//! mask and softmax in one op): the values of candle's fused kernels (which quantized_llama
-//! runs) and of its masking, with the backward those kernels lack.
+//! The head split with the rotation and the softmax are candle-qat's `split_heads_rope_i` and
+//! `causal_softmax` (scale, causal mask and softmax in one op): the values of candle's fused
+//! kernels (which quantized_llama runs) and of its masking, with the backward those kernels
+//! lack; the head split and merge are one op each, with the values and gradients of candle's
+//! reshape/transpose composites.
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_qat::gguf::{LlamaBlock, LlamaGguf, LlamaHparams};
-use candle_qat::nn::{causal_softmax, rope_i, softmax_last_dim};
+use candle_qat::nn::{
+    causal_softmax, merge_heads, softmax_last_dim, split_heads, split_heads_rope_i,
+};
 use candle_qat::prelude::*;
 
 /// The model's sizes.
@@ -188,12 +192,12 @@ impl Attention {
         sin: &Tensor,
         causal: bool,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
+        let d = x.dim(2)?;
         let (h, hd) = (self.n_heads, d / self.n_heads);
-        let heads = |y: Tensor| y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous();
-        let q = rope_i(&heads(self.wq.forward(x)?)?, cos, sin)?;
-        let k = rope_i(&heads(self.wk.forward(x)?)?, cos, sin)?;
-        let v = heads(self.wv.forward(x)?)?;
+        // (b, t, h * hd) -> (b, h, t, hd), rotated for q and k: one op each.
+        let q = split_heads_rope_i(&self.wq.forward(x)?, h, cos, sin)?;
+        let k = split_heads_rope_i(&self.wk.forward(x)?, h, cos, sin)?;
+        let v = split_heads(&self.wv.forward(x)?, h)?;
         // softmax(q k^T / sqrt(hd)), each query seeing the keys up to its own position: one
         // fused op (the values and gradients of scaling, masking with -inf and softmax).
         let scores = q.matmul(&k.t()?)?;
@@ -203,7 +207,7 @@ impl Attention {
         } else {
             softmax_last_dim(&scores.affine(scale, 0.)?)?
         };
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let y = merge_heads(&att.matmul(&v)?)?;
         self.wo.forward(&y)
     }
 }

@@ -7,6 +7,10 @@
 //! - [`batch_norm`]: BatchNorm statistics, normalisation and backward in a few passes with
 //!   PyTorch's CPU arithmetic, optionally with the ReLU that follows it in a fused layer;
 //! - [`channel`]: per-channel bias add and division with a per-channel backward;
+//! - [`heads`]: attention's head split (optionally with the rotary embedding) and merge as
+//!   one op each, with the composite's values and gradients;
+//! - [`linear`]: a Linear's `x · wᵀ` as one op (candle's values and gradients, without the
+//!   reshape, transpose and reshape nodes and their gradient buffers);
 //! - [`norm`]: RmsNorm and LayerNorm over the last dim, one pass per row forward and
 //!   backward;
 //! - [`relu`]: ReLU whose backward is one pass over the output;
@@ -20,7 +24,9 @@
 pub(crate) mod batch_norm;
 pub(crate) mod channel;
 pub(crate) mod conv;
+pub(crate) mod heads;
 mod im2col;
+pub(crate) mod linear;
 mod matmul;
 pub(crate) mod norm;
 pub(crate) mod relu;

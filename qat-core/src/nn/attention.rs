@@ -1,6 +1,6 @@
 //! The ops of attention that candle has only as forward kernels, with a backward: Llama's
 //! interleaved rotary embedding and the last-dim softmax (also fused with the score scale and
-//! the causal mask). Attention itself stays user code
+//! the causal mask); and the head split (with the rotary embedding) and merge as one op each. Attention itself stays user code
 //! with candle ops (see examples/common/tiny_llama.rs); these make it trainable at the speed
 //! of candle's fused kernels.
 
@@ -64,4 +64,56 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     Ok(crate::kernels::softmax::causal_softmax_last_dim(
         scores, scale,
     )?)
+}
+
+/// Splits a projection `(batch, seq, heads * head_dim)` into heads `(batch, heads, seq,
+/// head_dim)`, contiguous: the values and gradients of `y.reshape((b, t, h, d))?.transpose(1,
+/// 2)?.contiguous()` as one op on CPU f32 (the composite's three graph nodes each get a
+/// gradient buffer that candle's backward zero-fills); candle's ops elsewhere.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let y = Tensor::arange(0f32, 8., &Device::Cpu)?.reshape((1, 2, 4))?; // 2 positions, 2 heads of 2
+/// let heads = qat_core::nn::split_heads(&y, 2)?;
+/// assert_eq!(heads.dims(), &[1, 2, 2, 2]);
+/// assert_eq!(heads.flatten_all()?.to_vec1::<f32>()?, [0., 1., 4., 5., 2., 3., 6., 7.]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn split_heads(y: &Tensor, heads: usize) -> Result<Tensor> {
+    Ok(crate::kernels::heads::split_heads(y, heads)?)
+}
+
+/// [`split_heads`] then [`rope_i`] with `cos`, `sin` `(>= seq, head_dim / 2)`, as one op on
+/// CPU f32: the values and gradients of the two, bit for bit (queries and keys take this;
+/// values take [`split_heads`]).
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let q = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 5, 16), &Device::Cpu)?)?;
+/// let angles = Tensor::randn(0f32, 1., (8, 4), &Device::Cpu)?;
+/// let (cos, sin) = (angles.cos()?, angles.sin()?);
+/// let fused = qat_core::nn::split_heads_rope_i(&q, 2, &cos, &sin)?;
+/// let apart = qat_core::nn::rope_i(&qat_core::nn::split_heads(&q, 2)?, &cos, &sin)?;
+/// assert_eq!(fused.flatten_all()?.to_vec1::<f32>()?, apart.flatten_all()?.to_vec1::<f32>()?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn split_heads_rope_i(y: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::heads::split_heads_rope_i(
+        y, heads, cos, sin,
+    )?)
+}
+
+/// Merges heads `(batch, heads, seq, head_dim)` back into `(batch, seq, heads * head_dim)`,
+/// contiguous: the values and gradients of `y.transpose(1, 2)?.reshape((b, t, h * d))` as one
+/// op on CPU f32; candle's ops elsewhere.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let y = Tensor::arange(0f32, 8., &Device::Cpu)?.reshape((1, 2, 4))?;
+/// let back = qat_core::nn::merge_heads(&qat_core::nn::split_heads(&y, 2)?)?;
+/// assert_eq!(back.to_vec3::<f32>()?, y.to_vec3::<f32>()?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::heads::merge_heads(y)?)
 }

@@ -84,6 +84,9 @@ impl Linear {
                 "feed tensors whose last dim is in_features (flatten conv outputs first)",
             ));
         }
+        if let Some(y) = crate::kernels::linear::linear_matmul(x, w)? {
+            return Ok(y);
+        }
         let wt = w.t()?;
         Ok(match x.rank() {
             2 => x.matmul(&wt)?,
