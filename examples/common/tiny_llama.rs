@@ -20,7 +20,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_qat::gguf::{LlamaBlock, LlamaGguf, LlamaHparams};
 use candle_qat::nn::{
-    causal_softmax, merge_heads, softmax_last_dim, split_heads, split_heads_rope_i,
+    batched_matmul, batched_matmul_t, causal_softmax, merge_heads, softmax_last_dim, split_heads,
+    split_heads_rope_i,
 };
 use candle_qat::prelude::*;
 
@@ -200,14 +201,14 @@ impl Attention {
         let v = split_heads(&self.wv.forward(x)?, h)?;
         // softmax(q k^T / sqrt(hd)), each query seeing the keys up to its own position: one
         // fused op (the values and gradients of scaling, masking with -inf and softmax).
-        let scores = q.matmul(&k.t()?)?;
+        let scores = batched_matmul_t(&q, &k)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let att = if causal {
             causal_softmax(&scores, scale)?
         } else {
             softmax_last_dim(&scores.affine(scale, 0.)?)?
         };
-        let y = merge_heads(&att.matmul(&v)?)?;
+        let y = merge_heads(&batched_matmul(&att, &v)?)?;
         self.wo.forward(&y)
     }
 }

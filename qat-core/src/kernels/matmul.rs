@@ -111,11 +111,16 @@ impl<'a> Dst<'a> {
     /// A row-major matrix of `cols` columns at the start of uninitialised `data`, which the
     /// product overwrites (it must not accumulate).
     pub fn uninit_rows(data: &'a mut [MaybeUninit<f32>], cols: usize) -> Dst<'a> {
+        Dst::uninit_strided(data, cols, 1)
+    }
+
+    /// Any strides over uninitialised `data`, which the product overwrites.
+    pub fn uninit_strided(data: &'a mut [MaybeUninit<f32>], rs: usize, cs: usize) -> Dst<'a> {
         Dst {
             ptr: data.as_mut_ptr().cast::<f32>(),
             len: data.len(),
-            rs: cols,
-            cs: 1,
+            rs,
+            cs,
             init: false,
             _borrow: PhantomData,
         }

@@ -6,6 +6,8 @@
 //!   (`im2col`, with the tile transposes of `transpose`);
 //! - [`batch_norm`]: BatchNorm statistics, normalisation and backward in a few passes with
 //!   PyTorch's CPU arithmetic, optionally with the ReLU that follows it in a fused layer;
+//! - [`batched_matmul`]: attention's batched products (`q · kᵀ`, `p · v`) with the batch
+//!   split over threads (candle's runs it product by product), candle's values and gradients;
 //! - [`channel`]: per-channel bias add and division with a per-channel backward;
 //! - [`heads`]: attention's head split (optionally with the rotary embedding) and merge as
 //!   one op each, with the composite's values and gradients;
@@ -22,6 +24,7 @@
 //! dtypes. Threads follow rayon's pool (`RAYON_NUM_THREADS`), as candle's own kernels do.
 
 pub(crate) mod batch_norm;
+pub(crate) mod batched_matmul;
 pub(crate) mod channel;
 pub(crate) mod conv;
 pub(crate) mod heads;

@@ -1,6 +1,7 @@
 //! The ops of attention that candle has only as forward kernels, with a backward: Llama's
 //! interleaved rotary embedding and the last-dim softmax (also fused with the score scale and
-//! the causal mask); and the head split (with the rotary embedding) and merge as one op each. Attention itself stays user code
+//! the causal mask); and the head split (with the rotary embedding) and merge as one op each; the batched
+//! products of attention with the batch split over threads. Attention itself stays user code
 //! with candle ops (see examples/common/tiny_llama.rs); these make it trainable at the speed
 //! of candle's fused kernels.
 
@@ -116,4 +117,38 @@ pub fn split_heads_rope_i(y: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) 
 /// ```
 pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
     Ok(crate::kernels::heads::merge_heads(y)?)
+}
+
+/// `a · b` over `(batch.., m, k)` and `(batch.., k, n)` (attention's `p · v`): the values and
+/// gradients of candle's `a.matmul(&b)`, bit for bit, with the batch of small products split
+/// over threads on CPU f32 (candle runs them one after another, and products as small as one
+/// head's are below its GEMM's threading threshold); candle's `matmul` elsewhere.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let p = Tensor::randn(0f32, 1., (2, 4, 8, 8), &Device::Cpu)?;
+/// let v = Tensor::randn(0f32, 1., (2, 4, 8, 16), &Device::Cpu)?;
+/// let y = qat_core::nn::batched_matmul(&p, &v)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, p.matmul(&v)?.flatten_all()?.to_vec1::<f32>()?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::batched_matmul::batched_matmul(a, b)?)
+}
+
+/// `a · bᵀ` over `(batch.., m, k)` and `(batch.., n, k)` (attention's scores `q · kᵀ`): the
+/// values and gradients of candle's `a.matmul(&b.t()?)`, bit for bit, as [`batched_matmul`]
+/// (and without the transpose node, whose gradient candle adds strided into a zero-filled
+/// buffer).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let q = Tensor::randn(0f32, 1., (2, 4, 8, 16), &Device::Cpu)?;
+/// let k = Tensor::randn(0f32, 1., (2, 4, 8, 16), &Device::Cpu)?;
+/// let s = qat_core::nn::batched_matmul_t(&q, &k)?;
+/// assert_eq!(s.flatten_all()?.to_vec1::<f32>()?, q.matmul(&k.t()?)?.flatten_all()?.to_vec1::<f32>()?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn batched_matmul_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(crate::kernels::batched_matmul::batched_matmul_t(a, b)?)
 }

@@ -26,7 +26,8 @@ pub(crate) mod weighted;
 
 pub use activation::{Gelu, Identity, ReLU, SiLU, Sigmoid, Tanh, GELU};
 pub use attention::{
-    causal_softmax, merge_heads, rope_i, softmax_last_dim, split_heads, split_heads_rope_i,
+    batched_matmul, batched_matmul_t, causal_softmax, merge_heads, rope_i, softmax_last_dim,
+    split_heads, split_heads_rope_i,
 };
 pub use avg_pool::{AdaptiveAvgPool2d, AvgPool2d, AvgPoolOutput};
 pub(crate) use batch_norm::BatchNormInner;
