@@ -23,22 +23,26 @@ use crate::host::{alloc_with, cpu_f32_slice};
 /// operand stored contiguous as `(batch.., rows, cols)`; `c` stored `(batch.., m, n)`, or
 /// `(batch.., n, m)` (its transpose) when `tc`.
 #[derive(Clone, Copy, Debug)]
-struct BatchedGemm {
+pub(super) struct BatchedGemm {
     ta: bool,
     tb: bool,
     tc: bool,
 }
 
 /// The shapes of one [`BatchedGemm`]: batch count, `m`, `n`, `k`, and the output dims.
-struct Plan {
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    out: Vec<usize>,
+pub(super) struct Plan {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub out: Vec<usize>,
 }
 
 impl BatchedGemm {
+    pub(super) fn new(ta: bool, tb: bool, tc: bool) -> Self {
+        BatchedGemm { ta, tb, tc }
+    }
+
     fn plan(&self, a: &[usize], b: &[usize]) -> candle_core::Result<Plan> {
         let split = |d: &[usize]| -> Option<(usize, usize, Vec<usize>)> {
             match d {
@@ -80,9 +84,17 @@ fn view(data: &[f32], t: bool, cols: usize) -> View<'_> {
 }
 
 impl BatchedGemm {
-    fn run(&self, a: &[f32], b: &[f32], p: &Plan) -> candle_core::Result<Vec<f32>> {
+    pub(super) fn run(&self, a: &[f32], b: &[f32], p: &Plan) -> candle_core::Result<Vec<f32>> {
         let Plan { batch, m, n, k, .. } = *p;
         let (a_len, b_len, c_len) = (m * k, k * n, m * n);
+        // One product takes the threads (gemm splits it when it is large enough); a batch
+        // is shared out, one single-threaded product at a time (the values are the same
+        // either way: gemm splits the output, never a sum).
+        let par = if batch == 1 {
+            super::matmul::parallelism(super::num_threads())
+        } else {
+            Parallelism::None
+        };
         if a.len() != batch * a_len || b.len() != batch * b_len {
             candle_core::bail!(
                 "batched matmul: {} and {} values for {batch} products of {m}x{k} and {k}x{n}",
@@ -100,17 +112,19 @@ impl BatchedGemm {
             } else {
                 Dst::uninit_rows(c, n)
             };
-            sgemm(m, n, k, dst, false, av, bv, Parallelism::None);
+            sgemm(m, n, k, dst, false, av, bv, par);
         };
         let fill = |out: &mut [MaybeUninit<f32>]| {
-            if c_len > 0 {
+            if c_len > 0 && batch == 1 {
+                product(0, out);
+            } else if c_len > 0 {
                 out.par_chunks_mut(c_len)
                     .enumerate()
                     .for_each(|(i, c)| product(i, c));
             }
         };
         // SAFETY: `out` holds `batch * c_len` elements, split into the `batch` chunks of
-        // `c_len = m * n` (none when `c_len` is 0); each chunk is the destination of one
+        // `c_len = m * n` (none when `c_len` is 0; the whole of `out` when `batch` is 1); each chunk is the destination of one
         // `m x n` product, row-major or (`tc`) column-major, which writes all `m * n` of its
         // places (sgemm overwrites every element of its destination, zeros when `k` is 0,
         // and asserts that the destination lies inside the chunk and that no two elements

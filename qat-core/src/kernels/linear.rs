@@ -5,14 +5,19 @@
 //! `reshape`), and its backward gives each node a gradient buffer that it zero-fills and adds
 //! into; for a (batch, tokens, features) activation that is two extra activation-sized
 //! buffers per Linear, zero-filled on one thread. Here the product is one node: the forward
-//! calls the same candle CPU matmul on the same layouts (so the values are candle's, bit for
-//! bit), and the backward computes what candle's matmul backward computes, `dx = dy · w` and
-//! `dw = (xᵀ · dy)ᵀ`, with the same matmul calls. The gradients equal the composite's except
+//! makes the GEMM call candle's CPU matmul makes, with the same strides (so the values are
+//! candle's, bit for bit; in f32 into an output that is not zero-filled first, other dtypes
+//! through candle's matmul itself), and the backward computes what candle's matmul backward
+//! computes, `dx = dy · w` and `dw = (xᵀ · dy)ᵀ`, with the same products (`dw` written
+//! through transposed strides, so that it comes out contiguous). The gradients equal the composite's except
 //! possibly for the sign of an exact zero (candle adds `dy` into a zero buffer before using it,
 //! which turns `-0.0` into `+0.0`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+
+use super::batched_matmul::{BatchedGemm, Plan};
+use crate::host::cpu_f32_slice;
 
 use crate::error::Result;
 
@@ -47,15 +52,30 @@ impl CustomOp2 for LinearMatmul {
         if !l1.is_contiguous() {
             candle_core::bail!("linear: the input is not contiguous");
         }
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (s1, s2) {
+            // f32: the product gemm computes for candle's matmul, into a buffer that is not
+            // zero-filled first (candle's is, on one thread).
+            let x = cpu_f32_slice(s1, l1, "linear: input")?;
+            let w = cpu_f32_slice(s2, l2, "linear: weight")?;
+            let plan = Plan {
+                batch: 1,
+                m,
+                n,
+                k,
+                out: dims.clone(),
+            };
+            let y = BatchedGemm::new(false, true, false).run(x, w, &plan)?;
+            return Ok((CpuStorage::F32(y), Shape::from(dims)));
+        }
         // The layouts candle's `broadcast_matmul` hands its matmul: the input folded to
         // (m, k) in place, the weight's transpose as a view.
         let lhs = Layout::contiguous_with_offset((m, k), l1.start_offset());
         let rhs = l2.transpose(0, 1)?;
         let y = s1.matmul(s2, (1, m, n, k), &lhs, &rhs)?;
-        let mut dims = l1.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
         Ok((y, Shape::from(dims)))
     }
 
@@ -69,18 +89,31 @@ impl CustomOp2 for LinearMatmul {
         let (m, k, n) = linear_dims(x.dims(), w.dims())?;
         // Detached: the gradients are plain values, not new graphs over the forward's tensors.
         let g = dy.detach().reshape((m, n))?;
-        let dx = if x.track_op() {
+        let f32 = g.dtype() == DType::F32 && w.dtype() == DType::F32;
+        let dx = if !x.track_op() {
+            None
+        } else if f32 {
             // candle: `grad.matmul(&rhs.t())` with rhs = w.t(), i.e. w's own layout.
+            let op = BatchedGemm::new(false, false, false);
+            let w = w.detach().contiguous()?;
+            Some(
+                g.contiguous()?
+                    .apply_op2_no_bwd(&w, &op)?
+                    .reshape(x.dims())?,
+            )
+        } else {
             Some(g.matmul(&w.detach())?.reshape(x.dims())?)
-        } else {
-            None
         };
-        let dw = if w.track_op() {
-            // candle: `lhs.t().matmul(&grad)` for the transposed weight, then the transpose's
-            // backward.
-            Some(x.detach().reshape((m, k))?.t()?.matmul(&g)?.t()?)
-        } else {
+        let dw = if !w.track_op() {
             None
+        } else if f32 {
+            // candle: `lhs.t().matmul(&grad)` for the transposed weight, then the transpose's
+            // backward; here written through transposed strides, contiguous (n, k).
+            let op = BatchedGemm::new(true, false, true);
+            let x = x.detach().reshape((m, k))?;
+            Some(x.apply_op2_no_bwd(&g.contiguous()?, &op)?)
+        } else {
+            Some(x.detach().reshape((m, k))?.t()?.matmul(&g)?.t()?)
         };
         Ok((dx, dw))
     }

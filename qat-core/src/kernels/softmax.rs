@@ -14,10 +14,12 @@
 //! values and gradients are those of the composite, bit for bit, without its two extra
 //! activation-sized ops and their gradient buffers.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::host::{cpu_f32_slice, CHUNK};
+use crate::host::{alloc_with, cpu_f32_slice, CHUNK};
 
 /// Rows of length `d` per rayon task: about [`CHUNK`] elements.
 fn per_task(d: usize) -> usize {
@@ -130,35 +132,40 @@ impl CustomOp2 for SoftmaxBackward {
                 g.len()
             );
         }
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(per_task(d))
-            .zip(y.par_chunks(per_task(d)).zip(g.par_chunks(per_task(d))))
-            .for_each(|(os, (ys, gs))| {
-                for ((or, yr), gr) in os.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
-                    let mut acc = [0f32; 8];
-                    let (mut yi, mut gi) = (yr.chunks_exact(8), gr.chunks_exact(8));
-                    for (a, b) in (&mut yi).zip(&mut gi) {
-                        for k in 0..8 {
-                            acc[k] += a[k] * b[k];
+        let fill = |dx: &mut [MaybeUninit<f32>]| {
+            dx.par_chunks_mut(per_task(d))
+                .zip(y.par_chunks(per_task(d)).zip(g.par_chunks(per_task(d))))
+                .for_each(|(os, (ys, gs))| {
+                    for ((or, yr), gr) in os.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
+                        let mut acc = [0f32; 8];
+                        let (mut yi, mut gi) = (yr.chunks_exact(8), gr.chunks_exact(8));
+                        for (a, b) in (&mut yi).zip(&mut gi) {
+                            for k in 0..8 {
+                                acc[k] += a[k] * b[k];
+                            }
+                        }
+                        let tail: f32 = yi
+                            .remainder()
+                            .iter()
+                            .zip(gi.remainder())
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let dot = acc.iter().sum::<f32>() + tail;
+                        for ((o, &yv), &gv) in or.iter_mut().zip(yr).zip(gr) {
+                            let v = yv * (gv - dot);
+                            o.write(match self.scale {
+                                Some(s) => v * s + 0.0,
+                                None => v,
+                            });
                         }
                     }
-                    let tail: f32 = yi
-                        .remainder()
-                        .iter()
-                        .zip(gi.remainder())
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    let dot = acc.iter().sum::<f32>() + tail;
-                    for ((o, &yv), &gv) in or.iter_mut().zip(yr).zip(gr) {
-                        *o = yv * (gv - dot);
-                    }
-                    if let Some(s) = self.scale {
-                        for o in or.iter_mut() {
-                            *o = *o * s + 0.0;
-                        }
-                    }
-                }
-            });
+                });
+        };
+        // SAFETY: `dx` has `y.len()` elements, and `y` and `g` have that many (checked
+        // above); the three are cut into chunks of the same length (`per_task(d)`, whole
+        // rows), zipped whole, and every element of each chunk is written once (a row of
+        // `dx` zips with a row of `y` of the same length).
+        let dx = unsafe { alloc_with(y.len(), fill) };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
