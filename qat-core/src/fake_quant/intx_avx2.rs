@@ -80,7 +80,7 @@ fn dispatch(
     if r.narrow != Narrow::F32 || !is_x86_feature_detected!("avx2") {
         return 0;
     }
-    let sym = matches!(r.rule, Rule::Symmetric { .. });
+    let sym = symmetric_floor_idle(r);
     match (wide && is_x86_feature_detected!("avx512f"), mask) {
         // SAFETY: AVX2 and AVX-512F were detected on this CPU just above.
         (true, Some(m)) if sym => unsafe { run512::<true, true>(x, y, sc, zp, r, portable, m) },
@@ -149,10 +149,31 @@ fn run<const M: bool>(
     n * LANES
 }
 
+/// Whether the rule is symmetric with a range whose lower clamp never acts in groups whose
+/// scale is a normal f32 ([`run512`]'s `SYM`). The symmetric scale is `s = max(amax / div,
+/// eps)` (`div = (qmax - qmin) / 2`), so every `|x| <= amax` of the group has `|t| = |x *
+/// (1 / s)| <= div * (1 + 2^-20)`: the three roundings (of `amax / div`, relative error
+/// 2^-24 for a normal `s`, of `1 / s`, finite, and of the product) stay far below 2^-20
+/// (an infinite `amax` gives `1 / s = 0` and `t` 0 or NaN). With `qmin + div * (1 + 2^-20) < 0.5`, every such
+/// `t` lies above `qmin - 0.5` and its code `round(t) >= qmin` (int4: -8 + 7.5000072; any
+/// `qmin = -qmax - 1` or `-qmax`), and `max(qmin, round(t))` is `round(t)`. A NaN `t`
+/// stays NaN with or without that `max` (`min(hi, NaN)` is the NaN, as `max(lo, NaN)`
+/// is).
+fn symmetric_floor_idle(r: QRule) -> bool {
+    match r.rule {
+        Rule::Symmetric { div } => {
+            f64::from(r.qmin) + f64::from(div) * (1.0 + 2f64.powi(-20)) < 0.5
+        }
+        _ => false,
+    }
+}
+
 /// [`run`] with the output loop in AVX-512 registers ([`outputs512`]). With `M`, `mask`
 /// holds `x.len() / 8` bytes (asserted) and gets the steps' masks; without, it is not
-/// used. `SYM`: the rule is symmetric (every zero point 0, so the clamp bounds are `qmin`
-/// and `qmax` for every group).
+/// used. `SYM`: [`symmetric_floor_idle`] holds (every zero point 0, so the clamp bounds are
+/// `qmin` and `qmax` for every group, and the lower clamp is left out; [`qparams`] sends a
+/// step with a scale below the smallest normal f32, whose reciprocal may overflow, to the
+/// portable kernel).
 #[target_feature(enable = "avx2,avx512f")]
 fn run512<const M: bool, const SYM: bool>(
     x: &[f32],
@@ -166,7 +187,7 @@ fn run512<const M: bool, const SYM: bool>(
     let n = x.len() / (LANES * GROUP);
     assert!(y.len() == x.len() && sc.len() >= n * LANES && zp.len() >= n * LANES);
     assert!(!M || mask.len() * 8 == x.len());
-    assert!(!SYM || matches!(r.rule, Rule::Symmetric { .. }));
+    assert!(!SYM || symmetric_floor_idle(r));
     let mut ms = mask.as_chunks_mut::<STEP_BYTES>().0.iter_mut();
     let mut none = [0u8; STEP_BYTES];
     let xs = x.as_chunks::<{ LANES * GROUP }>().0;
@@ -282,7 +303,8 @@ fn min_max(xs: &[f32; LANES * GROUP]) -> Option<(__m256, __m256)> {
 
 /// The qparams of the 8 groups of a step, lane-wise with the portable kernel's selects in
 /// its order (no FMA contraction); `None` when a group holds a NaN (the portable kernel
-/// then takes the step: it gives NaN qparams and outputs to that group).
+/// then takes the step: it gives NaN qparams and outputs to that group), and under a
+/// symmetric rule when a scale is below the smallest normal f32 (see [`run512`]).
 #[target_feature(enable = "avx2")]
 #[inline]
 fn qparams(xs: &[f32; LANES * GROUP], r: QRule) -> Option<Params> {
@@ -300,7 +322,14 @@ fn qparams(xs: &[f32; LANES * GROUP], r: QRule) -> Option<Params> {
             if _mm256_movemask_epi8(_mm256_cmpgt_epi32(m, inf)) != 0 {
                 return None;
             }
-            (floor(_mm256_div_ps(_mm256_castsi256_ps(m), c(div))), zero)
+            let s = floor(_mm256_div_ps(_mm256_castsi256_ps(m), c(div)));
+            // A scale below the smallest normal (only with such an eps: 0 or subnormal)
+            // may have an infinite reciprocal, which the AVX-512 loop without the lower
+            // clamp cannot take: the portable kernel takes the step.
+            if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(s, c(f32::MIN_POSITIVE))) != 0 {
+                return None;
+            }
+            (s, zero)
         }
         Rule::Asymmetric => {
             let (mn, mx) = min_max(xs)?;
@@ -465,7 +494,9 @@ impl Lanes {
 /// NaN `t` stays NaN either way). The mask bit is then `lo < round(t) < hi` on the
 /// rounded code, the strict inside of [`strict_bounds`] (for |t| >= 2^22 the rounding
 /// keeps `t` beyond both bounds, as the exact code is). With `SYM` the bounds are `qmin`
-/// and `qmax` for every group.
+/// and `qmax` for every group and the lower clamp `max(lo, .)` is left out (the caller
+/// runs it only where that clamp cannot act: [`symmetric_floor_idle`], and scales of at
+/// least the smallest normal f32, whose reciprocals are finite).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,avx512f")]
 #[inline]
@@ -510,7 +541,8 @@ fn outputs512<const M: bool, const SYM: bool>(
                 // Lane j is element 16 * i + j of group g: bytes 4 * g + 2 * i and the next.
                 m[4 * g + 2 * i..4 * g + 2 * i + 2].copy_from_slice(&inside.to_le_bytes());
             }
-            let yv = _mm512_mul_ps(_mm512_min_ps(vh, _mm512_max_ps(vl, q)), vs);
+            let q = if SYM { q } else { _mm512_max_ps(vl, q) };
+            let yv = _mm512_mul_ps(_mm512_min_ps(vh, q), vs);
             // SAFETY: `yg` holds 32 f32 slots (`MaybeUninit<f32>` has f32's layout) and
             // `i < 2`, so the store writes `out[16 * i..16 * i + 16]`, in bounds.
             unsafe { _mm512_storeu_ps(out.add(16 * i), yv) };
@@ -891,7 +923,9 @@ mod tests {
 
     /// The AVX2 and AVX-512 output loops give the same bits (the portable kernel is
     /// compared with the default one in `intx_kernel`'s tests): every rule, random groups
-    /// at several magnitudes, zero groups, offsets that make zero points large.
+    /// at several magnitudes, zero groups, offsets that make zero points large. Both hand
+    /// the same steps to the portable kernel: none, but under a symmetric rule with eps 0
+    /// those with a scale below the smallest normal (zero and 1e-40 groups).
     #[test]
     fn avx512_outputs_match_avx2_bitwise() {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avx512f")) {
@@ -936,12 +970,17 @@ mod tests {
                 let run = |wide: bool| {
                     let mut y = vec![MaybeUninit::new(f32::NAN); x.len()];
                     let (mut sc, mut zp) = (vec![0f32; g], vec![0f32; g]);
-                    let mut never =
+                    // The steps given to the portable kernel (their outputs stay NaN, their
+                    // qparams 0, in both runs).
+                    let mut calls = 0;
+                    let mut count =
                         |_: &[f32], _: &mut [MaybeUninit<f32>], _: &mut [f32], _: &mut [f32]| {
-                            panic!("no NaN in these inputs")
+                            calls += 1
                         };
-                    let done = dynamic_g32_at(&x, &mut y, &mut sc, &mut zp, r, &mut never, wide);
+                    let done = dynamic_g32_at(&x, &mut y, &mut sc, &mut zp, r, &mut count, wide);
                     assert_eq!(done, g);
+                    let tiny = matches!(rule, Rule::Symmetric { .. }) && eps == 0.0;
+                    assert_eq!(calls, if tiny { 64 / 8 + 1 } else { 0 }, "{rule:?}");
                     // SAFETY: `y` was created initialised (NaN).
                     let y: Vec<u32> = y
                         .iter()

@@ -1017,6 +1017,9 @@ mod tests {
         let rules = [
             (Rule::Symmetric { div: 7.5 }, -8.0, 7.0),
             (Rule::Symmetric { div: 127.5 }, -128.0, 127.0),
+            // Symmetric scales on a range the codes fall below (the lower clamp acts).
+            (Rule::Symmetric { div: 7.5 }, 0.0, 15.0),
+            (Rule::Symmetric { div: 7.0 }, -7.0, 7.0),
             (Rule::Asymmetric, -8.0, 7.0),
             (Rule::Asymmetric, 0.0, 15.0),
             (
@@ -1052,6 +1055,18 @@ mod tests {
                         "{rule:?} eps {eps}: element {i} = {:e}",
                         x[i]
                     );
+                }
+                // The masked kernels: the same outputs and qparams, the reference's bits.
+                let (ym, pm, m) = forward_dynamic_masked(&x, 32, r);
+                let m = m.expect("f32 groups of 32 get a mask");
+                assert_eq!(b(&ym), got, "masked {rule:?} eps {eps}");
+                assert_eq!(b(&pm.scale), b(&sc), "masked {rule:?} eps {eps}");
+                assert_eq!(b(&pm.zero_point), b(&zp), "masked {rule:?} eps {eps}");
+                for (i, &v) in x.iter().enumerate() {
+                    let bit = (m[i / 8] >> (i % 8)) & 1 != 0;
+                    let st = p.step(i / 32, qmin, qmax);
+                    let want = st.in_range(v) && !st.zero_point.is_nan();
+                    assert_eq!(bit, want, "mask {rule:?} eps {eps}: element {i} = {v:e}");
                 }
                 // The backward with these qparams and with others: integral zero points
                 // beyond the range and past MAX_ZERO_POINT, NaN and zero scales.
