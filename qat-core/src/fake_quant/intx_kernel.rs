@@ -1017,6 +1017,9 @@ mod tests {
         let rules = [
             (Rule::Symmetric { div: 7.5 }, -8.0, 7.0),
             (Rule::Symmetric { div: 127.5 }, -128.0, 127.0),
+            // Symmetric scales on a range the codes fall below (the lower clamp acts).
+            (Rule::Symmetric { div: 7.5 }, 0.0, 15.0),
+            (Rule::Symmetric { div: 7.0 }, -7.0, 7.0),
             (Rule::Asymmetric, -8.0, 7.0),
             (Rule::Asymmetric, 0.0, 15.0),
             (
@@ -1053,6 +1056,18 @@ mod tests {
                         x[i]
                     );
                 }
+                // The masked kernels: the same outputs and qparams, the reference's bits.
+                let (ym, pm, m) = forward_dynamic_masked(&x, 32, r);
+                let m = m.expect("f32 groups of 32 get a mask");
+                assert_eq!(b(&ym), got, "masked {rule:?} eps {eps}");
+                assert_eq!(b(&pm.scale), b(&sc), "masked {rule:?} eps {eps}");
+                assert_eq!(b(&pm.zero_point), b(&zp), "masked {rule:?} eps {eps}");
+                for (i, &v) in x.iter().enumerate() {
+                    let bit = (m[i / 8] >> (i % 8)) & 1 != 0;
+                    let st = p.step(i / 32, qmin, qmax);
+                    let want = st.in_range(v) && !st.zero_point.is_nan();
+                    assert_eq!(bit, want, "mask {rule:?} eps {eps}: element {i} = {v:e}");
+                }
                 // The backward with these qparams and with others: integral zero points
                 // beyond the range and past MAX_ZERO_POINT, NaN and zero scales.
                 let mut p2 = p.clone();
@@ -1078,7 +1093,9 @@ mod tests {
     /// The masked forward gives the unmasked forward's outputs and qparams, and the
     /// backward from its mask the bits of the backward that recomputes the mask from the
     /// input: groups of 32 (the AVX2/AVX-512 step kernels, NaN steps and the portable
-    /// tail), 8, 40 and 1024 (portable), every rule, sequential and parallel sizes.
+    /// tail), 8, 40 and 1024 (portable forward), every rule, sequential and parallel sizes;
+    /// the AVX-512 backward's flat loops for groups of 16, 32 and 64 (with a tail of fewer
+    /// than 16 groups) and its group-by-group loop for 48 and 1024.
     #[test]
     fn masked_forward_and_backward_match_the_unmasked_kernels_bitwise() {
         let mut s: u64 = 0x853c_49e6_748f_ea9b;
@@ -1102,7 +1119,7 @@ mod tests {
             ),
         ];
         let b = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        for len in [32usize, 8, 40, 1024] {
+        for len in [32usize, 8, 16, 40, 48, 64, 1024] {
             for n_groups in [3usize, 8 * 9 + 3, 2 * CHUNK / len + 5] {
                 let n = n_groups * len;
                 let mut x: Vec<f32> = (0..n)
@@ -1167,6 +1184,88 @@ mod tests {
             ..r
         };
         assert!(forward_dynamic_masked(&[0.0; 16], 16, r16).2.is_none());
+    }
+
+    /// Codes exactly on ties and on the clamp bounds, and one ulp either side: groups whose
+    /// min and max make the scale exactly 1 (so `t` is the input), for every rule. The
+    /// masked g32 forward (the AVX-512 kernel rounds before it clamps and takes the mask
+    /// from the rounded code) gives the portable outputs and qparams, and the mask bits of
+    /// [`Step::in_range`]; the backward from that mask the bits of the one from the input.
+    #[test]
+    fn masked_g32_forward_at_ties_and_bounds_matches_the_reference() {
+        // (rule, qmin, qmax, group min, group max): scale (max - min) / levels = 1.
+        let cases = [
+            (Rule::Symmetric { div: 7.5 }, -8.0, 7.0, -7.5f32, 7.5f32),
+            (Rule::Symmetric { div: 127.5 }, -128.0, 127.0, -127.5, 127.5),
+            (Rule::Asymmetric, -128.0, 127.0, -100.0, 155.0),
+            (Rule::Asymmetric, 0.0, 15.0, -5.0, 10.0),
+            (Rule::Asymmetric, -8.0, 7.0, -15.0, 0.0),
+            (
+                Rule::Tinygemm {
+                    levels: 15.0,
+                    mid: 8.0,
+                },
+                0.0,
+                15.0,
+                -5.0,
+                10.0,
+            ),
+        ];
+        let b = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (rule, qmin, qmax, lo, hi) in cases {
+            // Every half-integer of [lo, hi] and its neighbours one ulp away (kept inside
+            // [lo, hi]), 30 to a group after the group's min and max.
+            let mut vals = Vec::new();
+            let mut t = lo;
+            while t <= hi {
+                vals.extend([t, t.next_up().min(hi), t.next_down().max(lo)]);
+                t += 0.5;
+            }
+            let mut x = Vec::new();
+            for c in vals.chunks(30) {
+                x.extend([lo, hi]);
+                x.extend(c);
+                x.extend(std::iter::repeat_n(0.0, 30 - c.len()));
+            }
+            // Whole steps of 8 groups (the explicit kernels), then 3 more (portable tail).
+            while !(x.len() / 32).is_multiple_of(8) {
+                x.extend_from_within(..32);
+            }
+            x.extend_from_within(..3 * 32);
+            let r = QRule {
+                rule,
+                qmin,
+                qmax,
+                eps: f32::EPSILON,
+                narrow: Narrow::F32,
+            };
+            let g = x.len() / 32;
+            let (mut sc, mut zp) = (vec![0f32; g], vec![0f32; g]);
+            let mut o = vec![MaybeUninit::uninit(); x.len()];
+            dynamic_block_f32(&x, &mut o, &mut sc, &mut zp, 32, r, &mut Scratch::default());
+            assert!(sc.iter().all(|&s| s == 1.0), "{rule:?}: scale 1");
+            let (y, p, m) = forward_dynamic_masked(&x, 32, r);
+            let m = m.expect("f32 groups of 32 get a mask");
+            assert_eq!(b(&p.scale), b(&sc), "{rule:?}");
+            assert_eq!(b(&p.zero_point), b(&zp), "{rule:?}");
+            let want = init(o);
+            let mut inside = 0;
+            for (i, &v) in x.iter().enumerate() {
+                assert_eq!(y[i].to_bits(), want[i].to_bits(), "{rule:?}: {v:e}");
+                let bit = (m[i / 8] >> (i % 8)) & 1 != 0;
+                let st = p.step(i / 32, qmin, qmax);
+                assert_eq!(bit, st.in_range(v), "{rule:?}: element {i} = {v:e}");
+                inside += bit as usize;
+            }
+            assert!(
+                inside > 0 && inside < x.len(),
+                "{rule:?}: both kinds of bits"
+            );
+            let dy: Vec<f32> = (0..x.len()).map(|i| (i % 13) as f32 * 0.7 - 4.0).collect();
+            let want = backward(&x, &dy, 32, &p, qmin, qmax, Narrow::F32);
+            let got = backward_masked(&dy, &m, 32, &p.scale);
+            assert_eq!(b(&got), b(&want), "backward {rule:?}");
+        }
     }
 
     #[test]
