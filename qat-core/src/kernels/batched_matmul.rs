@@ -5,8 +5,8 @@
 //! crate with its thread count; products of 64 x 64 x 32 are below gemm's threading
 //! threshold, so at two threads attention's six batched products per block (two forward,
 //! four backward) ran on one. Here each product is one single-threaded gemm call with the
-//! strides candle passes (the same arithmetic: the values are candle's bit for bit), and the
-//! batch is shared out. The backward computes what candle's matmul backward and, for `a ·
+//! strides candle passes for contiguous operands (the same arithmetic: the values are candle's
+//! bit for bit; strided operands are copied contiguous first), and the batch is shared out. The backward computes what candle's matmul backward and, for `a ·
 //! bᵀ`, its transpose node compute: `da = g · op(b)ᵀ`, `db = aᵀ · g` (written transposed for
 //! `a · bᵀ`), with the same products.
 
@@ -199,7 +199,9 @@ fn fused(a: &Tensor, b: &Tensor) -> bool {
 }
 
 /// `a · b` over `(batch.., m, k)` and `(batch.., k, n)`: the values and gradients of candle's
-/// `a.matmul(&b)`, with the batch split over threads on CPU f32 (rank >= 3).
+/// `a.matmul(&b)`, with the batch split over threads on CPU f32 (rank >= 3); bit for bit for
+/// contiguous operands (strided ones are copied first; candle's GEMM reads their strides, which
+/// can change the last bit of a sum).
 pub(crate) fn batched_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if fused(a, b) {
         let op = BatchedGemm {

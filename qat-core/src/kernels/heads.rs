@@ -106,6 +106,9 @@ fn move_rows(
     if src.len() != rows * d || rot.is_some() && !d.is_multiple_of(2) {
         candle_core::bail!("heads: {} values for {rows} rows of {d}", src.len());
     }
+    if rows * d == 0 {
+        return Ok(Vec::new());
+    }
     // SAFETY: `out` has `rows * d` elements; `par_chunks_mut(rows_per_task * d)` splits it
     // into chunks of whole rows (its length is a multiple of `d`: as the source's, checked
     // above, and `d` is even when a rotation is given, checked above), and
@@ -299,7 +302,10 @@ pub(crate) fn split_heads_rope_i(
     sin: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let g = split_geometry(y.dims(), heads)?;
-    let (ct, cd) = cos.dims2()?;
+    let (ct, cd) = match cos.dims() {
+        &[ct, cd] => (ct, cd),
+        _ => (0, 0),
+    };
     if sin.dims() != cos.dims() || cd * 2 != g.d || ct < g.t {
         candle_core::bail!(
             "split heads + rope: a head dim of {} at {} positions needs cos and sin of ({}.., \
@@ -440,6 +446,18 @@ mod tests {
             split_heads_rope_i(&y, 2, &ang, &ang).is_err(),
             "3 rows for 4 positions"
         );
+        let flat = Tensor::zeros(8, DType::F32, &dev).unwrap();
+        let err = split_heads_rope_i(&y, 2, &flat, &flat)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs cos and sin of (4.., 2)"), "{err}");
+        // Empty heads (head_dim 0) and empty batches give empty tensors, as candle's ops.
+        let e = Tensor::zeros((2, 3, 0), DType::F32, &dev).unwrap();
+        assert_eq!(split_heads(&e, 2).unwrap().dims(), &[2, 2, 3, 0]);
+        let e4 = Tensor::zeros((2, 2, 3, 0), DType::F32, &dev).unwrap();
+        assert_eq!(merge_heads(&e4).unwrap().dims(), &[2, 3, 0]);
+        let b0 = Tensor::zeros((0, 3, 8), DType::F32, &dev).unwrap();
+        assert_eq!(split_heads(&b0, 2).unwrap().dims(), &[0, 2, 3, 4]);
         // Other dtypes take candle's ops: the same values.
         let yb = Tensor::randn(0f32, 1., (2, 3, 8), &dev)
             .unwrap()

@@ -119,13 +119,14 @@ impl CustomOp2 for LinearMatmul {
     }
 }
 
-/// `x · wᵀ` as one op when `x` is a contiguous CPU tensor of rank >= 2; `None` otherwise
+/// `x · wᵀ` as one op when `x` (rank >= 2) and `w` are contiguous CPU tensors; `None` otherwise
 /// (the caller runs candle's `matmul` / `broadcast_matmul`, which give the same values).
 pub(crate) fn linear_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let fits = matches!(x.device(), Device::Cpu)
         && x.rank() >= 2
         && x.is_contiguous()
         && w.rank() == 2
+        && w.is_contiguous()
         && x.dtype() == w.dtype();
     if !fits {
         return Ok(None);
@@ -214,9 +215,13 @@ mod tests {
     fn linear_matmul_leaves_what_it_does_not_take_to_the_caller() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (5, 8), &dev).unwrap();
-        // A strided input, a vector and mixed dtypes go to candle's matmul.
+        // A strided input or weight (e.g. a weight stored (in, out) and loaded transposed),
+        // a vector and mixed dtypes go to candle's matmul.
         let xt = Tensor::randn(0f32, 1., (8, 3), &dev).unwrap().t().unwrap();
         assert!(linear_matmul(&xt, &w).unwrap().is_none());
+        let wt = Tensor::randn(0f32, 1., (8, 5), &dev).unwrap().t().unwrap();
+        let x3 = Tensor::randn(0f32, 1., (2, 3, 8), &dev).unwrap();
+        assert!(linear_matmul(&x3, &wt).unwrap().is_none());
         let v = Tensor::randn(0f32, 1., 8, &dev).unwrap();
         assert!(linear_matmul(&v, &w).unwrap().is_none());
         let xb = Tensor::zeros((2, 8), DType::BF16, &dev).unwrap();

@@ -120,7 +120,9 @@ pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
 }
 
 /// `a · b` over `(batch.., m, k)` and `(batch.., k, n)` (attention's `p · v`): the values and
-/// gradients of candle's `a.matmul(&b)`, bit for bit, with the batch of small products split
+/// gradients of candle's `a.matmul(&b)` (bit for bit for contiguous operands; a strided one is
+/// copied contiguous first, where candle's GEMM reads the strides, which can change the last
+/// bit of a sum), with the batch of small products split
 /// over threads on CPU f32 (candle runs them one after another, and products as small as one
 /// head's are below its GEMM's threading threshold); candle's `matmul` elsewhere.
 ///
@@ -137,7 +139,7 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// `a · bᵀ` over `(batch.., m, k)` and `(batch.., n, k)` (attention's scores `q · kᵀ`): the
-/// values and gradients of candle's `a.matmul(&b.t()?)`, bit for bit, as [`batched_matmul`]
+/// values and gradients of candle's `a.matmul(&b.t()?)`, as [`batched_matmul`]
 /// (and without the transpose node, whose gradient candle adds strided into a zero-filled
 /// buffer).
 ///
