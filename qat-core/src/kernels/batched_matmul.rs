@@ -235,10 +235,7 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    fn bits(t: &Tensor) -> Vec<u32> {
-        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        v.iter().map(|f| f.to_bits()).collect()
-    }
+    use crate::kernels::assert_same_bits;
 
     #[test]
     fn batched_products_equal_candles_values_and_gradients_bit_for_bit() {
@@ -272,21 +269,7 @@ mod tests {
                 ),
             ] {
                 let case = format!("{what} {lead:?} {m}x{k}x{n}");
-                assert_eq!(ours.dims(), theirs.dims(), "{case}");
-                assert_eq!(bits(&ours), bits(&theirs), "{case}: values");
-                let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-                let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let g2 = (&theirs * &r)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                for (name, v) in [("a", &a), ("b", rhs)] {
-                    let (x, y) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                    assert_eq!(x.dims(), y.dims(), "{case}: d{name}");
-                    assert_eq!(bits(x), bits(y), "{case}: d{name}");
-                }
+                assert_same_bits(&case, &ours, &theirs, &[("a", &a), ("b", rhs)]);
             }
         }
     }

@@ -347,29 +347,10 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    fn bits(t: &Tensor) -> Vec<u32> {
-        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        v.iter().map(|f| f.to_bits()).collect()
-    }
+    use crate::kernels::{assert_same_bits, bits};
 
-    /// Values and the gradients of `sum(y * r)` for `x`, ours against the composite's, bit
-    /// for bit.
     fn same_bits(what: &str, x: &Var, ours: &Tensor, theirs: &Tensor) {
-        assert_eq!(ours.dims(), theirs.dims(), "{what}: shape");
-        assert_eq!(bits(ours), bits(theirs), "{what}: values");
-        let r = Tensor::randn(0f32, 1., ours.dims(), ours.device()).unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert_eq!(
-            bits(g1.get(x).unwrap()),
-            bits(g2.get(x).unwrap()),
-            "{what}: gradients"
-        );
+        assert_same_bits(what, ours, theirs, &[("x", x)]);
     }
 
     #[test]

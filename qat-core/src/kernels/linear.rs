@@ -139,16 +139,7 @@ mod tests {
     use super::*;
     use candle_core::{DType, Var};
 
-    fn bits(t: &Tensor) -> Vec<u32> {
-        let v: Vec<f32> = t
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        v.iter().map(|f| f.to_bits()).collect()
-    }
+    use crate::kernels::{assert_same_bits, bits};
 
     /// candle's product and gradients: what `Linear` computed before this op.
     fn composite(x: &Tensor, w: &Tensor) -> Tensor {
@@ -173,21 +164,7 @@ mod tests {
             let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap()).unwrap();
             let ours = linear_matmul(&x, &w).unwrap().unwrap();
             let theirs = composite(&x, &w);
-            assert_eq!(ours.dims(), theirs.dims(), "{xs:?}");
-            assert_eq!(bits(&ours), bits(&theirs), "values, {xs:?}");
-            let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (what, v) in [("x", &x), ("w", &w)] {
-                let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                assert_eq!(a.dims(), b.dims(), "d{what}, {xs:?}");
-                assert_eq!(bits(a), bits(b), "d{what}, {xs:?}");
-            }
+            assert_same_bits(&format!("{xs:?}"), &ours, &theirs, &[("x", &x), ("w", &w)]);
         }
     }
 

@@ -90,3 +90,44 @@ pub(crate) fn assert_same_grads(
     }
     (r, g2)
 }
+
+/// Test helper of the kernels: the f32 bits of a tensor, flattened (other float dtypes
+/// converted to f32 first, exactly).
+#[cfg(test)]
+pub(crate) fn bits(t: &candle_core::Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+/// Test helper of the fused ops: `ours` equals `theirs` (the candle composite it replaces) in
+/// shape and bit for bit, and so do the gradients of `sum(y * r)`, for one random upstream
+/// gradient `r`, of each named variable. Returns the gradients of `ours`.
+#[cfg(test)]
+pub(crate) fn assert_same_bits(
+    what: &str,
+    ours: &candle_core::Tensor,
+    theirs: &candle_core::Tensor,
+    vars: &[(&str, &candle_core::Var)],
+) -> candle_core::backprop::GradStore {
+    assert_eq!(ours.dims(), theirs.dims(), "{what}: shape");
+    assert_eq!(bits(ours), bits(theirs), "{what}: values");
+    let r = candle_core::Tensor::randn(0f32, 1., ours.dims(), ours.device())
+        .unwrap()
+        .to_dtype(ours.dtype())
+        .unwrap();
+    let loss = |y: &candle_core::Tensor| (y * &r).unwrap().sum_all().unwrap();
+    let g1 = loss(ours).backward().unwrap();
+    let g2 = loss(theirs).backward().unwrap();
+    for (name, v) in vars {
+        let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+        assert_eq!(a.dims(), b.dims(), "{what}: d{name} shape");
+        assert_eq!(bits(a), bits(b), "{what}: d{name}");
+    }
+    g1
+}

@@ -242,6 +242,7 @@ pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::{assert_same_bits, bits};
     use candle_core::Var;
 
     #[test]
@@ -255,26 +256,9 @@ mod tests {
         v[..6].copy_from_slice(&[0.0, -0.0, 100.0, -100.0, 1e-30, -89.5]);
         let n = v.len();
         let x = Var::from_vec(v, n, &dev).unwrap();
-        let r = Tensor::randn(0f32, 1., n, &dev).unwrap();
         let ours = silu(&x).unwrap();
         let theirs = x.silu().unwrap();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            let v: Vec<f32> = t.to_vec1().unwrap();
-            v.iter().map(|f| f.to_bits()).collect()
-        };
-        assert_eq!(bits(&ours), bits(&theirs), "values");
-        let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert_eq!(
-            bits(g1.get(&x).unwrap()),
-            bits(g2.get(&x).unwrap()),
-            "gradients"
-        );
+        assert_same_bits("silu", &ours, &theirs, &[("x", &x)]);
         // A strided input (transposed) goes through `contiguous` first.
         let m = Var::from_tensor(&Tensor::randn(0f32, 1., (7, 5), &dev).unwrap()).unwrap();
         let a = silu(&m.t().unwrap()).unwrap();
@@ -293,25 +277,10 @@ mod tests {
         for n in [37, crate::host::CHUNK, 3 * crate::host::CHUNK + 17] {
             let g = Var::from_tensor(&Tensor::randn(0f32, 4., (n, 1), &dev).unwrap()).unwrap();
             let u = Var::from_tensor(&Tensor::randn(0f32, 1., (n, 1), &dev).unwrap()).unwrap();
-            let r = Tensor::randn(0f32, 1., (n, 1), &dev).unwrap();
             let ours = silu_gated(&g, &u).unwrap().unwrap();
             let theirs = (g.silu().unwrap() * u.as_tensor()).unwrap();
-            let bits = |t: &Tensor| -> Vec<u32> {
-                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-                v.iter().map(|f| f.to_bits()).collect()
-            };
-            assert_eq!(bits(&ours), bits(&theirs), "values, n = {n}");
-            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (what, v) in [("gate", &g), ("up", &u)] {
-                let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                assert_eq!(bits(a), bits(b), "d {what}, n = {n}");
-            }
+            let what = format!("gated silu, n = {n}");
+            assert_same_bits(&what, &ours, &theirs, &[("gate", &g), ("up", &u)]);
         }
         // A constant `up` gets no gradient; shapes that differ are left to the caller.
         let g = Var::from_tensor(&Tensor::randn(0f32, 1., 8, &dev).unwrap()).unwrap();
