@@ -88,7 +88,8 @@ impl CustomOp2 for LinearMatmul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (m, k, n) = linear_dims(x.dims(), w.dims())?;
         // Detached: the gradients are plain values, not new graphs over the forward's tensors.
-        let g = dy.detach().reshape((m, n))?;
+        // Contiguous once for both products (a no-op for the gradients candle accumulates).
+        let g = dy.detach().reshape((m, n))?.contiguous()?;
         let f32 = g.dtype() == DType::F32 && w.dtype() == DType::F32;
         let dx = if !x.track_op() {
             None
@@ -96,11 +97,7 @@ impl CustomOp2 for LinearMatmul {
             // candle: `grad.matmul(&rhs.t())` with rhs = w.t(), i.e. w's own layout.
             let op = BatchedGemm::new(false, false, false);
             let w = w.detach().contiguous()?;
-            Some(
-                g.contiguous()?
-                    .apply_op2_no_bwd(&w, &op)?
-                    .reshape(x.dims())?,
-            )
+            Some(g.apply_op2_no_bwd(&w, &op)?.reshape(x.dims())?)
         } else {
             Some(g.matmul(&w.detach())?.reshape(x.dims())?)
         };
@@ -111,7 +108,7 @@ impl CustomOp2 for LinearMatmul {
             // backward; here written through transposed strides, contiguous (n, k).
             let op = BatchedGemm::new(true, false, true);
             let x = x.detach().reshape((m, k))?;
-            Some(x.apply_op2_no_bwd(&g.contiguous()?, &op)?)
+            Some(x.apply_op2_no_bwd(&g, &op)?)
         } else {
             Some(x.detach().reshape((m, k))?.t()?.matmul(&g)?.t()?)
         };
